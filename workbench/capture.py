@@ -1,0 +1,213 @@
+"""Run texts through a model with probes and return a labelled run (an xarray.Dataset).
+
+The run's layout is written down once, in :mod:`workbench.schema`.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from .models import ModelHandle, package_versions
+from .probes import (
+    BACKENDS,
+    DEFAULT_PROBES,
+    BatchCollector,
+    BatchContext,
+    resolve_probes,
+    run_batch,
+    w_o_gram_getter,
+)
+from .schema import SCHEMA_VERSION, validate_run
+
+
+class InputTooLongError(ValueError):
+    pass
+
+
+def capture(
+    model: ModelHandle,
+    texts: str | list[str],
+    probes=DEFAULT_PROBES,
+    *,
+    backend: str = "nnsight",
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    truncate: bool = False,
+    top_k: int = 5,
+    add_special_tokens: bool = True,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Capture ``probes`` for every text and return a run following :mod:`workbench.schema`.
+
+    ``backend``: ``"nnsight"`` (tracing the HF model) or ``"transformer_lens"``
+    (TransformerBridge). Texts are tokenised one by one, batched by length with right
+    padding, and padding is masked out of every result. A text longer than
+    ``max_tokens`` (default: the model's context) is an error unless ``truncate=True``,
+    which keeps its first ``max_tokens`` tokens and warns how many were dropped.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")
+    texts = _check_texts(texts)
+    probe_list = resolve_probes(probes)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if any(p.needs_attention_probs for p in probe_list) and model.attn_implementation != "eager":
+        warnings.warn(
+            f"{model.name} uses {model.attn_implementation!r} attention, which returns no probabilities; "
+            "switching it to 'eager' for this capture.",
+            stacklevel=2,
+        )
+        model.hf_model.set_attn_implementation("eager")
+    limit = max_tokens or model.max_context
+
+    encoded = [_encode(model.tokenizer, t, add_special_tokens) for t in texts]
+    truncated = [i for i, e in enumerate(encoded) if len(e[0]) > limit]
+    if truncated and not truncate:
+        worst = max(truncated, key=lambda i: len(encoded[i][0]))
+        raise InputTooLongError(
+            f"{len(truncated)} text(s) exceed {limit} tokens (text {worst} has {len(encoded[worst][0])}). "
+            "Split them, or pass truncate=True to keep the first tokens."
+        )
+    if truncated:
+        dropped = sum(len(encoded[i][0]) - limit for i in truncated)
+        warnings.warn(f"truncated {len(truncated)} text(s) to {limit} tokens, dropping {dropped} tokens.", stacklevel=2)
+        for i in truncated:
+            ids, offsets = encoded[i]
+            encoded[i] = (ids[:limit], offsets[:limit])
+            texts[i] = texts[i].encode()[: offsets[limit - 1][1]].decode("utf-8", errors="ignore")
+    empty = [i for i, e in enumerate(encoded) if len(e[0]) == 0]
+    if empty:
+        raise ValueError(f"text(s) {empty} produced no tokens; remove them or add text.")
+
+    variable_dims = {v.name: v.dims for p in probe_list for v in p.variables}
+    per_sample: list[dict[str, np.ndarray]] = [None] * len(texts)  # type: ignore[list-item]
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i][0]))
+    gram = w_o_gram_getter(model)
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    bar = tqdm(total=sum(len(e[0]) for e in encoded), unit="tok", desc=f"capture ({backend})", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        lengths = [len(encoded[i][0]) for i in batch]
+        width = max(lengths)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        valid = torch.zeros((len(batch), width), dtype=torch.bool)
+        for row, i in enumerate(batch):
+            input_ids[row, : lengths[row]] = torch.tensor(encoded[i][0])
+            valid[row, : lengths[row]] = True
+        input_ids, valid = input_ids.to(model.device), valid.to(model.device)
+        ctx = BatchContext(input_ids=input_ids, valid=valid, w_o_gram=gram, n_heads=model.n_heads, top_k=top_k)
+        collector = BatchCollector(model, probe_list, ctx)
+        run_batch(backend, model, input_ids, valid.long(), collector.sites, collector)
+        values = collector.stacked(variable_dims, model.n_layers)
+        for row, i in enumerate(batch):
+            per_sample[i] = {name: _trim(v[row], variable_dims[name][1:], lengths[row]) for name, v in values.items()}
+        bar.update(sum(lengths))
+    bar.close()
+
+    ds = _assemble(model, texts, encoded, per_sample, variable_dims, top_k)
+    ds.attrs.update(
+        workbench_schema=SCHEMA_VERSION,
+        model=model.name,
+        model_source=model.source,
+        model_file_hash=model.file_hash,
+        architecture=model.architecture,
+        n_layers=model.n_layers,
+        d_model=model.d_model,
+        n_heads=model.n_heads,
+        n_kv_heads=model.n_kv_heads,
+        dtype=str(model.dtype).removeprefix("torch."),
+        device=str(model.device),
+        attn_implementation=model.attn_implementation,
+        backend=backend,
+        weight_processing="none (raw Hugging Face weights)",
+        probes=",".join(p.name for p in probe_list),
+        top_k=top_k,
+        add_special_tokens=int(add_special_tokens),
+        truncated_samples=",".join(map(str, truncated)),
+        package_versions=json.dumps(package_versions()),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    return validate_run(ds)
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if not texts:
+        raise ValueError("No texts given: pass a string or a non-empty list of strings.")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"texts must be strings; item(s) {bad} are not.")
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    if empty:
+        raise ValueError(f"text(s) {empty} are empty or whitespace only; remove them.")
+    return texts
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool):
+    """Token ids and UTF-8 byte spans (start, end) of each token in ``text``."""
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    byte_at = np.zeros(len(text) + 1, dtype=np.int64)
+    byte_at[1:] = np.cumsum([len(ch.encode("utf-8")) for ch in text])
+    offsets = [(int(byte_at[s]), int(byte_at[e])) for s, e in enc["offset_mapping"]]
+    return list(enc["input_ids"]), offsets
+
+
+def _trim(value: np.ndarray, dims: tuple[str, ...], n: int) -> np.ndarray:
+    index = tuple(slice(0, n) if d in ("pos", "key_pos") else slice(None) for d in dims)
+    return value[index]
+
+
+def _assemble(model, texts, encoded, per_sample, variable_dims, top_k) -> xr.Dataset:
+    n_samples = len(texts)
+    width = max(len(e[0]) for e in encoded)
+    data_vars = {}
+    for name, dims in variable_dims.items():
+        first = per_sample[0][name]
+        shape = [n_samples] + [width if d in ("pos", "key_pos") else s for d, s in zip(dims[1:], first.shape)]
+        integer = np.issubdtype(first.dtype, np.integer)
+        full = np.full(shape, -1 if integer else np.nan, dtype=np.int64 if integer else np.float32)
+        for i, value in enumerate(per_sample):
+            full[(i,) + tuple(slice(0, s) for s in value[name].shape)] = value[name]
+        data_vars[name] = (dims, full)
+
+    token_id = np.full((n_samples, width), -1, dtype=np.int64)
+    byte_start = np.zeros((n_samples, width), dtype=np.int64)
+    byte_end = np.zeros((n_samples, width), dtype=np.int64)
+    token = np.full((n_samples, width), "", dtype=object)
+    for i, (ids, offsets) in enumerate(encoded):
+        n = len(ids)
+        token_id[i, :n] = ids
+        byte_start[i, :n] = [s for s, _ in offsets]
+        byte_end[i, :n] = [e for _, e in offsets]
+        token[i, :n] = model.tokenizer.batch_decode([[t] for t in ids])
+    n_tokens = np.array([len(e[0]) for e in encoded], dtype=np.int64)
+    coords = {
+        "sample": np.arange(n_samples),
+        "pos": np.arange(width),
+        "text": ("sample", np.array(texts, dtype=str)),
+        "n_tokens": ("sample", n_tokens),
+        "token_id": (("sample", "pos"), token_id),
+        "token": (("sample", "pos"), token.astype(str)),
+        "byte_start": (("sample", "pos"), byte_start),
+        "byte_end": (("sample", "pos"), byte_end),
+        "valid": (("sample", "pos"), np.arange(width)[None, :] < n_tokens[:, None]),
+    }
+    dims_used = {d for dims in variable_dims.values() for d in dims}
+    if "layer" in dims_used:
+        coords["layer"] = np.arange(model.n_layers)
+    if "head" in dims_used:
+        coords["head"] = np.arange(model.n_heads)
+    if "key_pos" in dims_used:
+        coords["key_pos"] = np.arange(width)
+    if "k" in dims_used:
+        coords["k"] = np.arange(top_k)
+    return xr.Dataset(data_vars, coords=coords)

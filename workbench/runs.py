@@ -1,0 +1,79 @@
+"""Save and open runs: zarr (primary, opened lazily) and netCDF.
+
+Writes are atomic: a run is written beside its target and renamed into place, so an
+interrupted save never leaves a half-written run, and an existing run is never
+overwritten unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import xarray as xr
+
+from .schema import InvalidRunError, validate_run
+
+FORMATS = {".zarr": "zarr", ".nc": "netcdf"}
+
+
+class RunExistsError(FileExistsError):
+    pass
+
+
+def _format(path: Path) -> str:
+    try:
+        return FORMATS[path.suffix]
+    except KeyError:
+        raise ValueError(
+            f"{path}: a run path ends in .zarr (recommended) or .nc, not {path.suffix or 'nothing'!r}."
+        ) from None
+
+
+def save_run(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a run to ``path`` (``.zarr`` or ``.nc``) and return the path."""
+    path = Path(path).expanduser()
+    fmt = _format(path)
+    validate_run(ds)
+    if path.exists() and not overwrite:
+        raise RunExistsError(f"{path} already exists; choose another path or pass overwrite=True to replace it.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as err:
+        raise PermissionError(f"cannot write a run under {path.parent}: {err.strerror}; pick a writable folder.") from err
+    tmp = tmp_dir / path.name
+    try:
+        if fmt == "zarr":
+            ds.to_zarr(tmp, mode="w", consolidated=True)
+        else:
+            ds.to_netcdf(tmp, engine="h5netcdf")
+        if path.exists():  # only reached with overwrite=True
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
+
+
+def open_run(path: str | Path, *, lazy: bool = True) -> xr.Dataset:
+    """Open a saved run; zarr opens lazily (dask) unless ``lazy=False``."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no run at {path}; `workbench demo` writes one under runs/.")
+    fmt = _format(path)
+    try:
+        if fmt == "zarr":
+            ds = xr.open_zarr(path, chunks={} if lazy else None)
+        else:
+            ds = xr.open_dataset(path, engine="h5netcdf", chunks={} if lazy else None)
+    except Exception as err:  # zarr/h5 raise many types for damaged or foreign stores
+        raise InvalidRunError(f"{path} could not be read as a {fmt} run ({type(err).__name__}: {err}).") from err
+    try:
+        validate_run(ds)
+    except InvalidRunError as err:
+        raise InvalidRunError(f"{path}: {err}") from None
+    if not lazy:
+        ds = ds.load()
+    return ds
