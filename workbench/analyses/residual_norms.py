@@ -1,0 +1,49 @@
+"""Residual-stream norms per layer and position, and the peaks on sink tokens.
+
+Reproduces the *residual-state peaks* of "Active-Dormant Attention Heads:
+Mechanistically Demystifying Extreme-Token Phenomena in LLMs" (Guo et al., 2024):
+sink tokens (usually the first) carry residual norms far above the median token's.
+"""
+
+from __future__ import annotations
+
+import xarray as xr
+
+from .common import require
+
+
+def residual_norms(run: xr.Dataset, variable: str = "resid_pre") -> xr.DataArray:
+    """L2 norm of the residual stream, ``||h_{l,p}||_2`` over ``d_model``.
+
+    ``variable``: ``resid_pre`` (entering each layer) or ``resid_post`` (leaving it).
+    Dims: (sample, pos, layer, d_model) -> (sample, pos, layer); NaN on padding.
+    """
+    resid = require(run, variable)
+    norms = (resid.astype("float64") ** 2).sum("d_model", skipna=False) ** 0.5
+    norms = norms.where(run["valid"])
+    norms.name = "residual_norm"
+    norms.attrs.update(long_name=f"||{variable}||_2", source_variable=variable)
+    return norms
+
+
+def residual_norm_peaks(run: xr.Dataset, variable: str = "resid_pre") -> xr.Dataset:
+    """Each token's residual norm relative to the median token of its sample and layer.
+
+    ``ratio[s, p, l] = ||h_{l,p}|| / median_{p'} ||h_{l,p'}||`` (valid positions only), and
+    per (sample, layer) the position, token and ratio of the largest norm: the residual
+    peak (Guo et al., 2024). Dims: -> ratio (sample, pos, layer); peak_* (sample, layer).
+    """
+    norms = residual_norms(run, variable)
+    median = norms.median("pos", skipna=True)
+    ratio = norms / median
+    peak_pos = ratio.fillna(-1.0).argmax("pos")
+    return xr.Dataset(
+        {
+            "norm": norms,
+            "median_norm": median,
+            "ratio_to_median": ratio,
+            "peak_pos": peak_pos,
+            "peak_ratio": ratio.isel(pos=peak_pos),
+            "peak_token": run["token"].isel(pos=peak_pos),
+        }
+    )

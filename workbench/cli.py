@@ -1,0 +1,168 @@
+"""The ``workbench`` command: demo, capture, gallery, lab, models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Look inside language models: capture, explore, export.")
+console = Console()
+
+DEMO_RUN = Path("runs/demo.zarr")
+GALLERY_DIR = Path("gallery")
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(code=1)
+
+
+def _user_errors():
+    from .analyses import MissingProbeError
+    from .gallery import ExportError
+    from .models import ModelNotAvailableError
+    from .runs import RunExistsError
+    from .schema import InvalidRunError
+
+    return (ValueError, TypeError, FileNotFoundError, PermissionError, ModelNotAvailableError,
+            RunExistsError, InvalidRunError, MissingProbeError, ExportError)
+
+
+@app.command()
+def models() -> None:
+    """List the embedded models: installed or not, size, layers, d_model, heads, vocab."""
+    from .models import list_models
+
+    table = Table(title="Models (any Hugging Face folder works too)")
+    for column in ("name", "installed", "size MB", "layers", "d_model", "heads", "vocab", "note"):
+        table.add_column(column)
+    for row in list_models():
+        table.add_row(
+            row["name"], "yes" if row["installed"] else "no",
+            *(str(row.get(k, "?")) for k in ("size_mb", "layers", "d_model", "heads", "vocab")),
+            row.get("note", row["description"]),
+        )
+    console.print(table)
+
+
+@app.command()
+def capture(
+    out: Path = typer.Option(..., "--out", help="Run to write: PATH.zarr (recommended) or PATH.nc."),
+    model: Optional[str] = typer.Option(None, "--model", help="Embedded name, HF folder; default smollm2-135m."),
+    corpus: str = typer.Option("pydoc", "--corpus", help="'pydoc' (bundled) or a .txt/.jsonl file."),
+    probes: str = typer.Option(",".join(("resid_pre", "attn_received", "value_norm", "logits")), "--probes",
+                               help="Comma-separated probe names (see workbench.PROBES)."),
+    backend: str = typer.Option("nnsight", "--backend", help="nnsight or transformer_lens."),
+    limit: int = typer.Option(16, "--limit", help="Use at most this many samples of the corpus."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Longest sample in tokens (default: model context)."),
+    truncate: bool = typer.Option(False, "--truncate", help="Cut longer samples instead of failing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run at --out."),
+) -> None:
+    """Capture probes over a corpus and save the run."""
+    import workbench as wb
+
+    from .corpus import paragraphs, read_text_file
+
+    try:
+        if out.exists() and not overwrite:
+            raise wb.RunExistsError(f"{out} already exists; pass --overwrite to replace it or choose another --out.")
+        texts = paragraphs() if corpus == "pydoc" else read_text_file(corpus)
+        texts = texts[:limit]
+        handle = wb.load_model(model)
+        run = wb.capture(handle, texts, [p.strip() for p in probes.split(",") if p.strip()], backend=backend,
+                         batch_size=batch_size, max_tokens=max_tokens, truncate=truncate)
+        path = wb.save_run(run, out, overwrite=overwrite)
+    except _user_errors() as err:
+        _fail(err)
+    console.print(f"wrote [bold]{path}[/] ({run.sizes['sample']} samples, {int(run.n_tokens.sum())} tokens, "
+                  f"probes {run.attrs['probes']})")
+
+
+@app.command()
+def gallery(
+    run: Path = typer.Option(DEMO_RUN, "--run", help="A saved run with the resid_pre probe."),
+    out: Path = typer.Option(GALLERY_DIR, "--out", help="Folder for the figures."),
+) -> None:
+    """Regenerate the gallery figures (SVG, PDF, PNG) from a saved run."""
+    import workbench as wb
+
+    from .gallery import write_residual_norm_gallery
+
+    try:
+        if not run.exists():
+            raise FileNotFoundError(f"no run at {run}; `workbench demo` writes {DEMO_RUN}.")
+        written = write_residual_norm_gallery(wb.open_run(run), out)
+    except _user_errors() as err:
+        _fail(err)
+    for path in written:
+        console.print(f"  {path}")
+
+
+@app.command()
+def demo(
+    model: Optional[str] = typer.Option(None, "--model", help="Default: the embedded smollm2-135m."),
+    samples: int = typer.Option(8, "--samples", help="Paragraphs of the bundled corpus to capture."),
+    backend: str = typer.Option("nnsight", "--backend"),
+) -> None:
+    """Load the default model, capture the bundled corpus, save the run, write the gallery."""
+    import workbench as wb
+
+    from .corpus import paragraphs
+    from .gallery import write_residual_norm_gallery
+
+    try:
+        handle = wb.load_model(model)
+        console.print(f"model: {handle.summary()}")
+        texts = paragraphs(min_chars=300, max_chars=700)[:samples]
+        run = wb.capture(handle, texts, ["resid_pre", "attn_received", "value_norm", "logits"], backend=backend)
+        run.attrs["created_by"] = "workbench demo"
+        replace = False
+        if DEMO_RUN.exists():
+            previous = wb.open_run(DEMO_RUN)  # refuses anything that is not a run
+            if previous.attrs.get("created_by") != "workbench demo":
+                raise wb.RunExistsError(f"{DEMO_RUN} exists and was not written by the demo; move it away first.")
+            console.print(f"replacing {DEMO_RUN} (written by an earlier demo)")
+            replace = True
+        path = wb.save_run(run, DEMO_RUN, overwrite=replace)
+        figures = write_residual_norm_gallery(wb.open_run(path), GALLERY_DIR)
+    except _user_errors() as err:
+        _fail(err)
+    from .analyses import residual_norm_peaks
+
+    peaks = residual_norm_peaks(run)
+    mean_nll = float(-run.next_token_logprob.mean())
+    console.print(f"\n[bold]run[/]      {path}  ({run.sizes['sample']} samples, {int(run.n_tokens.sum())} tokens)")
+    console.print(f"mean next-token loss: {mean_nll:.3f} nats/token")
+    layer = run.sizes["layer"] - 1
+    console.print(
+        f"residual peak at layer {layer}: token {str(peaks.peak_token.isel(sample=0, layer=layer).values)!r}, "
+        f"{float(peaks.peak_ratio.isel(layer=layer).median()):.0f}x the median token's norm (median over samples)"
+    )
+    console.print(f"[bold]gallery[/]  {len(figures)} files in {GALLERY_DIR}/")
+    console.print(f"[bold]notebooks[/] `workbench lab` opens JupyterLab on {NOTEBOOKS_DIR} (start with 00_quickstart.ipynb)")
+    console.print("In Python: run = workbench.open_run('runs/demo.zarr')")
+
+
+@app.command()
+def lab(
+    port: int = typer.Option(8888, "--port"),
+    browser: bool = typer.Option(False, "--browser/--no-browser", help="Open a browser window."),
+) -> None:
+    """Start JupyterLab on the notebooks, listening on loopback only."""
+    args = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={NOTEBOOKS_DIR}", "--ip=127.0.0.1",
+            f"--port={port}", "--ServerApp.open_browser=" + ("True" if browser else "False")]
+    console.print(" ".join(args))
+    raise typer.Exit(subprocess.call(args, env=os.environ.copy()))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,60 @@
+"""A small real natural-language corpus that needs no network.
+
+``pydoc`` is the Python 3.11.7 reference-manual topics text (``pydoc_data.topics``
+of CPython, the help() pages: English prose with code examples; about 465k
+characters, ~110k SmolLM2 tokens), shipped as ``workbench/data/pydoc_topics.jsonl``
+so every Python version reads the same text. Source: CPython 3.11.7
+``Lib/pydoc_data/topics.py``. Licence: Python Software Foundation License
+Version 2 (documentation; see https://docs.python.org/3/license.html).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib.resources import files
+from pathlib import Path
+
+CORPORA = {"pydoc": "pydoc_topics.jsonl"}
+
+
+def load_corpus(name: str = "pydoc") -> list[dict]:
+    """Documents of a bundled corpus as ``{"topic": ..., "text": ...}`` dicts."""
+    if name not in CORPORA:
+        raise ValueError(f"Unknown corpus {name!r}; bundled corpora: {', '.join(CORPORA)}. Pass a text file instead.")
+    lines = files("workbench").joinpath("data", CORPORA[name]).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def paragraphs(name: str = "pydoc", *, min_chars: int = 200, max_chars: int = 1200) -> list[str]:
+    """Prose paragraphs of a bundled corpus (blank-line separated), whitespace-normalised.
+
+    Paragraphs shorter than ``min_chars`` are skipped; longer than ``max_chars`` are cut at
+    the last sentence end before the limit, so each sample is a natural span of text.
+    """
+    out = []
+    for doc in load_corpus(name):
+        for block in re.split(r"\n\s*\n", doc["text"]):
+            text = " ".join(block.split())
+            if len(text) < min_chars:
+                continue
+            if len(text) > max_chars:
+                cut = text.rfind(". ", 0, max_chars)
+                text = text[: cut + 1] if cut > min_chars else text[:max_chars]
+            out.append(text)
+    return out
+
+
+def read_text_file(path: str | Path) -> list[str]:
+    """Samples from a user's file: one per blank-line-separated block (``.txt``) or line (``.jsonl`` with "text")."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} does not exist.")
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        texts = [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
+    else:
+        texts = [b.strip() for b in re.split(r"\n\s*\n", raw) if b.strip()]
+    if not texts:
+        raise ValueError(f"corpus file {path} holds no text.")
+    return texts

@@ -1,0 +1,77 @@
+"""Export figures for papers (SVG, PDF, PNG via kaleido) and regenerate the gallery from saved runs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from .plots import publication_layout
+
+FORMATS = ("svg", "pdf", "png")
+PNG_SCALE = 4  # 72 px/in layout * 4 = 288 dpi raster
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def find_chromium() -> str | None:
+    """A Chrome/Chromium that kaleido can drive, or None."""
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def export_figure(
+    fig: go.Figure, path_stem: str | Path, *, formats=FORMATS, columns: str | None = "one", height: int | None = None
+) -> list[Path]:
+    """Write ``fig`` as ``path_stem.<fmt>`` for each format; return the written paths.
+
+    ``columns``: "one" or "two" applies the publication theme sized for that width;
+    ``None`` keeps the figure's own layout.
+    """
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown}; choose from {', '.join(FORMATS)}.")
+    if find_chromium() is None:
+        raise ExportError(
+            "static export needs Chrome or Chromium for kaleido: `apt-get install chromium` "
+            "(`make demo` installs it when missing)."
+        )
+    fig = go.Figure(fig)
+    if columns is not None:
+        publication_layout(fig, columns=columns, height=height)
+    stem = Path(path_stem).expanduser()
+    try:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot create {stem.parent}: {err.strerror}.") from err
+    paths = [stem.with_name(f"{stem.name}.{fmt}") for fmt in formats]
+    import plotly.io as pio
+
+    pio.write_images(
+        [fig] * len(paths), paths, format=list(formats), scale=[PNG_SCALE if f == "png" else 1 for f in formats]
+    )
+    return paths
+
+
+def write_residual_norm_gallery(run, out_dir: str | Path, formats=FORMATS) -> list[Path]:
+    """The residual-norm figures of the worked example, from a saved run."""
+    from .analyses import residual_norms
+    from .plots import residual_norm_by_position, residual_norm_heatmap, residual_norm_profile
+
+    norms = residual_norms(run).load()
+    out_dir = Path(out_dir)
+    mid = norms.sizes["layer"] // 2
+    figures = {
+        "residual_norm_heatmap": (residual_norm_heatmap(norms, 0), "two"),
+        "residual_norm_profile": (residual_norm_profile(norms, 0), "one"),
+        "residual_norm_by_position": (residual_norm_by_position(norms, 0, mid), "two"),
+    }
+    written = []
+    for name, (fig, columns) in figures.items():
+        written += export_figure(fig, out_dir / name, formats=formats, columns=columns)
+    return written

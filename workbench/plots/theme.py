@@ -1,0 +1,32 @@
+"""The publication theme: fonts, margins and sizes for one- and two-column figures.
+
+Sizes are in CSS pixels at 72 px per inch, so a vector export (SVG/PDF) of a
+one-column figure is 3.5 in wide and a two-column one 7.0 in, the column widths of
+common two-column paper templates (ACL, NeurIPS two-column, IEEE).
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+COLUMN_WIDTH_PX = {"one": 252, "two": 504}  # 3.5 in and 7.0 in at 72 px/in
+FONT = dict(family="Helvetica, Arial, sans-serif", size=9, color="#222")
+
+
+def publication_layout(fig: go.Figure, *, columns: str = "one", height: int | None = None) -> go.Figure:
+    """Apply the theme in place and return the figure (sized for ``columns``: "one" or "two")."""
+    if columns not in COLUMN_WIDTH_PX:
+        raise ValueError(f"columns must be 'one' or 'two', got {columns!r}.")
+    width = COLUMN_WIDTH_PX[columns]
+    fig.update_layout(
+        template="simple_white",
+        width=width,
+        height=height or round(width * (0.75 if columns == "one" else 0.45)),
+        font=FONT,
+        title_font_size=10,
+        margin=dict(l=44, r=8, t=26, b=36),
+        legend=dict(font_size=8, bgcolor="rgba(255,255,255,0.6)"),
+    )
+    fig.update_xaxes(ticks="outside", ticklen=3, title_standoff=4)
+    fig.update_yaxes(ticks="outside", ticklen=3, title_standoff=4)
+    return fig

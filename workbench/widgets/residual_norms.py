@@ -1,0 +1,75 @@
+"""Explore residual norms: a prompt selector and a layer slider redraw two linked figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ipywidgets as widgets
+import plotly.graph_objects as go
+import xarray as xr
+
+from ..analyses import residual_norms
+from ..gallery import export_figure
+from ..plots import residual_norm_by_position, residual_norm_profile
+
+
+class ResidualNormExplorer:
+    """Residual norm per token at the chosen layer, and across layers for the chosen prompt.
+
+    ``explorer = ResidualNormExplorer(run); explorer`` in a notebook shows it;
+    ``explorer.layer.value = 12`` or ``explorer.prompt.value = 3`` drive it from code;
+    ``explorer.export("figures/resid")`` writes the current view (SVG, PDF, PNG).
+    """
+
+    def __init__(self, run: xr.Dataset, variable: str = "resid_pre"):
+        self.norms = residual_norms(run, variable).load()
+        n_layers = self.norms.sizes["layer"]
+        texts = [str(t) for t in run["text"].values]
+        self.prompt = widgets.Dropdown(
+            options=[(f"{i}: {t[:60]}", i) for i, t in enumerate(texts)], value=0, description="prompt"
+        )
+        self.layer = widgets.IntSlider(value=n_layers // 2, min=0, max=n_layers - 1, description="layer",
+                                       continuous_update=True)
+        self.export_path = widgets.Text(value="figures/residual_norms", description="export to")
+        self.export_button = widgets.Button(description="Export view", icon="download")
+        self.status = widgets.HTML()
+        self.bars = go.FigureWidget(self._bars_figure())
+        self.profile = go.FigureWidget(self._profile_figure())
+        self.prompt.observe(self._redraw, names="value")
+        self.layer.observe(self._redraw, names="value")
+        self.export_button.on_click(lambda _: self._export_clicked())
+        self.view = widgets.VBox(
+            [
+                widgets.HBox([self.prompt, self.layer]),
+                widgets.HBox([self.bars, self.profile]),
+                widgets.HBox([self.export_path, self.export_button, self.status]),
+            ]
+        )
+
+    def _bars_figure(self) -> go.Figure:
+        return residual_norm_by_position(self.norms, self.prompt.value, self.layer.value)
+
+    def _profile_figure(self) -> go.Figure:
+        return residual_norm_profile(self.norms, self.prompt.value, self.layer.value)
+
+    def _redraw(self, _change=None) -> None:
+        for target, source in ((self.bars, self._bars_figure()), (self.profile, self._profile_figure())):
+            with target.batch_update():
+                for trace, new in zip(target.data, source.data):
+                    trace.update(new)
+                target.layout.title = source.layout.title
+                target.layout.shapes = source.layout.shapes
+
+    def export(self, path_stem: str | Path, formats=("svg", "pdf", "png")) -> list[Path]:
+        """Write the current bar view to ``path_stem`` in each format (publication theme)."""
+        return export_figure(go.Figure(self.bars), path_stem, formats=formats)
+
+    def _export_clicked(self) -> None:
+        try:
+            written = self.export(self.export_path.value)
+            self.status.value = "wrote " + ", ".join(str(p) for p in written)
+        except Exception as err:  # shown to the user, not raised into the event loop
+            self.status.value = f"<b>export failed</b>: {err}"
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.view._repr_mimebundle_(**kwargs)
