@@ -104,17 +104,21 @@ def value_norms(values: torch.Tensor, w_o_gram: torch.Tensor, n_heads: int) -> t
     return squared.clamp_min(0).sqrt()
 
 
-def logit_summaries(logits: torch.Tensor, input_ids: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+def logit_summaries(
+    logits: torch.Tensor, input_ids: torch.Tensor, top_k: int, valid: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Next-token log-prob, entropy and top-k of the output distribution at each position.
 
     ``next_token_logprob[b, p] = log softmax(logits[b, p])[input_ids[b, p + 1]]`` (NaN at
-    the last position); ``entropy = -sum_v p_v log p_v`` in nats. Dims (b, p, vocab) ->
-    (b, p) and (b, p, k).
+    the last real token, whose next token is unknown); ``entropy = -sum_v p_v log p_v`` in
+    nats. Dims (b, p, vocab) -> (b, p) and (b, p, k).
     """
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     nxt = torch.full(input_ids.shape, float("nan"), dtype=logprobs.dtype, device=logprobs.device)
     nxt[:, :-1] = logprobs[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    if valid is not None:  # the token after the last real one is padding
+        nxt[:, :-1] = nxt[:, :-1].masked_fill(~valid[:, 1:], float("nan"))
     top_logprobs, top_ids = logprobs.topk(top_k, dim=-1)
     return {
         "next_token_logprob": nxt,
@@ -133,7 +137,7 @@ def _reduce_value_norm(x, ctx, layer):
 
 
 def _reduce_logits(x, ctx, layer):
-    return logit_summaries(x, ctx.input_ids, ctx.top_k)
+    return logit_summaries(x, ctx.input_ids, ctx.top_k, ctx.valid)
 
 
 # --------------------------------------------------------------------------- the catalogue
