@@ -2,20 +2,26 @@
 
 Writes are atomic: a run is written beside its target and renamed into place, so an
 interrupted save never leaves a half-written run, and an existing run is never
-overwritten unless ``overwrite=True``.
+overwritten unless ``overwrite=True``. Each saved run carries a SHA-256 of every
+variable (attr ``workbench_checksums``); opening eagerly, or with ``verify=True``,
+checks them, so a damaged store is an error rather than silently wrong numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import xarray as xr
 
 from .schema import InvalidRunError, validate_run
 
 FORMATS = {".zarr": "zarr", ".nc": "netcdf"}
+CHECKSUMS_ATTR = "workbench_checksums"
 
 
 class RunExistsError(FileExistsError):
@@ -44,9 +50,11 @@ def save_run(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Pa
     except OSError as err:
         raise PermissionError(f"cannot write a run under {path.parent}: {err.strerror}; pick a writable folder.") from err
     tmp = tmp_dir / path.name
+    ds = ds.assign_attrs({CHECKSUMS_ATTR: json.dumps(_checksums(ds))})
     try:
         if fmt == "zarr":
-            ds.to_zarr(tmp, mode="w", consolidated=True)
+            # zarr format 2: a stable spec for fixed-width strings and consolidated metadata
+            ds.to_zarr(tmp, mode="w", consolidated=True, zarr_format=2)
         else:
             ds.to_netcdf(tmp, engine="h5netcdf")
         if path.exists():  # only reached with overwrite=True
@@ -57,8 +65,19 @@ def save_run(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Pa
     return path
 
 
-def open_run(path: str | Path, *, lazy: bool = True) -> xr.Dataset:
-    """Open a saved run; zarr opens lazily (dask) unless ``lazy=False``."""
+def _checksums(ds: xr.Dataset) -> dict[str, str]:
+    return {
+        str(name): hashlib.sha256(np.ascontiguousarray(var.values).tobytes()).hexdigest()
+        for name, var in sorted(ds.variables.items(), key=lambda kv: str(kv[0]))
+    }
+
+
+def open_run(path: str | Path, *, lazy: bool = True, verify: bool | None = None) -> xr.Dataset:
+    """Open a saved run; zarr opens lazily (dask) unless ``lazy=False``.
+
+    ``verify`` (default: ``not lazy``) reads every variable and checks it against the
+    checksums written at save time.
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no run at {path}; `workbench demo` writes one under runs/.")
@@ -74,6 +93,20 @@ def open_run(path: str | Path, *, lazy: bool = True) -> xr.Dataset:
         validate_run(ds)
     except InvalidRunError as err:
         raise InvalidRunError(f"{path}: {err}") from None
-    if not lazy:
+    expected = json.loads(ds.attrs.pop(CHECKSUMS_ATTR, "{}"))
+    if fmt == "zarr":
+        gone = [str(name) for name in ds.variables if not (path / str(name) / ".zarray").exists()]
+        if gone:
+            raise InvalidRunError(f"{path} is damaged: the data of {', '.join(gone)} is missing.")
+    if verify if verify is not None else not lazy:
+        try:
+            ds = ds.load()
+        except Exception as err:
+            raise InvalidRunError(f"{path} is damaged: {type(err).__name__}: {err}") from err
+        actual = _checksums(ds)
+        bad = sorted(name for name, digest in expected.items() if actual.get(name) != digest)
+        if bad:
+            raise InvalidRunError(f"{path} is damaged: {', '.join(bad)} differ from what was saved.")
+    elif not lazy:
         ds = ds.load()
     return ds

@@ -1,0 +1,121 @@
+"""save_run / open_run: exact round trips, no silent overwrite, clear errors on foreign or damaged stores."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+import workbench as wb
+from workbench.runs import RunExistsError
+
+
+@pytest.fixture(scope="module")
+def run(tiny):
+    return wb.capture(tiny, ["one text here", "a second, longer text — with ünïcode"],
+                      ["resid_pre", "attn_pattern", "attn_received", "value_norm", "logits"], progress=False)
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".nc"])
+def test_round_trip_is_exact(run, tmp_path, suffix):
+    path = wb.save_run(run, tmp_path / f"r{suffix}")
+    back = wb.open_run(path)
+    xr.testing.assert_identical(back.load(), run)
+    assert json.loads(back.attrs["package_versions"])["workbench"]
+
+
+def test_zarr_opens_lazily(run, tmp_path):
+    back = wb.open_run(wb.save_run(run, tmp_path / "r.zarr"))
+    assert back.resid_pre.chunks is not None  # a dask array: nothing read yet
+    eager = wb.open_run(tmp_path / "r.zarr", lazy=False)
+    assert eager.resid_pre.chunks is None
+
+
+def test_refuses_to_overwrite(run, tmp_path):
+    path = wb.save_run(run, tmp_path / "r.zarr")
+    before = sorted(p.name for p in path.rglob("*"))
+    with pytest.raises(RunExistsError, match="overwrite=True"):
+        wb.save_run(run, path)
+    assert sorted(p.name for p in path.rglob("*")) == before
+    changed = run.assign_attrs(model="something else")
+    wb.save_run(changed, path, overwrite=True)
+    assert wb.open_run(path).attrs["model"] == "something else"
+
+
+def test_interrupted_save_leaves_nothing(run, tmp_path, monkeypatch):
+    def boom(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(xr.Dataset, "to_zarr", boom)
+    with pytest.raises(KeyboardInterrupt):
+        wb.save_run(run, tmp_path / "r.zarr")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_overwrite_keeps_the_old_run(run, tmp_path, monkeypatch):
+    path = wb.save_run(run, tmp_path / "r.zarr")
+    monkeypatch.setattr(xr.Dataset, "to_zarr", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        wb.save_run(run, path, overwrite=True)
+    xr.testing.assert_identical(wb.open_run(path).load(), run)
+
+
+def test_foreign_zarr_store_is_not_a_run(tmp_path):
+    xr.Dataset({"x": ("t", np.arange(3))}).to_zarr(tmp_path / "foreign.zarr")
+    with pytest.raises(wb.InvalidRunError, match="not a workbench run"):
+        wb.open_run(tmp_path / "foreign.zarr")
+
+
+def test_garbage_folder_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.zarr"
+    bad.mkdir()
+    (bad / "zarr.json").write_text("{ this is not json")
+    with pytest.raises(wb.InvalidRunError, match="could not be read"):
+        wb.open_run(bad)
+
+
+def test_damaged_store_is_a_clear_error(run, tmp_path):
+    path = wb.save_run(run, tmp_path / "r.zarr")
+    shutil.rmtree(path / "resid_pre")  # a variable's data is gone
+    with pytest.raises(wb.InvalidRunError, match="resid_pre"):
+        wb.open_run(path)
+
+
+def test_corrupted_chunk_is_caught_by_verification(run, tmp_path):
+    path = wb.save_run(run, tmp_path / "r.zarr")
+    chunk = next(p for p in (path / "value_norm").iterdir() if not p.name.startswith("."))
+    chunk.unlink()  # zarr would silently read fill values (NaN) here
+    wb.open_run(path)  # lazy: structure only
+    with pytest.raises(wb.InvalidRunError, match="value_norm differ"):
+        wb.open_run(path, lazy=False)
+
+
+def test_damaged_netcdf_is_a_clear_error(run, tmp_path):
+    path = wb.save_run(run, tmp_path / "r.nc")
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(wb.InvalidRunError, match="could not be read"):
+        wb.open_run(path)
+
+
+def test_path_errors(run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="workbench demo"):
+        wb.open_run(tmp_path / "missing.zarr")
+    with pytest.raises(ValueError, match=".zarr"):
+        wb.save_run(run, tmp_path / "run.parquet")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="writable"):
+        wb.save_run(run, blocker / "r.zarr")
+
+
+def test_validator_lists_problems(run):
+    broken = run.drop_vars("token").drop_attrs()
+    with pytest.raises(wb.InvalidRunError, match="not a workbench run"):
+        wb.validate_run(broken)
+    broken = run.drop_vars("token")
+    del broken.attrs["backend"]
+    with pytest.raises(wb.InvalidRunError, match="backend.*token|token.*backend") as err:
+        wb.validate_run(broken)
+    assert "missing coordinate 'token'" in str(err.value)
