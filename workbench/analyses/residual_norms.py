@@ -36,14 +36,15 @@ def residual_norm_peaks(run: xr.Dataset, variable: str = "resid_pre") -> xr.Data
     norms = residual_norms(run, variable)
     median = norms.median("pos", skipna=True)
     ratio = norms / median
-    peak_pos = ratio.fillna(-1.0).argmax("pos")
+    peak_pos = ratio.fillna(-1.0).argmax("pos").reset_coords(drop=True)
+    at_peak = ratio.isel(pos=peak_pos)
     return xr.Dataset(
         {
             "norm": norms,
             "median_norm": median,
             "ratio_to_median": ratio,
             "peak_pos": peak_pos,
-            "peak_ratio": ratio.isel(pos=peak_pos),
-            "peak_token": run["token"].isel(pos=peak_pos),
+            "peak_ratio": at_peak.reset_coords(drop=True),
+            "peak_token": at_peak["token"].reset_coords(drop=True),
         }
     )

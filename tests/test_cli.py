@@ -1,0 +1,75 @@
+"""The workbench command, in-process."""
+
+import pytest
+from typer.testing import CliRunner
+
+import workbench as wb
+from workbench.cli import app
+
+runner = CliRunner()
+
+
+def test_models_lists_the_embedded_models():
+    result = runner.invoke(app, ["models"], terminal_width=200)
+    assert result.exit_code == 0
+    for name in ("smollm2-135m", "gemma3-270m", "tiny-random-llama"):
+        assert name in result.output
+
+
+def test_capture_writes_a_run_and_refuses_to_overwrite(tmp_path):
+    out = tmp_path / "run.zarr"
+    args = ["capture", "--model", "tiny-random-llama", "--out", str(out), "--limit", "3", "--probes", "resid_pre,logits"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run = wb.open_run(out)
+    assert run.sizes["sample"] == 3 and run.attrs["probes"] == "resid_pre,logits"
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    assert runner.invoke(app, args + ["--overwrite"]).exit_code == 0
+
+
+def test_capture_from_a_text_file(tmp_path):
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text("First paragraph of my notes.\n\nSecond one, a little longer than the first.\n")
+    out = tmp_path / "notes.nc"
+    result = runner.invoke(app, ["capture", "--model", "tiny-random-llama", "--corpus", str(corpus), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert wb.open_run(out).sizes["sample"] == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--probes", "resid,logits"], "Valid probes"),
+        (["--model", "no-such-model"], "Unknown model 'no-such-model'"),
+        (["--model", "someone/some-model"], "allow_download"),
+        (["--corpus", "/nonexistent/corpus.txt"], "does not exist"),
+        (["--backend", "jax"], "transformer_lens"),
+    ],
+)
+def test_capture_bad_input_is_one_clear_line(tmp_path, args, message):
+    base = ["capture", "--model", "tiny-random-llama", "--out", str(tmp_path / "r.zarr")]
+    result = runner.invoke(app, base + args, terminal_width=300)
+    assert result.exit_code == 1
+    assert "error:" in result.output and message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "r.zarr").exists()
+
+
+def test_gallery_without_a_run_says_what_to_do(tmp_path):
+    result = runner.invoke(app, ["gallery", "--run", str(tmp_path / "none.zarr")])
+    assert result.exit_code == 1 and "workbench demo" in result.output
+
+
+@pytest.mark.real
+def test_demo_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["demo", "--samples", "3"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    run = wb.open_run("runs/demo.zarr", lazy=False)
+    assert run.attrs["model"] == "smollm2-135m" and run.sizes["sample"] == 3
+    assert 1.0 < float(-run.next_token_logprob.mean()) < 4.5  # a real, working model on English prose
+    assert len(list((tmp_path / "gallery").glob("*.png"))) == 3
+    assert "nats/token" in result.output
+    again = runner.invoke(app, ["demo", "--samples", "3"], terminal_width=200)  # idempotent
+    assert again.exit_code == 0 and "replacing runs/demo.zarr" in again.output

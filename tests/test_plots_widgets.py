@@ -1,0 +1,79 @@
+"""Figures, the explorer widget and static export, driven headless."""
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+import workbench as wb
+from workbench.analyses import residual_norms
+from workbench.gallery import ExportError, export_figure, write_residual_norm_gallery
+from workbench.plots import (
+    COLUMN_WIDTH_PX,
+    publication_layout,
+    residual_norm_by_position,
+    residual_norm_heatmap,
+    residual_norm_profile,
+)
+from workbench.widgets import ResidualNormExplorer
+
+from .conftest import PROSE
+
+
+@pytest.fixture(scope="module")
+def run(tiny):
+    return wb.capture(tiny, PROSE, ["resid_pre"], progress=False)
+
+
+def test_figures_show_the_analysis_values(run):
+    norms = residual_norms(run)
+    n = int(run.n_tokens[1])
+    heat = residual_norm_heatmap(norms, sample=1, log_color=False)
+    np.testing.assert_allclose(heat.data[0].z, norms.isel(sample=1, pos=slice(0, n)).transpose("layer", "pos").values)
+    bars = residual_norm_by_position(norms, sample=1, layer=1)
+    np.testing.assert_allclose(bars.data[0].y, norms.isel(sample=1, pos=slice(0, n)).sel(layer=1).values)
+    profile = residual_norm_profile(norms, sample=1, layer=1)
+    np.testing.assert_allclose(profile.data[0].y, norms.isel(sample=1, pos=0).values)
+
+
+def test_publication_layout_sizes():
+    fig = publication_layout(go.Figure(), columns="two")
+    assert fig.layout.width == COLUMN_WIDTH_PX["two"] == 504
+    with pytest.raises(ValueError, match="one' or 'two"):
+        publication_layout(go.Figure(), columns="three")
+
+
+def test_explorer_redraws_on_slider_and_prompt(run):
+    explorer = ResidualNormExplorer(run)
+    norms = explorer.norms
+    explorer.layer.value = 0
+    np.testing.assert_allclose(explorer.bars.data[0].y, norms.isel(sample=0).sel(layer=0).values[: int(run.n_tokens[0])])
+    explorer.prompt.value = 2
+    n = int(run.n_tokens[2])
+    np.testing.assert_allclose(explorer.bars.data[0].y, norms.isel(sample=2).sel(layer=0).values[:n])
+    assert "sample 2" in explorer.bars.layout.title.text
+    assert explorer.profile.layout.shapes[0].x0 == 0  # the chosen layer is marked
+    assert explorer._repr_mimebundle_()  # renders as a widget
+
+
+def test_export_writes_vector_and_raster(run, tmp_path):
+    explorer = ResidualNormExplorer(run)
+    paths = explorer.export(tmp_path / "view")
+    assert [p.suffix for p in paths] == [".svg", ".pdf", ".png"]
+    assert paths[0].read_text().lstrip().startswith("<svg")
+    assert paths[1].read_bytes()[:4] == b"%PDF"
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gallery_regenerates_from_a_saved_run(run, tmp_path):
+    saved = wb.save_run(run, tmp_path / "r.zarr")
+    written = write_residual_norm_gallery(wb.open_run(saved), tmp_path / "gallery", formats=("svg",))
+    assert sorted(p.name for p in written) == [
+        "residual_norm_by_position.svg", "residual_norm_heatmap.svg", "residual_norm_profile.svg"]
+
+
+def test_export_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="svg"):
+        export_figure(go.Figure(), tmp_path / "x", formats=("gif",))
+    monkeypatch.setattr("workbench.gallery.find_chromium", lambda: None)
+    with pytest.raises(ExportError, match="apt-get install chromium"):
+        export_figure(go.Figure(), tmp_path / "x")
