@@ -144,10 +144,13 @@ def demo(
     mean_nll = float(-run.next_token_logprob.mean())
     console.print(f"\n[bold]run[/]      {path}  ({run.sizes['sample']} samples, {int(run.n_tokens.sum())} tokens)")
     console.print(f"mean next-token loss: {mean_nll:.3f} nats/token")
-    layer = run.sizes["layer"] - 1
+    typical = peaks.peak_ratio.median("sample")  # per layer
+    layer = int(typical.argmax("layer"))
     console.print(
-        f"residual peak at layer {layer}: token {str(peaks.peak_token.isel(sample=0, layer=layer).values)!r}, "
-        f"{float(peaks.peak_ratio.isel(layer=layer).median()):.0f}x the median token's norm (median over samples)"
+        f"strongest residual peak: layer {layer}, where the largest norm is {float(typical[layer]):.0f}x the median "
+        f"token's (median over samples); peak token of sample 0: "
+        f"{str(peaks.peak_token.isel(sample=0, layer=layer).values)!r} at position "
+        f"{int(peaks.peak_pos.isel(sample=0, layer=layer))}"
     )
     console.print(f"[bold]gallery[/]  {len(figures)} files in {GALLERY_DIR}/")
     console.print(f"[bold]notebooks[/] `workbench lab` opens JupyterLab on {NOTEBOOKS_DIR} (start with 00_quickstart.ipynb)")
