@@ -73,3 +73,35 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     assert "nats/token" in result.output
     again = runner.invoke(app, ["demo", "--samples", "3"], terminal_width=200)  # idempotent
     assert again.exit_code == 0 and "replacing runs/demo.zarr" in again.output
+
+
+def test_lab_serves_the_notebooks_on_loopback_only():
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "lab", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(1)
+        else:
+            pytest.fail("JupyterLab did not start within 90 s")
+        listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+        ours = [line for line in listening.splitlines() if f":{port} " in line]
+        assert ours and all("127.0.0.1" in line for line in ours), ours
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

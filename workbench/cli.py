@@ -165,6 +165,8 @@ def lab(
     """Start JupyterLab on the notebooks, listening on loopback only."""
     args = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={NOTEBOOKS_DIR}", "--ip=127.0.0.1",
             f"--port={port}", "--ServerApp.open_browser=" + ("True" if browser else "False")]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        args.append("--allow-root")  # containers often run as root; Jupyter refuses without this
     console.print(" ".join(args))
     raise typer.Exit(subprocess.call(args, env=os.environ.copy()))
 

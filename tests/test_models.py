@@ -1,0 +1,91 @@
+"""Model loading: the embedded models, the tiny test model, and clear errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import workbench as wb
+from workbench.models import _cache_root
+
+
+def test_unknown_model_names_the_model_and_the_choices():
+    with pytest.raises(wb.ModelNotAvailableError) as err:
+        wb.load_model("gpt-17")
+    message = str(err.value)
+    assert "'gpt-17'" in message and "smollm2-135m" in message and "gemma3-270m" in message
+
+
+def test_hub_id_stays_offline_unless_asked():
+    with pytest.raises(wb.ModelNotAvailableError, match="allow_download=True"):
+        wb.load_model("HuggingFaceTB/SmolLM2-360M")
+
+
+def test_file_instead_of_folder(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"0")
+    with pytest.raises(wb.ModelNotAvailableError, match="folder"):
+        wb.load_model(str(f))
+
+
+def test_bad_dtype_and_device():
+    with pytest.raises(ValueError, match="bfloat16"):
+        wb.load_model("tiny-random-llama", dtype="float8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            wb.load_model("tiny-random-llama", device="cuda")
+
+
+def test_tiny_model_is_seeded():
+    a, b = wb.load_model("tiny-random-llama"), wb.load_model("tiny-random-llama")
+    for (name, pa), (_, pb) in zip(a.hf_model.named_parameters(), b.hf_model.named_parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def test_local_folder_loads(tiny, tmp_path):
+    tiny.hf_model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    handle = wb.load_model(str(tmp_path))
+    assert handle.n_layers == 2 and handle.file_hash != "unknown"
+    run = wb.capture(handle, "hello there", ["resid_pre"], progress=False)
+    expected = wb.capture(tiny, "hello there", ["resid_pre"], progress=False)
+    np.testing.assert_array_equal(run.resid_pre.values, expected.resid_pre.values)
+
+
+def test_bfloat16_capture_records_its_dtype(tiny):
+    bf16 = wb.load_model("tiny-random-llama", dtype="bfloat16")
+    run = wb.capture(bf16, "The cat sat on the mat.", ["resid_pre", "value_norm", "attn_received", "logits"],
+                     progress=False)
+    ref = wb.capture(tiny, "The cat sat on the mat.", ["resid_pre", "value_norm", "attn_received", "logits"],
+                     progress=False)
+    assert run.attrs["dtype"] == "bfloat16" and run.resid_pre.dtype == np.float32  # stored as float32
+    for name in ("resid_pre", "value_norm", "attn_received", "entropy"):
+        np.testing.assert_allclose(run[name].values, ref[name].values, rtol=0.05, atol=0.05, err_msg=name)
+
+
+@pytest.mark.real
+def test_smollm2_is_the_real_model(smollm2):
+    s = smollm2.summary()
+    assert (s["layers"], s["d_model"], s["heads"], s["kv_heads"], s["vocab"]) == (30, 576, 9, 3, 49152)
+    meta = json.loads((_cache_root() / "models" / "smollm2-135m" / "workbench.json").read_text())
+    assert smollm2.file_hash == meta["sha256"] and len(meta["sha256"]) == 64
+    text = ("The history of the city goes back more than a thousand years. It was founded on the banks of a river, "
+            "where merchants met to trade grain, wool and salt.")
+    ids = smollm2.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = smollm2.hf_model(input_ids=ids, labels=ids).loss.item()
+    assert 1.5 < loss < 4.0  # a working language model, not random weights (random: ~10.8)
+
+
+@pytest.mark.real
+def test_gemma3_is_the_real_model(gemma3):
+    s = gemma3.summary()
+    assert (s["layers"], s["d_model"], s["vocab"]) == (18, 640, 262144)
+    assert gemma3.tokenizer("hi")["input_ids"][0] == gemma3.tokenizer.bos_token_id
+
+
+def test_list_models():
+    names = [row["name"] for row in wb.list_models()]
+    assert names == ["smollm2-135m", "gemma3-270m", "tiny-random-llama"]
