@@ -87,7 +87,8 @@ def capture(
         raise ValueError(f"text(s) {empty} produced no tokens; remove them or add text.")
 
     variable_dims = {v.name: v.dims for p in probe_list for v in p.variables}
-    per_sample: list[dict[str, np.ndarray]] = [None] * len(texts)  # type: ignore[list-item]
+    width = max(len(e[0]) for e in encoded)
+    buffers = _RunBuffers(len(texts), width, model.n_layers, variable_dims)
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i][0]))
     gram = w_o_gram_getter(model)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
@@ -95,23 +96,21 @@ def capture(
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         lengths = [len(encoded[i][0]) for i in batch]
-        width = max(lengths)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        valid = torch.zeros((len(batch), width), dtype=torch.bool)
+        batch_width = max(lengths)
+        input_ids = torch.full((len(batch), batch_width), pad_id, dtype=torch.long)
+        valid = torch.zeros((len(batch), batch_width), dtype=torch.bool)
         for row, i in enumerate(batch):
             input_ids[row, : lengths[row]] = torch.tensor(encoded[i][0])
             valid[row, : lengths[row]] = True
         input_ids, valid = input_ids.to(model.device), valid.to(model.device)
         ctx = BatchContext(input_ids=input_ids, valid=valid, w_o_gram=gram, n_heads=model.n_heads, top_k=top_k)
-        collector = BatchCollector(model, probe_list, ctx)
+        collector = BatchCollector(probe_list, ctx, buffers.writer(batch))
         run_batch(backend, model, input_ids, valid.long(), collector.sites, collector)
-        values = collector.stacked(variable_dims, model.n_layers)
-        for row, i in enumerate(batch):
-            per_sample[i] = {name: _trim(v[row], variable_dims[name][1:], lengths[row]) for name, v in values.items()}
+        buffers.mask_padding(batch, lengths)
         bar.update(sum(lengths))
     bar.close()
 
-    ds = _assemble(model, texts, encoded, per_sample, variable_dims, top_k)
+    ds = _assemble(model, texts, encoded, buffers, variable_dims, top_k)
     ds.attrs.update(
         workbench_schema=SCHEMA_VERSION,
         model=model.name,
@@ -161,23 +160,70 @@ def _encode(tokenizer, text: str, add_special_tokens: bool):
     return list(enc["input_ids"]), offsets
 
 
-def _trim(value: np.ndarray, dims: tuple[str, ...], n: int) -> np.ndarray:
-    index = tuple(slice(0, n) if d in ("pos", "key_pos") else slice(None) for d in dims)
-    return value[index]
+class _RunBuffers:
+    """The run's arrays, allocated on first write, filled batch by batch in place.
+
+    Each batch writes its rows directly (one copy from the hook's tensor); padding
+    positions are then overwritten with NaN (floats) or -1 (integers).
+    """
+
+    def __init__(self, n_samples: int, width: int, n_layers: int, variable_dims: dict[str, tuple[str, ...]]):
+        self.n_samples, self.width, self.n_layers, self.dims = n_samples, width, n_layers, variable_dims
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def _array(self, name: str, value: np.ndarray) -> np.ndarray:
+        if name not in self.arrays:
+            dims = self.dims[name]
+            shape, it = [], iter(value.shape[1:])
+            for d in dims[1:]:
+                if d == "layer":
+                    shape.append(self.n_layers)
+                elif d in ("pos", "key_pos"):
+                    next(it)
+                    shape.append(self.width)
+                else:
+                    shape.append(next(it))
+            integer = np.issubdtype(value.dtype, np.integer)
+            self.arrays[name] = np.full(
+                [self.n_samples, *shape], -1 if integer else np.nan, dtype=np.int64 if integer else np.float32
+            )
+        return self.arrays[name]
+
+    def writer(self, rows: list[int]):
+        rows_index = np.asarray(rows)
+
+        def store(name: str, layer: int | None, value: np.ndarray) -> None:
+            array = self._array(name, value)
+            dims = self.dims[name]
+            index: list = [rows_index]
+            it = iter(value.shape[1:])
+            for d in dims[1:]:
+                if d == "layer":
+                    index.append(layer)
+                else:
+                    index.append(slice(0, next(it)))
+            if len(rows) == self.n_samples and (rows_index == np.arange(len(rows))).all():
+                index[0] = slice(None)  # basic indexing: writes without a temporary copy
+            array[tuple(index)] = value
+
+        return store
+
+    def mask_padding(self, rows: list[int], lengths: list[int]) -> None:
+        for row, n in zip(rows, lengths):
+            for name, array in self.arrays.items():
+                fill = -1 if np.issubdtype(array.dtype, np.integer) else np.nan
+                dims = self.dims[name][1:]
+                for axis, d in enumerate(dims):
+                    if d in ("pos", "key_pos"):
+                        index = [row] + [slice(None)] * len(dims)
+                        index[axis + 1] = slice(n, None)
+                        array[tuple(index)] = fill
 
 
-def _assemble(model, texts, encoded, per_sample, variable_dims, top_k) -> xr.Dataset:
+def _assemble(model, texts, encoded, buffers: _RunBuffers, variable_dims, top_k) -> xr.Dataset:
     n_samples = len(texts)
     width = max(len(e[0]) for e in encoded)
-    data_vars = {}
-    for name, dims in variable_dims.items():
-        first = per_sample[0][name]
-        shape = [n_samples] + [width if d in ("pos", "key_pos") else s for d, s in zip(dims[1:], first.shape)]
-        integer = np.issubdtype(first.dtype, np.integer)
-        full = np.full(shape, -1 if integer else np.nan, dtype=np.int64 if integer else np.float32)
-        for i, value in enumerate(per_sample):
-            full[(i,) + tuple(slice(0, s) for s in value[name].shape)] = value[name]
-        data_vars[name] = (dims, full)
+    data_vars = {name: (dims, buffers.arrays[name]) for name, dims in variable_dims.items()}
 
     token_id = np.full((n_samples, width), -1, dtype=np.int64)
     byte_start = np.zeros((n_samples, width), dtype=np.int64)

@@ -49,6 +49,7 @@ class ModelHandle:
     file_hash: str
     hub_id: str | None = None
     _bridge: object | None = field(default=None, repr=False)
+    _nnsight: dict = field(default_factory=dict, repr=False)
 
     @property
     def config(self):

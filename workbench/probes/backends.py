@@ -54,12 +54,15 @@ def _first(x):
     return x[0] if isinstance(x, tuple) else x
 
 
-def _nnsight_model(handle: ModelHandle):
-    if getattr(handle, "_nnsight", None) is None:
+def _nnsight_model(handle: ModelHandle, with_head: bool):
+    """nnsight envelope of the causal LM, or of its base model when no logits are wanted
+    (skipping the unembedding saves its (batch x pos x vocab) product and memory)."""
+    cache = handle._nnsight
+    if with_head not in cache:
         from nnsight import NNsight
 
-        handle._nnsight = NNsight(handle.hf_model)
-    return handle._nnsight
+        cache[with_head] = NNsight(handle.hf_model if with_head else handle.hf_model.model)
+    return cache[with_head]
 
 
 def _run_nnsight(handle, input_ids, attention_mask, sites, on_site) -> None:
@@ -69,11 +72,13 @@ def _run_nnsight(handle, input_ids, attention_mask, sites, on_site) -> None:
             f"attn_out/mlp_out probes do not know where {handle.architecture!r} adds its sublayer outputs; "
             f"supported: {', '.join(_HF_UPDATE_MODULES)}."
         )
-    model = _nnsight_model(handle)
+    with_head = "logits" in sites
+    model = _nnsight_model(handle, with_head)
+    base = model.model if with_head else model
     b, p = input_ids.shape
     with torch.no_grad(), model.trace(input_ids=input_ids, attention_mask=attention_mask, use_cache=False):
         # nnsight hands out module values in execution order, so read them in that order.
-        for layer_idx, layer in enumerate(model.model.layers):
+        for layer_idx, layer in enumerate(base.layers):
             if "resid_pre" in sites:
                 on_site("resid_pre", layer_idx, layer.input)
             if "values" in sites:
@@ -94,7 +99,7 @@ def _run_nnsight(handle, input_ids, attention_mask, sites, on_site) -> None:
             if "resid_post" in sites:
                 on_site("resid_post", layer_idx, _first(layer.output))
         if "final_norm" in sites:
-            on_site("final_norm", None, model.model.norm.output)
+            on_site("final_norm", None, base.norm.output)
         if "logits" in sites:
             on_site("logits", None, model.lm_head.output)
 

@@ -83,12 +83,13 @@ def attention_received(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tens
     attention-sink score averaged over queries > 0 (Guo et al., "Active-Dormant
     Attention Heads"). Dims: (b, head, q, k) -> (b, head, k).
     """
-    n = weights.shape[-1]
-    later = torch.ones(n, n, dtype=torch.bool, device=weights.device).tril(-1)  # [q, k]: q > k
-    mask = (later.unsqueeze(0) & valid.unsqueeze(-1)).to(weights.dtype)  # (b, q, k)
-    total = torch.einsum("bhqk,bqk->bhk", weights, mask)
-    count = mask.sum(dim=1).unsqueeze(1)  # (b, 1, k)
-    return total / count  # 0/0 -> NaN where no later query
+    # Causal attention is zero above the diagonal, so the sum over queries after the key is
+    # the column sum over valid queries minus the key's attention to itself.
+    valid_f = valid.to(weights.dtype)
+    column = torch.einsum("bhqk,bq->bhk", weights, valid_f)
+    diagonal = weights.diagonal(dim1=-2, dim2=-1) * valid_f.unsqueeze(1)
+    count = (valid_f.flip(-1).cumsum(-1).flip(-1) - valid_f).unsqueeze(1)  # valid queries after each key
+    return (column - diagonal) / count  # 0/0 -> NaN where no later query
 
 
 def value_norms(values: torch.Tensor, w_o_gram: torch.Tensor, n_heads: int) -> torch.Tensor:

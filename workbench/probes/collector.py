@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
 from ..models import ModelHandle
 from .catalog import BatchContext, Probe
 
+# (variable name, layer or None, reduced batch value as numpy) -> None
+Store = Callable[[str, "int | None", np.ndarray], None]
+
 
 class BatchCollector:
-    """Receives ``(site, layer, tensor)`` from a backend and keeps only the probes' reductions."""
+    """Receives ``(site, layer, tensor)`` from a backend and hands on only the probes' reductions.
 
-    def __init__(self, handle: ModelHandle, probes: list[Probe], ctx: BatchContext):
-        self.handle = handle
+    Values go to ``store`` as soon as they are reduced, so no full activation outlives
+    its hook; on the CPU the numpy array shares the tensor's memory (no copy).
+    """
+
+    def __init__(self, probes: list[Probe], ctx: BatchContext, store: Store):
         self.ctx = ctx
+        self.store = store
         self.by_site: dict[str, list[Probe]] = {}
         for probe in probes:
             self.by_site.setdefault(probe.site, []).append(probe)
-        self.per_layer: dict[str, dict[int, np.ndarray]] = {}
-        self.global_vars: dict[str, np.ndarray] = {}
 
     @property
     def sites(self) -> set[str]:
@@ -29,23 +36,7 @@ class BatchCollector:
         for probe in self.by_site.get(site, ()):
             for name, value in probe.reduce(tensor.detach(), self.ctx, layer).items():
                 value = value.cpu()
-                value = value.numpy() if not value.is_floating_point() else value.float().numpy()
-                if layer is None:
-                    self.global_vars[name] = value
-                else:
-                    self.per_layer.setdefault(name, {})[layer] = value
-
-    def stacked(self, variable_dims: dict[str, tuple[str, ...]], n_layers: int) -> dict[str, np.ndarray]:
-        """All variables of the batch, per-layer ones stacked on the axis where ``layer`` sits."""
-        out = dict(self.global_vars)
-        for name, layers in self.per_layer.items():
-            missing = sorted(set(range(n_layers)) - set(layers))
-            if missing:
-                raise RuntimeError(f"backend produced no {name!r} for layers {missing}")
-            # the reduction's output lacks the layer dim (and the sample dim is the batch)
-            axis = variable_dims[name].index("layer")
-            out[name] = np.stack([layers[i] for i in range(n_layers)], axis=axis)
-        return out
+                self.store(name, layer, value.numpy() if not value.is_floating_point() else value.float().numpy())
 
 
 def w_o_gram_getter(handle: ModelHandle):
