@@ -16,6 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 
 CORPORA = {"pydoc": "pydoc_topics.jsonl"}
+DOMAINS = ("prose", "code", "math", "repeated")
 
 
 def load_corpus(name: str = "pydoc") -> list[dict]:
@@ -43,6 +44,18 @@ def paragraphs(name: str = "pydoc", *, min_chars: int = 200, max_chars: int = 12
                 text = text[: cut + 1] if cut > min_chars else text[:max_chars]
             out.append(text)
     return out
+
+
+def domain_samples() -> dict[str, list[str]]:
+    """Four short real samples for each input domain: prose, code, math, repeated text.
+
+    Sources (``workbench/data/domains.json``): prose from the bundled pydoc corpus; code
+    from CPython 3.11.7 standard-library functions (PSF License); arithmetic facts made
+    with ``random.Random(0)``; a corpus sentence repeated four times. Used to tell
+    active from dormant attention heads, which differ by domain.
+    """
+    data = json.loads(files("workbench").joinpath("data", "domains.json").read_text(encoding="utf-8"))
+    return {domain: data[domain] for domain in DOMAINS}
 
 
 def read_text_file(path: str | Path) -> list[str]:
