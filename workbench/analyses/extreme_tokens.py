@@ -176,6 +176,17 @@ def massive_activations(
     )
 
 
+def max_abs_activation(run: xr.Dataset, variable: str = "resid_pre") -> xr.DataArray:
+    """Largest |a| of each feature dimension per layer, over samples and valid positions.
+
+    The massive-activation map of Sun et al. (2024). Dims: -> (layer, d_model).
+    """
+    hidden = require(run, variable)
+    result = np.abs(hidden).where(run["valid"]).max(("sample", "pos"))
+    result.name = "max_abs_activation"
+    return result
+
+
 def massive_dimensions(entries: xr.Dataset, n_samples: int) -> xr.Dataset:
     """Per feature dimension: in how many samples it is massive, its largest |value| and tokens.
 
@@ -387,8 +398,9 @@ def first_token_attention_scaling(
     Reports mean NLL (nats/token) and mean attention entropy of the scaled layers.
     Dims: -> loss, entropy (group, scale).
     """
-    n = handle.n_layers
-    groups = groups or {"early": range(0, n // 3), "middle": range(n // 3, 2 * n // 3), "late": range(2 * n // 3, n)}
+    if groups is None:
+        thirds = np.array_split(np.arange(handle.n_layers), 3)
+        groups = {name: [int(x) for x in part] for name, part in zip(("early", "middle", "late"), thirds) if len(part)}
     ids, mask = _batch(handle, texts)
     loss = np.zeros((len(groups), len(scales)))
     entropy = np.zeros_like(loss)

@@ -1,6 +1,30 @@
 """Plots: plotly figures from analysis results. No metric is computed here."""
 
+from .extreme_tokens import (
+    condition_bars,
+    head_state_map,
+    massive_activation_map,
+    massive_activation_profile,
+    scaling_curves,
+    sink_score_by_domain,
+    sink_score_heatmap,
+    value_norm_vs_attention,
+)
 from .residual_norms import residual_norm_by_position, residual_norm_heatmap, residual_norm_profile
 from .theme import COLUMN_WIDTH_PX, publication_layout
 
-__all__ = ["COLUMN_WIDTH_PX", "publication_layout", "residual_norm_by_position", "residual_norm_heatmap", "residual_norm_profile"]
+__all__ = [
+    "COLUMN_WIDTH_PX",
+    "condition_bars",
+    "head_state_map",
+    "massive_activation_map",
+    "massive_activation_profile",
+    "publication_layout",
+    "residual_norm_by_position",
+    "residual_norm_heatmap",
+    "residual_norm_profile",
+    "scaling_curves",
+    "sink_score_by_domain",
+    "sink_score_heatmap",
+    "value_norm_vs_attention",
+]

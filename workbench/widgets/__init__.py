@@ -1,5 +1,6 @@
 """Widgets: sliders and selectors that redraw plots from results already computed. No science here."""
 
+from .extreme_tokens import ExtremeTokenExplorer
 from .residual_norms import ResidualNormExplorer
 
-__all__ = ["ResidualNormExplorer"]
+__all__ = ["ExtremeTokenExplorer", "ResidualNormExplorer"]

@@ -11,9 +11,10 @@ import xarray as xr
 from ..analyses import residual_norms
 from ..gallery import export_figure
 from ..plots import residual_norm_by_position, residual_norm_profile
+from .base import Explorer
 
 
-class ResidualNormExplorer:
+class ResidualNormExplorer(Explorer):
     """Residual norm per token at the chosen layer, and across layers for the chosen prompt.
 
     ``explorer = ResidualNormExplorer(run); explorer`` in a notebook shows it;
@@ -30,19 +31,15 @@ class ResidualNormExplorer:
         )
         self.layer = widgets.IntSlider(value=n_layers // 2, min=0, max=n_layers - 1, description="layer",
                                        continuous_update=True)
-        self.export_path = widgets.Text(value="figures/residual_norms", description="export to")
-        self.export_button = widgets.Button(description="Export view", icon="download")
-        self.status = widgets.HTML()
         self.bars = go.FigureWidget(self._bars_figure())
         self.profile = go.FigureWidget(self._profile_figure())
         self.prompt.observe(self._redraw, names="value")
         self.layer.observe(self._redraw, names="value")
-        self.export_button.on_click(lambda _: self._export_clicked())
         self.view = widgets.VBox(
             [
                 widgets.HBox([self.prompt, self.layer]),
                 widgets.HBox([self.bars, self.profile]),
-                widgets.HBox([self.export_path, self.export_button, self.status]),
+                self._export_controls("figures/residual_norms"),
             ]
         )
 
@@ -63,13 +60,3 @@ class ResidualNormExplorer:
     def export(self, path_stem: str | Path, formats=("svg", "pdf", "png")) -> list[Path]:
         """Write the current bar view to ``path_stem`` in each format (publication theme)."""
         return export_figure(go.Figure(self.bars), path_stem, formats=formats)
-
-    def _export_clicked(self) -> None:
-        try:
-            written = self.export(self.export_path.value)
-            self.status.value = "wrote " + ", ".join(str(p) for p in written)
-        except Exception as err:  # shown to the user, not raised into the event loop
-            self.status.value = f"<b>export failed</b>: {err}"
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.view._repr_mimebundle_(**kwargs)

@@ -1,0 +1,98 @@
+"""Extreme-token figures and the explorer, driven headless."""
+
+import numpy as np
+import pytest
+
+import workbench as wb
+from workbench.analyses import extreme_tokens as et
+from workbench.plots import (
+    condition_bars,
+    head_state_map,
+    massive_activation_map,
+    massive_activation_profile,
+    scaling_curves,
+    sink_score_by_domain,
+    sink_score_heatmap,
+    value_norm_vs_attention,
+)
+from workbench.widgets import ExtremeTokenExplorer
+
+from .conftest import PROSE
+
+
+@pytest.fixture(scope="module")
+def run(tiny):
+    run = wb.capture(tiny, PROSE, ["resid_pre", "attn_pattern", "attn_received", "value_norm"], progress=False)
+    return run.assign_coords(domain=("sample", ["prose", "prose", "chat", "chat"]))
+
+
+def test_figures_carry_the_analysis_values(run):
+    sink = et.sink_scores(run)
+    fig = sink_score_heatmap(sink.mean("sample"))
+    np.testing.assert_allclose(fig.data[0].z, sink.mean("sample").transpose("layer", "head").values)
+    by_domain = sink.groupby("domain").mean()
+    fig = sink_score_by_domain(by_domain)
+    assert [a.text for a in fig.layout.annotations] == ["chat", "prose"]
+    one = run.isel(sample=0).sel(layer=1)
+    fig = value_norm_vs_attention(one.attn_received, one.value_norm, one.token)
+    n = int(run.n_tokens[0])
+    assert len(fig.data[1].x) == run.sizes["head"]  # one first-token point per head
+    assert len(fig.data[0].x) == run.sizes["head"] * (n - 1)
+    max_abs = et.max_abs_activation(run)
+    np.testing.assert_allclose(massive_activation_map(max_abs).data[0].z, np.log10(max_abs.values))
+    assert len(massive_activation_profile(max_abs, [0, 3]).data) == 3
+
+
+def test_intervention_figures(tiny):
+    texts = {"a": PROSE[:2], "b": PROSE[2:]}
+    effects = et.head_ablation_effects(tiny, texts, progress=False)
+    labels = et.classify_heads(et.sink_scores(wb.capture(tiny, PROSE, ["attn_received"], progress=False)
+                                              .assign_coords(domain=("sample", ["a", "a", "b", "b"])))
+                               .groupby("domain").mean(), effects)
+    fig = head_state_map(effects, labels)
+    np.testing.assert_allclose(fig.data[0].z, effects.delta_loss.sel(mode="zero", domain="a").values)
+    sweep = et.first_token_attention_scaling(tiny, PROSE[:2], scales=(0.5, 1.0, 2.0))
+    fig = scaling_curves(sweep)
+    assert len(fig.data) == 2 * sweep.sizes["group"]
+    streaming = et.streaming_perplexity(tiny, " ".join(PROSE), window=8, n_sink=2)
+    fig = condition_bars(streaming, "perplexity", "StreamingLLM", "perplexity")
+    np.testing.assert_allclose(fig.data[0].y, streaming.perplexity.values)
+
+
+def test_explorer_head_click_domain_and_sink_toggle(run, tmp_path):
+    explorer = ExtremeTokenExplorer(run)
+    explorer.layer.value = 1
+    explorer.prompt.value = 1
+    explorer.select_head(3)
+    n = int(run.n_tokens[1])
+    np.testing.assert_allclose(explorer.pattern.data[0].z, run.attn_pattern.isel(sample=1).sel(layer=1, head=3).values[:n, :n])
+    assert explorer.pattern.layout.title.text == "layer 1 head 3, prompt 1"
+    explorer.domain.value = "chat"
+    assert [v for _, v in explorer.prompt.options] == [2, 3]
+    expected_grid = et.sink_scores(run).isel(sample=[2, 3]).sel(layer=1).mean("sample").values
+    np.testing.assert_allclose(explorer.grid.data[0].z[0], expected_grid)
+    full = len(explorer.bars.data[0].x)
+    explorer.exclude_sink.value = True
+    assert len(explorer.bars.data[0].x) == full - 1 and explorer.bars.data[0].x[0] == 1
+    explorer._grid_clicked(None, type("Points", (), {"xs": [2]})(), None)  # what a click on head 2 sends
+    assert explorer.head.value == 2
+    paths = explorer.export(tmp_path / "pattern", formats=("svg",))
+    assert paths[0].read_text().lstrip().startswith("<svg")
+
+
+def test_explorer_loads_patterns_lazily(tiny):
+    run = wb.capture(tiny, PROSE[:2], ["attn_received"], progress=False)
+    calls = []
+
+    def source(sample, layer):
+        calls.append((sample, layer))
+        one = wb.capture(tiny, str(run.text.values[sample]), ["attn_pattern"], progress=False)
+        return one.attn_pattern.isel(sample=0).sel(layer=layer).values
+
+    explorer = ExtremeTokenExplorer(run, pattern_source=source)
+    explorer.head.value = 1
+    explorer.layer.value = 0
+    explorer.layer.value = 1
+    assert calls == [(0, 1), (0, 0)]  # each (prompt, layer) computed once
+    with pytest.raises(ValueError, match="attn_pattern"):
+        ExtremeTokenExplorer(run)

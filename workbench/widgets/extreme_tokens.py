@@ -1,0 +1,136 @@
+"""Explore attention sinks: layer slider, head grid, domain and prompt selectors, sink toggle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ipywidgets as widgets
+import numpy as np
+import plotly.graph_objects as go
+import xarray as xr
+
+from ..analyses.extreme_tokens import sink_scores
+from ..gallery import export_figure
+from .base import Explorer
+
+
+class ExtremeTokenExplorer(Explorer):
+    """Head grid of sink scores at the chosen layer; click a head to see its attention pattern.
+
+    ``run`` needs ``attn_received``; attention patterns come from the run's
+    ``attn_pattern`` when captured, else from ``pattern_source(sample, layer)`` -> a
+    (head, pos, key_pos) array, called lazily and cached (e.g. a one-prompt capture).
+    A ``domain`` coordinate on ``sample`` enables the domain selector. The toggle
+    "exclude sink" leaves key 0 out of the mean-attention bars.
+    """
+
+    def __init__(self, run: xr.Dataset, pattern_source=None):
+        if "attn_pattern" not in run and pattern_source is None:
+            raise ValueError("the explorer needs attention patterns: capture the 'attn_pattern' probe "
+                             "or pass pattern_source=lambda sample, layer: ...")
+        self.run = run
+        self.sink = sink_scores(run).load()
+        self.received = run["attn_received"].load()
+        self._pattern_source = pattern_source
+        self._patterns: dict[tuple[int, int], np.ndarray] = {}
+        domains = ["all"] + (sorted(set(map(str, run["domain"].values))) if "domain" in run.coords else [])
+        self.domain = widgets.Dropdown(options=domains, value="all", description="domain")
+        self.prompt = widgets.Dropdown(description="prompt")
+        self.layer = widgets.IntSlider(value=run.sizes["layer"] // 2, min=0, max=run.sizes["layer"] - 1,
+                                       description="layer")
+        self.head = widgets.BoundedIntText(value=0, min=0, max=run.sizes["head"] - 1, description="head")
+        self.exclude_sink = widgets.Checkbox(value=False, description="exclude sink (key 0) from averages")
+        self._set_prompt_options()
+        self.grid = go.FigureWidget(go.Heatmap(zmin=0, zmax=1, colorscale="Magma", showscale=False))
+        self.grid.update_layout(height=140, title="sink score per head (click one)", xaxis_title="head",
+                                yaxis=dict(showticklabels=False), margin=dict(t=30, b=30, l=10, r=10))
+        self.pattern = go.FigureWidget(go.Heatmap(colorscale="Blues", zmin=0))
+        self.pattern.update_layout(height=380, xaxis_title="key", yaxis_title="query", yaxis_autorange="reversed")
+        self.bars = go.FigureWidget(go.Bar(marker_color="#3b6ea8"))
+        self.bars.update_layout(height=380, xaxis_title="key position", yaxis_title="mean attention received")
+        self.grid.data[0].on_click(self._grid_clicked)
+        self.domain.observe(self._domain_changed, names="value")
+        for control in (self.prompt, self.layer, self.head, self.exclude_sink):
+            control.observe(self.redraw, names="value")
+        self.view = widgets.VBox([
+            widgets.HBox([self.domain, self.prompt]),
+            widgets.HBox([self.layer, self.head, self.exclude_sink]),
+            self.grid,
+            widgets.HBox([self.pattern, self.bars]),
+            self._export_controls("figures/attention_pattern"),
+        ])
+        self.redraw()
+
+    # ---------------------------------------------------------------- state
+
+    def _samples(self) -> list[int]:
+        if self.domain.value == "all":
+            return list(range(self.run.sizes["sample"]))
+        return [i for i, d in enumerate(self.run["domain"].values) if str(d) == self.domain.value]
+
+    def _set_prompt_options(self) -> None:
+        texts = self.run["text"].values
+        samples = self._samples()
+        self.prompt.options = [(f"{i}: {str(texts[i])[:50]}", i) for i in samples]
+        if self.prompt.value not in samples:
+            self.prompt.value = samples[0]
+
+    def _domain_changed(self, _change=None) -> None:
+        self._set_prompt_options()
+        self.redraw()
+
+    def select_head(self, head: int) -> None:
+        self.head.value = int(head)
+
+    def _grid_clicked(self, trace, points, state) -> None:
+        if points.xs:
+            self.select_head(points.xs[0])
+
+    def pattern_for(self, sample: int, layer: int) -> np.ndarray:
+        """(head, pos, key_pos) attention of one prompt and layer, trimmed to its tokens."""
+        key = (sample, layer)
+        if key not in self._patterns:
+            n = int(self.run["n_tokens"].values[sample])
+            if "attn_pattern" in self.run:
+                values = self.run["attn_pattern"].isel(sample=sample).sel(layer=layer).values
+            else:
+                values = np.asarray(self._pattern_source(sample, layer))
+            self._patterns[key] = values[:, :n, :n]
+        return self._patterns[key]
+
+    # ---------------------------------------------------------------- drawing
+
+    def redraw(self, _change=None) -> None:
+        sample, layer, head = self.prompt.value, self.layer.value, self.head.value
+        if sample is None:
+            return
+        samples = self._samples()
+        grid = self.sink.isel(sample=samples).sel(layer=layer).mean("sample").values[None, :]
+        n = int(self.run["n_tokens"].values[sample])
+        tokens = [f"{p}:{str(t)!r}" for p, t in enumerate(self.run["token"].values[sample][:n])]
+        pattern = self.pattern_for(sample, layer)[head]
+        received = self.received.isel(sample=sample).sel(layer=layer).mean("head").values[:n]
+        keys = np.arange(n)
+        if self.exclude_sink.value:
+            received, keys, bar_tokens = received[1:], keys[1:], tokens[1:]
+        else:
+            bar_tokens = tokens
+        with self.grid.batch_update():
+            self.grid.data[0].z = grid
+            self.grid.data[0].x = list(range(grid.shape[1]))
+            self.grid.layout.title.text = f"sink score per head, layer {layer} ({self.domain.value}); click a head"
+        with self.pattern.batch_update():
+            self.pattern.data[0].z = pattern
+            self.pattern.data[0].x = tokens
+            self.pattern.data[0].y = tokens
+            self.pattern.layout.title.text = f"layer {layer} head {head}, prompt {sample}"
+        with self.bars.batch_update():
+            self.bars.data[0].x = keys
+            self.bars.data[0].y = received
+            self.bars.data[0].hovertext = bar_tokens
+            suffix = " (sink excluded)" if self.exclude_sink.value else ""
+            self.bars.layout.title.text = f"mean over heads, layer {layer}{suffix}"
+
+    def export(self, path_stem: str | Path, formats=("svg", "pdf", "png")) -> list[Path]:
+        """Write the current attention pattern view (publication theme)."""
+        return export_figure(go.Figure(self.pattern), path_stem, formats=formats, columns="one", height=252)
