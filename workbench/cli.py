@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -103,10 +102,88 @@ def gallery(
         if not run.exists():
             raise FileNotFoundError(f"no run at {run}; `workbench demo` writes {DEMO_RUN}.")
         written = write_residual_norm_gallery(wb.open_run(run), out)
+        studies = sorted(p.name for p in EXTREME_TOKENS_DIR.glob("*") if (p / "run.zarr").exists())
+        if studies:
+            written += _write_extreme_token_gallery(studies, out)
     except _user_errors() as err:
         _fail(err)
     for path in written:
         console.print(f"  {path}")
+
+
+EXTREME_TOKENS_DIR = Path("runs/extreme_tokens")
+
+
+@app.command("extreme-tokens")
+def extreme_tokens(
+    models: list[str] = typer.Option(["smollm2-135m", "gemma3-270m"], "--model", help="Repeat for several models."),
+    layers: Optional[str] = typer.Option(None, "--ablation-layers", help="e.g. '0-5' or '2,7'; default all layers."),
+    recompute: bool = typer.Option(False, "--recompute", help="Recompute and replace saved results."),
+    out: Path = typer.Option(GALLERY_DIR, "--out", help="Gallery folder for figures and the table."),
+) -> None:
+    """Attention sinks, value drains, residual peaks, massive activations, active/dormant heads: per model.
+
+    Results are saved under runs/extreme_tokens/MODEL and reused unless --recompute; the
+    figures go to GALLERY/extreme_tokens/MODEL and the table to GALLERY/extreme_tokens.md.
+    """
+    import workbench as wb
+
+    from .studies import extreme_tokens as study
+
+    try:
+        chosen = _parse_layers(layers)
+        for name in models:
+            folder = EXTREME_TOKENS_DIR / name
+            if folder.exists() and not recompute:
+                console.print(f"{name}: using saved results in {folder} (--recompute to redo)")
+                continue
+            handle = wb.load_model(name)
+            if folder.exists():
+                import shutil
+
+                shutil.rmtree(folder)
+            study.run_study(handle, folder, ablation_layers=chosen)
+        written = _write_extreme_token_gallery(models, out)
+    except _user_errors() as err:
+        _fail(err)
+    console.print(f"{len(written)} figures under {out / 'extreme_tokens'}; table in {out / 'extreme_tokens.md'}")
+
+
+def _parse_layers(spec: Optional[str]):
+    if not spec:
+        return None
+    layers = []
+    for part in spec.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            layers += list(range(int(a), int(b) + 1))
+        else:
+            layers.append(int(part))
+    return layers
+
+
+def _write_extreme_token_gallery(models: list[str], out: Path) -> list[Path]:
+    from .studies import extreme_tokens as study
+
+    written, rows = [], []
+    for name in models:
+        folder = EXTREME_TOKENS_DIR / name
+        if not (folder / "run.zarr").exists():
+            raise FileNotFoundError(f"no saved extreme-token study for {name}; run `workbench extreme-tokens --model {name}`.")
+        written += study.write_figures(folder, out / "extreme_tokens" / name)
+        rows.append(study.summary(folder))
+    table = study.markdown_table(rows)
+    figures = "\n".join(f"- {name}: " + ", ".join(f"[{p.stem}](extreme_tokens/{name}/{p.name})"
+                                                   for p in sorted((out / "extreme_tokens" / name).glob("*.svg")))
+                        for name in models)
+    (out / "extreme_tokens.md").write_text(
+        "# Extreme-token phenomena in the embedded models\n\n"
+        "Produced by `workbench extreme-tokens` from the bundled domain samples (prose, code, math, repeated);\n"
+        "regenerate the figures from saved results with `workbench gallery`.\n\n"
+        f"{table}\n\n## Figures\n\n{figures}\n"
+    )
+    console.print(table)
+    return written
 
 
 @app.command()
@@ -168,7 +245,8 @@ def lab(
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         args.append("--allow-root")  # containers often run as root; Jupyter refuses without this
     console.print(" ".join(args))
-    raise typer.Exit(subprocess.call(args, env=os.environ.copy()))
+    sys.stdout.flush()
+    os.execv(sys.executable, args)  # become JupyterLab: Ctrl-C and signals reach it directly
 
 
 if __name__ == "__main__":

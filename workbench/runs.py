@@ -42,15 +42,40 @@ def save_run(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Pa
     path = Path(path).expanduser()
     fmt = _format(path)
     validate_run(ds)
+    ds = ds.assign_attrs({CHECKSUMS_ATTR: json.dumps(_checksums(ds))})
+    return _atomic_write(ds, path, fmt, overwrite)
+
+
+def save_result(ds: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write an analysis result (any Dataset, not a run) to ``.nc`` or ``.zarr``, atomically."""
+    path = Path(path).expanduser()
+    return _atomic_write(ds, path, _format(path), overwrite)
+
+
+def open_result(path: str | Path) -> xr.Dataset:
+    """Read an analysis result written by :func:`save_result` into memory."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no result at {path}.")
+    try:
+        if _format(path) == "zarr":
+            return xr.open_zarr(path).load()
+        with xr.open_dataset(path, engine="h5netcdf") as ds:
+            return ds.load()
+    except Exception as err:  # damaged or foreign file
+        raise InvalidRunError(f"{path} could not be read as a result ({type(err).__name__}: {err}).") from err
+
+
+def _atomic_write(ds: xr.Dataset, path: Path, fmt: str, overwrite: bool) -> Path:
+    """Write beside the target, then rename into place: never a half-written file at ``path``."""
     if path.exists() and not overwrite:
         raise RunExistsError(f"{path} already exists; choose another path or pass overwrite=True to replace it.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     except OSError as err:
-        raise PermissionError(f"cannot write a run under {path.parent}: {err.strerror}; pick a writable folder.") from err
+        raise PermissionError(f"cannot write under {path.parent}: {err.strerror}; pick a writable folder.") from err
     tmp = tmp_dir / path.name
-    ds = ds.assign_attrs({CHECKSUMS_ATTR: json.dumps(_checksums(ds))})
     try:
         if fmt == "zarr":
             # zarr format 2: a stable spec for fixed-width strings and consolidated metadata
