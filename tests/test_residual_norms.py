@@ -68,3 +68,10 @@ def test_missing_probe_names_the_probe(tiny):
     with pytest.raises(MissingProbeError, match="probes=\\['resid_pre'") as err:
         residual_norms(run)
     assert "workbench capture --probes resid_pre" in str(err.value)
+
+
+def test_norms_reduced_during_capture_equal_norms_of_stored_residuals(tiny):
+    full = wb.capture(tiny, PROSE, ["resid_pre"], progress=False)
+    reduced = wb.capture(tiny, PROSE, ["resid_norm"], progress=False)
+    assert "resid_pre" not in reduced
+    np.testing.assert_allclose(residual_norms(reduced).values, residual_norms(full).values, rtol=1e-5)

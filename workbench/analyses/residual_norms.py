@@ -15,9 +15,15 @@ from .common import require
 def residual_norms(run: xr.Dataset, variable: str = "resid_pre") -> xr.DataArray:
     """L2 norm of the residual stream, ``||h_{l,p}||_2`` over ``d_model``.
 
-    ``variable``: ``resid_pre`` (entering each layer) or ``resid_post`` (leaving it).
+    ``variable``: ``resid_pre`` (entering each layer) or ``resid_post`` (leaving it). A run
+    with only the ``resid_norm`` probe (norms reduced during capture) serves ``resid_pre``.
     Dims: (sample, pos, layer, d_model) -> (sample, pos, layer); NaN on padding.
     """
+    if variable == "resid_pre" and variable not in run and "resid_norm" in run:
+        norms = run["resid_norm"].astype("float64").where(run["valid"])
+        norms.name = "residual_norm"
+        norms.attrs.update(long_name="||resid_pre||_2", source_variable="resid_norm")
+        return norms
     resid = require(run, variable)
     norms = (resid.astype("float64") ** 2).sum("d_model", skipna=False) ** 0.5
     norms = norms.where(run["valid"])

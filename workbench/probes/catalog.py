@@ -129,6 +129,10 @@ def logit_summaries(
     }
 
 
+def _reduce_resid_norm(x, ctx, layer):
+    return {"resid_norm": x.float().norm(dim=-1)}
+
+
 def _reduce_attn_received(x, ctx, layer):
     return {"attn_received": attention_received(x, ctx.valid)}
 
@@ -155,6 +159,10 @@ PROBES: dict[str, Probe] = {
         Probe(
             "resid_post", "resid_post", "residual stream leaving each layer (before the final norm)",
             (Variable("resid_post", _RESID_DIMS, "residual stream leaving layer"),), _identity("resid_post"),
+        ),
+        Probe(
+            "resid_norm", "resid_pre", "L2 norm of the residual entering each layer (residual peaks, no d_model stored)",
+            (Variable("resid_norm", ("sample", "pos", "layer"), "||resid_pre||_2"),), _reduce_resid_norm,
         ),
         Probe(
             "final_norm", "final_norm", "output of the final norm (HF hidden_states[-1])",
