@@ -137,12 +137,7 @@ def extreme_tokens(
             if folder.exists() and not recompute:
                 console.print(f"{name}: using saved results in {folder} (--recompute to redo)")
                 continue
-            handle = wb.load_model(name)
-            if folder.exists():
-                import shutil
-
-                shutil.rmtree(folder)
-            study.run_study(handle, folder, ablation_layers=chosen)
+            study.run_study(wb.load_model(name), folder, ablation_layers=chosen, overwrite=recompute)
         written = _write_extreme_token_gallery(models, out)
     except _user_errors() as err:
         _fail(err)

@@ -8,6 +8,7 @@ table regenerate without the model.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,17 @@ def _massive_source(run: xr.Dataset) -> tuple[int, list[int]]:
 def run_study(
     model: ModelHandle, folder: str | Path, *, ablation_layers=None, overwrite: bool = False, progress: bool = True
 ) -> Path:
-    """Capture the domain samples and run every intervention; save all of it under ``folder``."""
-    folder = Path(folder)
+    """Capture the domain samples and run every intervention; save all of it under ``folder``.
+
+    Everything is written to ``folder.partial`` first and renamed when complete, so an
+    interrupted study never passes for a finished one.
+    """
+    final = Path(folder)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already holds a study; pass overwrite=True (CLI: --recompute) to redo it.")
+    folder = final.with_name(final.name + ".partial")
+    if folder.exists():
+        shutil.rmtree(folder)  # the leftovers of an interrupted study
     run = capture_domains(model, progress=progress)
     save_run(run, folder / "run.zarr", overwrite=overwrite)
     samples = domain_samples()
@@ -74,7 +84,10 @@ def run_study(
     if dims:
         massive = et.massive_activation_intervention(model, samples["prose"] + samples["code"], layer, dims)
         save_result(massive, folder / "massive_intervention.nc", overwrite=overwrite)
-    return folder
+    if final.exists():
+        shutil.rmtree(final)
+    folder.rename(final)
+    return final
 
 
 def load_study(folder: str | Path) -> dict[str, xr.Dataset]:
