@@ -27,6 +27,9 @@ def publication_layout(fig: go.Figure, *, columns: str = "one", height: int | No
         margin=dict(l=44, r=8, t=26, b=36),
         legend=dict(font_size=8, bgcolor="rgba(255,255,255,0.6)"),
     )
+    if fig.layout.annotations:  # subplot titles: theme-sized, with room under the figure title
+        fig.update_annotations(font_size=9)
+        fig.update_layout(margin_t=40)
     fig.update_xaxes(ticks="outside", ticklen=3, title_standoff=4)
     fig.update_yaxes(ticks="outside", ticklen=3, title_standoff=4)
     return fig
