@@ -7,37 +7,48 @@ Run from the repository root:
 
 On the embedded SmolLM2-135M (``wb.load_model()``: eager attention, float32), with
 identical inputs -- ``--batch`` sequences of exactly ``--tokens`` tokens of real text,
-no padding -- it times, in one process and round-robin (one call of each method per
-round, after one untimed warm-up round):
+no padding -- it times, in one process, interleaved: after one untimed warm-up round,
+each round calls every method once, in a seeded shuffled order (so no method always
+follows the same one: TL's multi-GB cache slows whatever comes next). The machine this
+was written for is shared, so each call also records how much of the CPU *other*
+processes used meanwhile (from /proc/stat); a call is "quiet" under ``--quiet`` (10%),
+rounds go on until every method has ``--repeats`` quiet calls (or ``--max-rounds``), and
+medians are over the quiet calls.
 
   plain (eager)      ``hf_model(input_ids=ids)`` under ``torch.no_grad()``: the reference
-  plain (sdpa)       the same with sdpa attention (informational: probing attention needs eager)
+  plain (sdpa)       the same with sdpa attention (info: probing attention needs eager)
+  plain, no lm_head  ``hf_model.model(input_ids=ids)`` (info: capture without the logits
+                     probe runs only the base model and skips the unembedding)
   capture nnsight    ``wb.capture(..., probes=PROBES, backend="nnsight")``
   capture TL         ``wb.capture(..., backend="transformer_lens")``
   TL run_with_cache  ``bridge.run_with_cache(ids)`` (full cache, every hook)
   nnsight bare       ``NNsight(hf_model).trace(input_ids=ids)`` keeping each layer's input and
-                     its attention probabilities summed over queries (informational extra:
-                     the same with all four of capture's raw sites)
+                     its attention probabilities summed over queries (info extra: the same
+                     with all four of capture's raw sites)
 
 Capture takes texts, so the texts are decoded from ``--tokens``-long windows of the
 tokenised corpus and kept only where re-encoding them gives back the same ids; the
-script also checks that the ``token_id`` of the first capture equals the ids every
-other method is fed. Reported: median seconds over ``--repeats``, the ratio to the
-eager plain forward, and the peak RSS growth during the call (sampled every 5 ms).
-The last line printed is ``capture/plain ratio: X`` (median capture nnsight /
-median plain eager). ``--profile`` adds a per-stage timing and a cProfile of one
-nnsight capture, printed before that line.
+script also checks that the ``token_id`` of a capture equals the ids every other
+method is fed. Reported: median wall seconds of the quiet calls (and min, max), its
+ratio to the eager plain forward, the ratio of the minima over all calls (contention
+only ever slows a call down), and the peak RSS growth of one more call of each, made
+after the timings (sampled every 5 ms, with glibc's mmap threshold fixed so freed
+buffers leave the RSS). The last line printed is ``capture/plain ratio: X`` (median
+capture nnsight / median plain eager).
+``--profile`` adds, before that line, stage timings and a cProfile of one capture.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import ctypes
 import gc
 import io
 import os
 import platform
 import pstats
+import random
 import statistics
 import threading
 import time
@@ -126,6 +137,10 @@ def build_methods(model, ids: torch.Tensor, texts: list[str], batch: int):
         with torch.no_grad():
             return hf(input_ids=ids)
 
+    def plain_base():
+        with torch.no_grad():
+            return hf.model(input_ids=ids)
+
     def plain_sdpa():
         hf.set_attn_implementation("sdpa")
         try:
@@ -172,6 +187,7 @@ def build_methods(model, ids: torch.Tensor, texts: list[str], batch: int):
     return {
         "plain HF forward (eager)": plain_eager,
         "plain HF forward (sdpa, info)": plain_sdpa,
+        "plain, no lm_head (info)": plain_base,
         "wb.capture nnsight": capture_nnsight,
         "wb.capture transformer_lens": capture_tl,
         "TL bridge.run_with_cache": tl_run_with_cache,
@@ -180,87 +196,126 @@ def build_methods(model, ids: torch.Tensor, texts: list[str], batch: int):
     }
 
 
-def timed(fn):
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy ticks of the whole machine, ticks of this process incl. its threads and children)."""
+    with open("/proc/stat") as fh:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fh.readline().split()[1:9])
+    with open("/proc/self/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    own = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return user + nice + system + irq + softirq + steal, own
+
+
+def timed(fn) -> tuple[float, float]:
+    """Wall-clock seconds of one call, and the share of the machine's CPU that *other*
+    processes (and other VMs: steal) used meanwhile, 0..1."""
     gc.collect()
-    with PeakRSS() as mem:
-        start = time.perf_counter()
-        out = fn()
-        elapsed = time.perf_counter() - start
+    busy0, own0 = _cpu_ticks()
+    start = time.perf_counter()
+    out = fn()
+    elapsed = time.perf_counter() - start
+    busy1, own1 = _cpu_ticks()
     del out
     gc.collect()
-    return elapsed, mem.delta
+    others = max(0, (busy1 - busy0) - (own1 - own0)) / (elapsed * _TICK * os.cpu_count())
+    return elapsed, others
+
+
+def peak_rss_growth(fn) -> int:
+    """Peak RSS growth of one call, measured apart from the timings.
+
+    glibc keeps freed memory resident (its mmap threshold grows after the first large
+    free), which would hide most of a call's peak; fixing the threshold at 1 MiB makes
+    every large buffer its own mapping, returned on free, so the growth is the call's own.
+    """
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+    with PeakRSS() as mem:
+        out = fn()
+    del out
+    gc.collect()
+    return mem.delta
+
+
+def _fixed_mmap_threshold():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
+        return libc
+    except OSError:
+        return None
+
+
+_LIBC = None
 
 
 # --------------------------------------------------------------------------- profiling
 
 
-def profile_capture(model, texts, batch):
-    """Time capture's stages by hand, then cProfile one whole capture."""
-    import importlib
+def profile_capture(model, ids: torch.Tensor, texts: list[str], batch: int) -> None:
+    """Where an nnsight capture's time goes: the forward it runs, the trace, the rest.
 
-    cap = importlib.import_module("workbench.capture")  # the module; wb.capture is the function
-    from workbench.probes import BatchCollector, BatchContext, resolve_probes, run_batch, w_o_gram_getter
+    Uses only capture's public entry point and ``run_batch`` (the backend contract), so it
+    keeps working while capture's internals change; the rest is a cProfile of one capture.
+    """
+    from workbench.probes import resolve_probes, run_batch
 
-    probe_list = resolve_probes(PROBES)
-    stages: dict[str, float] = {}
+    hf = model.hf_model
+    mask = torch.ones_like(ids)
+    sites = {p.site for p in resolve_probes(PROBES)}
 
-    def stage(name, fn):
-        gc.collect()
-        t = time.perf_counter()
-        out = fn()
-        stages[name] = time.perf_counter() - t
-        return out
+    def forward_capture_flags():
+        with torch.no_grad():
+            return hf(input_ids=ids, attention_mask=mask, use_cache=False)
 
-    encoded = stage("tokenise (_encode, offsets)", lambda: [cap._encode(model.tokenizer, t, True) for t in texts])
-    variable_dims = {v.name: v.dims for pr in probe_list for v in pr.variables}
-    ids = torch.tensor([e[0] for e in encoded])
-    valid = torch.ones_like(ids, dtype=torch.bool)
-    ctx = BatchContext(input_ids=ids, valid=valid, w_o_gram=w_o_gram_getter(model), n_heads=model.n_heads, top_k=5)
-    collector = BatchCollector(model, probe_list, ctx)
-    stage("forward + reductions (run_batch)", lambda: run_batch("nnsight", model, ids, valid.long(), collector.sites, collector))
-    # the same forward with a collector that keeps nothing: what the reductions cost
-    noop = lambda site, layer, tensor: None  # noqa: E731
-    stage("  forward alone (run_batch, no-op on_site)", lambda: run_batch("nnsight", model, ids, valid.long(), collector.sites, noop))
-    values = stage("stack layers (collector.stacked)", lambda: collector.stacked(variable_dims, model.n_layers))
-    lengths = [len(e[0]) for e in encoded]
-    per_sample = stage(
-        "per-sample trim (_trim)",
-        lambda: [{n: cap._trim(v[r], variable_dims[n][1:], lengths[r]) for n, v in values.items()} for r in range(len(texts))],
-    )
-    ds = stage("assemble xarray (_assemble)", lambda: cap._assemble(model, texts, encoded, per_sample, variable_dims, 5))
-    stage("validate_run", lambda: wb.validate_run(ds))
-    del ds, per_sample, values
-    gc.collect()
+    def base_capture_flags():
+        with torch.no_grad():
+            return hf.model(input_ids=ids, attention_mask=mask, use_cache=False)
 
-    print("\nprofile: capture stages (one nnsight capture, by hand)")
-    for name, sec in stages.items():
-        print(f"  {name:<44} {sec:8.3f} s")
-    # the reductions alone, on a site-shaped tensor
-    b, p = ids.shape
-    weights = torch.softmax(torch.randn(b, model.n_heads, p, p), dim=-1)
-    values_t = torch.randn(b, p, model.n_kv_heads, model.head_dim)
-    gram = w_o_gram_getter(model)(0)
-    from workbench.probes.catalog import attention_received, value_norms
+    def trace_noop():
+        return run_batch("nnsight", model, ids, mask, sites, lambda site, layer, tensor: None)
 
-    t = time.perf_counter()
-    for _ in range(model.n_layers):
-        attention_received(weights, valid)
-    t_recv = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(model.n_layers):
-        value_norms(values_t, gram, model.n_heads)
-    t_vn = time.perf_counter() - t
-    print(f"  {'  attention_received x n_layers (isolated)':<44} {t_recv:8.3f} s")
-    print(f"  {'  value_norms x n_layers (isolated)':<44} {t_vn:8.3f} s")
+    def whole():
+        return wb.capture(model, texts, probes=PROBES, backend="nnsight", batch_size=batch, progress=False)
+
+    stages = {
+        "HF forward, capture's flags (mask, no KV cache)": forward_capture_flags,
+        "HF base model (no lm_head), capture's flags": base_capture_flags,
+        "run_batch nnsight, capture's sites, no-op on_site": trace_noop,
+        "whole wb.capture nnsight": whole,
+    }
+    print("\nprofile: stages, each timed twice in turn: s (others' CPU share)")
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in stages}
+    for _ in range(2):
+        for name, fn in stages.items():
+            try:
+                results[name].append(timed(fn))
+            except Exception as err:  # an internal API moved: say so, keep the benchmark going
+                results[name].append((float("nan"), float("nan")))
+                print(f"  {name}: skipped ({type(err).__name__}: {err})")
+    for name, secs in results.items():
+        print(f"  {name:<52} " + "  ".join(f"{t:7.3f} ({o:.0%})" for t, o in secs))
 
     prof = cProfile.Profile()
     prof.enable()
-    wb.capture(model, texts, probes=PROBES, backend="nnsight", batch_size=batch, progress=False)
+    whole()
     prof.disable()
     buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
-    print("\nprofile: cProfile of one nnsight capture, top 25 by own time")
-    print("\n".join(line for line in buf.getvalue().splitlines() if line.strip()))
+    stats = pstats.Stats(prof, stream=buf)
+    stats.sort_stats("tottime").print_stats(20)
+    print("\nprofile: cProfile of one nnsight capture, top 20 by own time")
+    print("\n".join(line for line in buf.getvalue().splitlines()[3:] if line.strip()))
+    buf = io.StringIO()
+    stats.stream = buf
+    stats.sort_stats("cumulative").print_stats("workbench/", 15)
+    print("\nprofile: the same, workbench functions by cumulative time")
+    print("\n".join(line for line in buf.getvalue().splitlines()[3:] if line.strip()))
 
 
 # --------------------------------------------------------------------------- main
@@ -268,7 +323,9 @@ def profile_capture(model, texts, batch):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported; default 5)")
+    parser.add_argument("--repeats", type=int, default=5, help="quiet timed calls per method (median reported; default 5)")
+    parser.add_argument("--quiet", type=float, default=0.10, help="a call is quiet if other processes used less than this share of the CPUs meanwhile (default 0.10)")
+    parser.add_argument("--max-rounds", type=int, default=0, help="stop after this many rounds even if not enough calls were quiet (default 3 x repeats)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per forward (default 8)")
     parser.add_argument("--tokens", type=int, default=512, help="tokens per sequence (default 512)")
     parser.add_argument("--profile", action="store_true", help="also break one nnsight capture down by stage")
@@ -282,7 +339,7 @@ def main() -> None:
     print(f"inputs: {args.batch} x {args.tokens} tokens from {source} ({dropped} windows dropped: no round trip)")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, python {platform.python_version()}, "
-        f"repeats {args.repeats} (round-robin, after 1 warm-up round), probes {','.join(PROBES)}"
+        f"{args.repeats} quiet calls per method wanted (each round runs every method once, shuffled; 1 warm-up round first), probes {','.join(PROBES)}"
     )
 
     methods = build_methods(model, ids, texts, args.batch)
@@ -297,28 +354,63 @@ def main() -> None:
         fn()
         gc.collect()
 
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    mems: dict[str, list[int]] = {name: [] for name in methods}
-    for r in range(args.repeats):
-        for name, fn in methods.items():
-            sec, mem = timed(fn)
-            times[name].append(sec)
-            mems[name].append(mem)
-        print(f"  round {r + 1}/{args.repeats}: " + ", ".join(f"{t[-1]:.2f}" for t in times.values()), flush=True)
+    # Rounds go on until every method has --repeats quiet calls (other processes used under
+    # --quiet of the CPU meanwhile), or --max-rounds. Medians are over the quiet calls.
+    walls: dict[str, list[float]] = {name: [] for name in methods}
+    others: dict[str, list[float]] = {name: [] for name in methods}
+    shuffle = random.Random(0)
+    max_rounds = args.max_rounds or 3 * args.repeats
+
+    def quiet(name):
+        return [w for w, o in zip(walls[name], others[name]) if o < args.quiet]
+
+    rounds = 0
+    while rounds < max_rounds and min(len(quiet(n)) for n in methods) < args.repeats:
+        rounds += 1
+        order = list(methods)
+        shuffle.shuffle(order)  # every method once per round, never always after the same one
+        for name in order:
+            wall, other = timed(methods[name])
+            walls[name].append(wall)
+            others[name].append(other)
+        print(
+            f"  round {rounds}: s (others' CPU share) "
+            + ", ".join(f"{walls[n][-1]:.2f} ({others[n][-1]:.0%})" for n in methods),
+            flush=True,
+        )
 
     if args.profile:
-        profile_capture(model, texts, args.batch)
+        profile_capture(model, ids, texts, args.batch)
 
-    ref = statistics.median(times["plain HF forward (eager)"])
+    global _LIBC
+    _LIBC = _fixed_mmap_threshold()
+    mems = {name: peak_rss_growth(fn) for name, fn in methods.items()}
+
+    def kept(name):  # the quiet calls, or all of them where too few were quiet
+        q = quiet(name)
+        return q if len(q) >= args.repeats else walls[name]
+
+    ref = statistics.median(kept("plain HF forward (eager)"))
+    ref_min = min(walls["plain HF forward (eager)"])
     print()
-    print(f"{'method':<32} {'median s':>9} {'min s':>8} {'max s':>8} {'x plain':>8} {'peak RSS +MiB':>14}")
+    print(
+        f"{rounds} rounds; medians over calls during which other processes used < {args.quiet:.0%} of the "
+        f"{os.cpu_count()} CPUs ('quiet'), or over all calls where fewer than {args.repeats} were quiet (marked *)"
+    )
+    print(
+        f"{'method':<30} {'median s':>9} {'min s':>7} {'max s':>7} {'quiet':>6} {'x plain':>8} {'min x plain':>12} "
+        f"{'peak RSS +MiB':>14}"
+    )
     for name in methods:
-        med = statistics.median(times[name])
+        times = kept(name)
+        med, low = statistics.median(times), min(walls[name])
+        mark = "" if len(quiet(name)) >= args.repeats else "*"
         print(
-            f"{name:<32} {med:9.3f} {min(times[name]):8.3f} {max(times[name]):8.3f} "
-            f"{med / ref:8.3f} {max(mems[name]) / 2**20:14.0f}"
+            f"{name:<30} {med:9.3f} {low:7.3f} {max(times):7.3f} {len(quiet(name)):>3}/{len(walls[name]):<2}"
+            f"{med / ref:8.3f}{mark:1} {low / ref_min:11.3f} {mems[name] / 2**20:14.0f}"
         )
-    ratio = statistics.median(times["wb.capture nnsight"]) / ref
+    print(f"capture/plain ratio of the minima: {min(walls['wb.capture nnsight']) / ref_min:.3f}")
+    ratio = statistics.median(kept("wb.capture nnsight")) / ref
     print(f"capture/plain ratio: {ratio:.3f}")
 
 
