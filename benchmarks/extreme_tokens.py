@@ -62,9 +62,12 @@ def main() -> None:
     plain()
     times = {"plain forward": [], "reductions (capture)": []}
     for r in range(args.repeats):
-        times["plain forward"].append(timed(plain))
-        times["reductions (capture)"].append(timed(reductions))
-        print(f"  round {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+        report = []
+        for name, fn in (("plain forward", plain), ("reductions (capture)", reductions)):
+            elapsed, others = timed(fn)  # others: share of the CPUs other processes used meanwhile
+            times[name].append(elapsed)
+            report.append(f"{name} {elapsed:.2f} s (others used {others:.0%} of the CPUs)")
+        print(f"  round {r + 1}/{args.repeats}: " + "; ".join(report))
 
     import capture_overhead
 
