@@ -25,7 +25,6 @@ import argparse
 import os
 import platform
 import statistics
-import time
 
 import torch
 

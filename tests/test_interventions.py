@@ -1,13 +1,10 @@
 """Interventions checked against independent ways of making the same change."""
 
 import copy
-import math
 
-import numpy as np
 import pytest
 import torch
 
-import workbench as wb
 from workbench.probes.interventions import (
     ablate_heads,
     edit_residual,

@@ -1,7 +1,6 @@
 """Model loading: the embedded models, the tiny test model, and clear errors."""
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -6,7 +6,6 @@ import shutil
 import numpy as np
 import pytest
 import xarray as xr
-import zarr
 
 import workbench as wb
 from workbench.runs import RunExistsError

@@ -276,8 +276,8 @@ def load_model(
     else:
         known = ", ".join([*EMBEDDED, TINY_MODEL])
         hint = (
-            f"To load a Hugging Face hub id, pass allow_download=True (needs a network), "
-            f"or download it and pass the local folder."
+            "To load a Hugging Face hub id, pass allow_download=True (needs a network), "
+            "or download it and pass the local folder."
             if "/" in name
             else ""
         )
