@@ -76,6 +76,7 @@ def prediction_residuals(
     one_hot_classes: int = 512,
     heldout: float = 0.2,
     window: int | None = None,
+    max_tokens: int | None = None,
     batch_size: int = 8,
     ridge: float = 0.0,
     seed: int = 0,
@@ -84,7 +85,7 @@ def prediction_residuals(
 ) -> xr.Dataset:
     """PR_l of every layer for each target, in-sample and held out (He & Su; definition in the module doc).
 
-    Texts are cut into windows of ``window`` tokens; a fraction ``heldout`` of the windows
+    Texts are cut into windows of ``window`` tokens (at most ``max_tokens`` in all); a fraction ``heldout`` of the windows
     (seeded) is held out. ``ridge`` = 0: ordinary least squares (min-norm if singular);
     ``ridge`` > 0: ridge relative to the mean feature variance (the choice is recorded).
     Returns ``pr`` (layer, target, split) with ``layer`` = block index 0..L-1, plus
@@ -94,7 +95,7 @@ def prediction_residuals(
     unknown = [t for t in targets if t not in LAW_TARGETS]
     if unknown or not targets:
         raise ValueError(f"unknown target(s) {unknown}; choose from {', '.join(LAW_TARGETS)}.")
-    windows = token_windows(model, texts, window)
+    windows = token_windows(model, texts, window, max_tokens=max_tokens)
     train, test = split_windows(windows, heldout, seed)
     scalar = [t for t in targets if t != "one_hot"]
     permutation = torch.from_numpy(np.random.default_rng(seed).permutation(model.vocab_size))
@@ -222,6 +223,7 @@ def future_token_probes(
     n_classes: int = 512,
     heldout: float = 0.2,
     window: int | None = None,
+    max_tokens: int | None = None,
     batch_size: int = 8,
     ridge: float = 1e-3,
     seed: int = 0,
@@ -240,7 +242,7 @@ def future_token_probes(
         raise ValueError(f"horizon must be at least 1, got {horizon}.")
     if not heldout > 0:
         raise ValueError("future-token probes are scored on held-out windows: pass heldout > 0.")
-    windows = token_windows(model, texts, window)
+    windows = token_windows(model, texts, window, max_tokens=max_tokens)
     train, test = split_windows(windows, heldout, seed)
     if not test:
         raise ValueError(f"only {len(windows)} window(s): pass more text so some can be held out.")

@@ -54,10 +54,18 @@ def fresh_norm(handle: ModelHandle) -> torch.nn.Module:
     return norm.to(device=handle.device, dtype=handle.dtype).eval()
 
 
-def token_windows(handle: ModelHandle, texts: Iterable[str], window: int | None = None, add_special_tokens: bool = True):
+def token_windows(
+    handle: ModelHandle,
+    texts: Iterable[str],
+    window: int | None = None,
+    *,
+    max_tokens: int | None = None,
+    add_special_tokens: bool = True,
+):
     """Token-id windows of at most ``window`` tokens, cutting long texts into consecutive pieces.
 
-    ``window`` defaults to 512 tokens or the model's context if shorter.
+    ``window`` defaults to 512 tokens or the model's context if shorter; ``max_tokens``
+    stops once the windows hold that many tokens (the last window is cut to fit).
     Each piece after the first of a text starts where the previous one ended (no overlap,
     no BOS re-inserted), so every token of the corpus is seen exactly once.
     """
@@ -66,12 +74,20 @@ def token_windows(handle: ModelHandle, texts: Iterable[str], window: int | None 
         raise ValueError(f"window must be at least 2 tokens, got {window}.")
     if window > handle.max_context:
         raise ValueError(f"window {window} exceeds {handle.name}'s context of {handle.max_context} tokens.")
-    windows = []
+    windows, total = [], 0
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts must be strings; item {i} is {type(text).__name__}.")
         ids = handle.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-        windows += [ids[s : s + window] for s in range(0, len(ids), window) if len(ids[s : s + window]) >= 2]
+        for s in range(0, len(ids), window):
+            piece = ids[s : s + window]
+            if max_tokens is not None:
+                piece = piece[: max_tokens - total]
+            if len(piece) >= 2:
+                windows.append(piece)
+                total += len(piece)
+        if max_tokens is not None and total >= max_tokens - 1:
+            break
     if not windows:
         raise ValueError("the texts produced no window of at least 2 tokens; pass non-empty texts.")
     return windows
