@@ -159,6 +159,7 @@ def _parse_layers(spec: Optional[str]):
 
 def _write_extreme_token_gallery(models: list[str], out: Path) -> list[Path]:
     from .studies import extreme_tokens as study
+    from .studies.tables import markdown_table
 
     written, rows = [], []
     for name in models:
@@ -167,7 +168,7 @@ def _write_extreme_token_gallery(models: list[str], out: Path) -> list[Path]:
             raise FileNotFoundError(f"no saved extreme-token study for {name}; run `workbench extreme-tokens --model {name}`.")
         written += study.write_figures(folder, out / "extreme_tokens" / name)
         rows.append(study.summary(folder))
-    table = study.markdown_table(rows)
+    table = markdown_table(rows)
     figures = "\n".join(f"- {name}: " + ", ".join(f"[{p.stem}](extreme_tokens/{name}/{p.name})"
                                                    for p in sorted((out / "extreme_tokens" / name).glob("*.svg")))
                         for name in models)

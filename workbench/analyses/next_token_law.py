@@ -180,8 +180,8 @@ def law_fit(pr: xr.DataArray) -> xr.Dataset:
     """
     if "layer" not in pr.dims:
         raise ValueError(f"pr must have a 'layer' dim; it has {pr.dims}.")
-    if pr.sizes["layer"] < 3:
-        raise ValueError(f"a law fit needs at least 3 layers, got {pr.sizes['layer']}.")
+    if pr.sizes["layer"] < 2:  # with 2 layers the line is exact (|r| = 1): defined, not informative
+        raise ValueError(f"a law fit needs at least 2 layers, got {pr.sizes['layer']}.")
     values = pr.transpose(..., "layer")
     logpr = np.log10(values.values.astype(np.float64))
     if not np.isfinite(logpr).all():

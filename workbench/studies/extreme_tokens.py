@@ -149,14 +149,6 @@ def _ranges(values: list[int]) -> str:
     return ", ".join(parts)
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """Rows of :func:`summary` as a markdown table, one column per model."""
-    keys = [k for k in rows[0] if k != "model"]
-    lines = ["| | " + " | ".join(r["model"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
-    lines += [f"| {k} | " + " | ".join(str(r.get(k, "")) for r in rows) + " |" for k in keys]
-    return "\n".join(lines)
-
-
 def write_figures(folder: str | Path, out_dir: str | Path, formats=("svg", "png")) -> list[Path]:
     """Every extreme-token figure of one saved study, into ``out_dir``."""
     study = load_study(folder)
