@@ -208,6 +208,53 @@ def test_exact_estimate_on_the_hand_built_model_recovers_the_chain():
 # --------------------------------------------------------------------------- training and the study
 
 
+def _brute_force_next_char(handle, prefix: str, alphabet) -> np.ndarray:
+    """P(c | prefix) by listing every cover encoding of prefix + c, one full forward pass per token sequence.
+
+    ``P(x) = sum over token sequences t_1..t_k with t_1..t_{k-1} spelling a strict prefix of x
+    and t_1..t_k spelling x or more``, each weighted by the product of next-token
+    probabilities renormalised over non-special tokens (the byte-token-conditioned model the
+    exact byte-level module defines). Independent of workbench.analyses.byte_level.
+    """
+    tok = handle.tokenizer
+    special = set(tok.all_special_ids)
+    vocab = {i: t for t, i in tok.get_vocab().items() if i not in special}
+
+    def q(ids):
+        with torch.no_grad():
+            p = torch.softmax(handle.hf_model(input_ids=torch.tensor([ids])).logits[0, -1].double(), -1).numpy()
+        keep = np.array([i in vocab for i in range(len(p))])
+        return np.where(keep, p, 0.0) / p[keep].sum()
+
+    def prob(x, ids, pos):
+        dist, total = q(ids), 0.0
+        for i, t in vocab.items():
+            if t.startswith(x[pos:]):
+                total += dist[i]
+            elif x[pos:].startswith(t):
+                total += dist[i] * prob(x, ids + [i], pos + len(t))
+        return total
+
+    start = [tok.bos_token_id]
+    values = np.array([prob(prefix + c, start, 0) for c in alphabet])
+    return values / values.sum()
+
+
+def test_exact_estimate_equals_brute_force_cover_enumeration():
+    chain = MarkovChain.random(seed=0)
+    corpus = chain.sample(200, 16, seed=1)
+    config = TrainingConfig(steps=8, batch_size=8, checkpoint_steps=(8,), hidden_size=32, intermediate_size=32)
+    for tokenizer in (mpe_tokenizer(), bpe_tokenizer(corpus, 4)):
+        handle = train_toy_model(tokenizer, corpus, config, progress=False)[8]
+        contexts = ["AAB", "BAB", "ABBA"]
+        with single_thread():
+            exact = tb.exact_transitions(handle, contexts, ["A", "B"])
+            brute = np.array([_brute_force_next_char(handle, x, "AB") for x in contexts])
+        np.testing.assert_allclose(exact.probability.values, brute, atol=1e-5)
+        assert ((exact.outside_mass > 0) & (exact.outside_mass < 1)).all()  # </s> keeps some mass mid-text
+
+
+
 def test_short_training_run_end_to_end(tmp_path):
     chain = MarkovChain.random(seed=0)
     corpus = chain.sample(200, 16, seed=1)

@@ -36,11 +36,11 @@ import itertools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
 import xarray as xr
 
 from ..markov_chain import MarkovChain
 from ..models import ModelHandle
+from .byte_level import ByteLevelModel, naive_next_byte_distribution
 
 ESTIMATES = ("true", "exact", "naive", "naive_limit")
 
@@ -63,42 +63,30 @@ def _estimate(values: np.ndarray, outside: np.ndarray, contexts, alphabet, name:
     )
 
 
-def naive_next_char_distribution(handle: ModelHandle, prefix: str, alphabet: Sequence[str]) -> tuple[np.ndarray, float]:
-    """Naive prompting: the next-token distribution after ``<s> encode(prefix)``, collapsed to first characters.
+def _on_alphabet(dist: xr.DataArray, alphabet: list[str], who: str, prefix: str) -> tuple[np.ndarray, float]:
+    """A next-byte distribution restricted to ``alphabet`` and renormalised; and the probability of anything else.
 
-    "Understanding and Mitigating Tokenization Bias in Language Models" (Phan et al., 2024):
-    ``P_naive(c | x) ∝ sum_{t in V, t[0] = c} p(t | encode(x))``, renormalised over ``alphabet``.
-    Returns the (len(alphabet),) probabilities and the raw mass on every other token (specials included).
+    ``outside = p_end + (1 - p_end) * (1 - sum_{c in alphabet} P(c))``, with ``p_end`` the
+    end-of-text probability the byte-level functions report beside the 256 bytes.
     """
-    alphabet = _check_alphabet(alphabet)
-    tokenizer = handle.tokenizer
-    ids = tokenizer(prefix)["input_ids"]
-    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids[1:]:
-        raise ValueError(f"{handle.name}: the prompt {prefix!r} has characters its tokenizer cannot encode.")
-    with torch.no_grad():
-        logits = handle.hf_model(input_ids=torch.tensor([ids], device=handle.device)).logits[0, -1]
-    probs = torch.softmax(logits.double(), dim=-1).cpu().numpy()
-    special = set(tokenizer.all_special_ids)
-    mass = np.zeros(len(alphabet))
-    for token, token_id in tokenizer.get_vocab().items():
-        if token_id in special or token_id >= probs.shape[0] or not token:
-            continue
-        first = tokenizer.convert_tokens_to_string([token])[:1]
-        if first in alphabet:
-            mass[alphabet.index(first)] += probs[token_id]
-    total = mass.sum()
-    if total <= 0:
-        raise ValueError(f"{handle.name}: after {prefix!r} the model puts no probability on a token of the alphabet.")
-    return mass / total, float(1.0 - total)
+    values = dist.sel(byte=[ord(c) for c in alphabet]).values
+    inside = float(values.sum())
+    if inside <= 0:
+        raise ValueError(f"{who}: after {prefix!r} the model puts no probability on a character of {alphabet}.")
+    p_end = float(dist.attrs.get("p_end_of_text", 0.0))
+    return values / inside, p_end + (1.0 - p_end) * (1.0 - inside)
 
 
 def naive_transitions(handle: ModelHandle, contexts: Sequence[str], alphabet: Sequence[str]) -> xr.Dataset:
-    """Naive-prompting estimate of ``P(next_char | context)`` for every context (see the module docstring).
+    """Naive prompting: the next-token distribution after ``<s> encode(x)`` collapsed to first characters, per context.
 
+    "Understanding and Mitigating Tokenization Bias in Language Models" (Phan et al., 2024):
+    ``P_naive(c | x) ∝ sum_{t in V, t[0] = c} p(t | <s> encode(x))``, renormalised over
+    ``alphabet`` (through :func:`workbench.analyses.byte_level.naive_next_byte_distribution`).
     Dims: -> probability (context, next_char), outside_mass (context).
     """
     alphabet = _check_alphabet(alphabet)
-    rows = [naive_next_char_distribution(handle, x, alphabet) for x in contexts]
+    rows = [_on_alphabet(naive_next_byte_distribution(handle, x), alphabet, handle.name, x) for x in contexts]
     return _estimate(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), contexts, alphabet, "naive")
 
 
@@ -111,20 +99,10 @@ def exact_transitions(handle: ModelHandle, contexts: Sequence[str], alphabet: Se
     pruning), renormalised over ``alphabet``. Dims: -> probability (context, next_char),
     outside_mass (context).
     """
-    from .byte_level import ByteLevelModel
-
     alphabet = _check_alphabet(alphabet)
     model = ByteLevelModel(handle, prune=0.0, max_hypotheses=None)
-    codes = [ord(c) for c in alphabet]
-    values, outside = [], []
-    for x in contexts:
-        dist = model.next_byte_distribution(x).sel(byte=codes).values
-        inside = float(dist.sum())
-        if inside <= 0:
-            raise ValueError(f"{handle.name}: after {x!r} the exact model puts no probability on the alphabet.")
-        values.append(dist / inside)
-        outside.append(1.0 - inside)
-    return _estimate(np.array(values), np.array(outside), contexts, alphabet, "exact")
+    rows = [_on_alphabet(model.next_byte_distribution(x), alphabet, handle.name, x) for x in contexts]
+    return _estimate(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), contexts, alphabet, "exact")
 
 
 def naive_limit_transitions(chain: MarkovChain, tokenizer, lookahead: int = 10) -> xr.Dataset:

@@ -20,7 +20,8 @@ def transition_heatmaps(probability: xr.DataArray, title: str = "P(next characte
     """One context x next-character heatmap per estimate (true, naive, exact), and per tokenizer when there is a ``tokenizer`` dim.
 
     ``probability`` dims: (estimate, context, next_char) or (tokenizer, estimate, context, next_char);
-    select one step first. Cells are annotated with their probability.
+    select one step first. Cells are annotated with their probability; NaN (a naive limit
+    that is undefined because the prompt's encoding starts no longer text) is left blank.
     """
     if "step" in probability.dims:
         raise ValueError("select one training step first, e.g. probability.sel(step=probability.step.max()).")
@@ -28,7 +29,7 @@ def transition_heatmaps(probability: xr.DataArray, title: str = "P(next characte
         probability = probability.expand_dims(tokenizer=[""])
     tokenizers = [str(t) for t in probability["tokenizer"].values]
     methods = [str(m) for m in probability["estimate"].values]
-    titles = [f"{m} ({t})" if t and m != "true" else m for t in tokenizers for m in methods]
+    titles = [f"{LABELS.get(m, m)} ({t})" if t and m != "true" else LABELS.get(m, m) for t in tokenizers for m in methods]
     fig = make_subplots(rows=len(tokenizers), cols=len(methods), subplot_titles=titles, shared_yaxes=True,
                         horizontal_spacing=0.04, vertical_spacing=0.12)
     for r, tokenizer in enumerate(tokenizers):
@@ -79,7 +80,7 @@ def error_vs_steps(errors: xr.Dataset, title: str = "Error against the true tran
                     ),
                     row=1, col=col,
                 )
-    fig.update_xaxes(type="log", title_text="training step")
+    fig.update_xaxes(type="log", title_text="training step", tickvals=steps, ticktext=[str(s) for s in steps])
     fig.update_yaxes(rangemode="tozero")
     fig.update_yaxes(title_text="|P_est - P_true|", col=1)
     fig.update_layout(title=title)

@@ -40,6 +40,7 @@ from ..markov_chain import (
 )
 from ..plots.tokenization_bias import error_vs_steps, transition_heatmaps
 from ..runs import RunExistsError, open_result, save_result
+from .tables import markdown_table
 
 RESULTS_FILE = "results.nc"
 
@@ -57,7 +58,7 @@ class StudyConfig:
     mpe_tokens: tuple[str, ...] = MPE_TOKENS
     bpe_merges: int = 6
     training: TrainingConfig = field(
-        default_factory=lambda: TrainingConfig(steps=800, batch_size=64, checkpoint_steps=(25, 50, 100, 200, 400, 800))
+        default_factory=lambda: TrainingConfig(steps=800, batch_size=128, checkpoint_steps=(25, 50, 100, 200, 400, 800))
     )
 
 
@@ -157,8 +158,6 @@ def summary_table(results) -> str:
     config = json.loads(results.attrs["config"])
     model = json.loads(results.attrs["model"])
     rows = summary_rows(results)
-    names = list(rows)
-    keys = list(rows[names[0]])
     setup = (
         f"Order-{config['order']} Markov chain over {'/'.join(config['alphabet'])} (seed {config['chain_seed']}), "
         f"{config['n_sequences']} sequences of {config['length']} characters; "
@@ -166,9 +165,7 @@ def summary_table(results) -> str:
         f"{config['training']['steps']} steps of batch {config['training']['batch_size']}. "
         "Errors are |P_est(c | context) - P_true(c | context)| over all contexts and characters."
     )
-    lines = [setup, "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    lines += [f"| {k} | " + " | ".join(rows[n][k] for n in names) + " |" for k in keys]
-    return "\n".join(lines) + "\n"
+    return setup + "\n\n" + markdown_table([{"model": name, **row} for name, row in rows.items()]) + "\n"
 
 
 def write_summary(results, path: str | Path) -> Path:
