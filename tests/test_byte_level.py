@@ -1,0 +1,407 @@
+"""Exact byte-level probabilities (Phan et al., 2024): token bytes, the KV-reusing scorer, the
+Byte-Token Representation Lemma against brute-force enumeration, and the baselines it fixes."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from workbench.analyses.byte_level import (
+    ByteLevelEnsemble,
+    ByteLevelModel,
+    ImpossiblePrefixError,
+    bits_per_byte,
+    kl_divergence,
+    naive_next_byte_distribution,
+    start_context,
+    token_healing_next_byte_distribution,
+    total_variation,
+)
+from workbench.models import ModelHandle
+from workbench.probes.token_scoring import (
+    PrefixTreeScorer,
+    StaleSequenceError,
+    last_token_logprobs,
+    sequence_logprobs,
+)
+from workbench.vocab_bytes import UnsupportedTokenizerError, gpt2_bytes_to_unicode, vocab_bytes
+
+# --------------------------------------------------------------------------- a tiny world we can enumerate
+
+
+def _ab_tokenizer(normalizer=None, model=None, pre_tokenizer=None):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "a": 1, "b": 2, "ab": 3, "ba": 4, "bb": 5}
+    tok = Tokenizer(model or models.BPE(vocab=vocab, merges=[("a", "b"), ("b", "a"), ("b", "b")]))
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    if pre_tokenizer is not None:
+        tok.pre_tokenizer = pre_tokenizer
+    tok.add_special_tokens(["<eos>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def ab():
+    """A random 2-layer Llama over the vocabulary {<eos>, a, b, ab, ba, bb}, peaked enough to be uneven."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         initializer_range=0.6, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        model = LlamaForCausalLM(config).double().eval()  # float64: the lemma is checked to 1e-9
+    return ModelHandle("ab-llama", model, _ab_tokenizer(), "random init", "seed-3")
+
+
+def _brute_force_logp(handle: ModelHandle, x: bytes) -> float:
+    """log P(text starts with x) by enumerating every sequence of len(x) byte tokens (no covers involved).
+
+    Each token spells >= 1 byte, so the sequences of exactly K = len(x) tokens partition all
+    token streams and each spells >= len(x) bytes: P(x) = sum of P(seq) over those spelling x first.
+    Special tokens are conditioned away at every step, as in ByteLevelModel.
+    """
+    if not x:
+        return 0.0
+    vocab = vocab_bytes(handle.tokenizer)
+    byte_tokens = [t for t in range(vocab.size) if vocab.token_bytes[t] is not None]
+    seqs = [s for s in itertools.product(byte_tokens, repeat=len(x)) if vocab.decode(s).startswith(x)]
+    if not seqs:
+        return -math.inf
+    context = start_context(handle)
+    ids = torch.tensor([context + list(s) for s in seqs])
+    with torch.no_grad():
+        logits = handle.hf_model(input_ids=ids, use_cache=False).logits.double()
+    logp = torch.log_softmax(logits, -1)
+    logq = logp - torch.logsumexp(logp[..., byte_tokens], -1, keepdim=True)
+    steps = logq[:, len(context) - 1 : -1].gather(-1, ids[:, len(context) :, None])[..., 0]
+    return float(torch.logsumexp(steps.sum(-1), 0))
+
+
+def _brute_force_covers(handle: ModelHandle, x: bytes) -> dict:
+    """Every cover encoding of x by its definition, enumerated over all sequences of <= len(x) tokens."""
+    vocab = vocab_bytes(handle.tokenizer)
+    byte_tokens = [t for t in range(vocab.size) if vocab.token_bytes[t] is not None]
+    covers = {}
+    for k in range(1, len(x) + 1):
+        for seq in itertools.product(byte_tokens, repeat=k):
+            head, full = vocab.decode(seq[:-1]), vocab.decode(seq)
+            if len(head) < len(x) and x.startswith(head) and full.startswith(x):
+                ids = torch.tensor([start_context(handle) + list(seq)])
+                with torch.no_grad():
+                    logp = torch.log_softmax(handle.hf_model(input_ids=ids, use_cache=False).logits.double(), -1)
+                logq = logp - torch.logsumexp(logp[..., byte_tokens], -1, keepdim=True)
+                covers[seq] = float(logq[0, :-1].gather(-1, ids[0, 1:, None]).sum())
+    return covers
+
+
+AB_STRINGS = [b"a", b"b", b"ab", b"ba", b"bb", b"aab", b"abba", b"babb"]
+
+
+def test_lemma_equals_brute_force_enumeration(ab):
+    model = ByteLevelModel(ab, prune=0, max_hypotheses=None)
+    assert model.context_ids == [0]  # no BOS added: the EOS token starts the text
+    assert model.prefix_logprob(b"") == 0.0
+    for x in AB_STRINGS:
+        assert model.prefix_logprob(x) == pytest.approx(_brute_force_logp(ab, x), abs=1e-9), x
+        dist = model.next_byte_distribution(x)
+        for b in b"ab":
+            expected = math.exp(_brute_force_logp(ab, x + bytes([b])) - _brute_force_logp(ab, x))
+            assert float(dist.sel(byte=b)) == pytest.approx(expected, abs=1e-9), (x, chr(b))
+        assert dist.attrs["impossible_bytes"] == [b for b in range(256) if b not in b"ab"]
+        assert float(dist.drop_sel(byte=list(b"ab")).sum()) == 0.0
+
+
+def test_covers_are_exactly_the_definition(ab):
+    model = ByteLevelModel(ab, prune=0, max_hypotheses=None)
+    for x in [b"a", b"ab", b"bab", b"abba"]:
+        got = {ids: lp for ids, _, lp in model.covers(x)}
+        expected = _brute_force_covers(ab, x)
+        assert set(got) == set(expected), x
+        for seq, lp in expected.items():
+            assert got[seq] == pytest.approx(lp, abs=1e-9)
+        assert float(np.logaddexp.reduce(list(got.values()))) == pytest.approx(model.prefix_logprob(x), abs=1e-12)
+    ids, strings, _ = model.covers(b"abba")[0]
+    assert "".join(strings).startswith("abba") and len(strings) == len(ids)
+
+
+def test_chain_rule_is_exact_without_pruning(ab):
+    model = ByteLevelModel(ab, prune=0, max_hypotheses=None)
+    ds = model.stream(b"abbabab")
+    assert float(ds.pruned_fraction.sum()) == 0.0
+    assert float(ds.logprob.sum()) == pytest.approx(float(ds.prefix_logprob[-1]), rel=1e-12)
+    assert float(ds.prefix_logprob[-1]) == pytest.approx(_brute_force_logp(ab, b"abbabab"), abs=1e-9)
+
+
+# --------------------------------------------------------------------------- vocabulary bytes
+
+
+def test_gpt2_byte_table_is_a_bijection():
+    table = gpt2_bytes_to_unicode()
+    assert sorted(table) == list(range(256)) and len(set(table.values())) == 256
+    assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[ord("a")] == "a"
+
+
+def test_byte_level_vocabulary(tiny):
+    vocab = vocab_bytes(tiny.tokenizer)  # SmolLM2's tokenizer
+    assert vocab.scheme == "byte_level" and vocab is vocab_bytes(tiny.tokenizer)
+    tok = tiny.tokenizer
+    assert vocab.token_bytes[tok.convert_tokens_to_ids("<|endoftext|>")] is None
+    assert vocab.token_bytes[tok.convert_tokens_to_ids("Ġthe")] == b" the"
+    assert vocab.token_bytes[tok.convert_tokens_to_ids("Ċ")] == b"\n"
+    for text in ["The cat sat.", "Élan — naïve café 🙂", "  x\t\n\ny"]:
+        assert vocab.decode(tok(text, add_special_tokens=False)["input_ids"]) == text.encode()
+    every = [(t, b) for t, b in enumerate(vocab.token_bytes) if b is not None]
+    for s in [b" th", b"\xe2\x80", b"zq", b"", b"\xff"]:
+        assert sorted(vocab.tokens_starting_with(s).tolist()) == [t for t, b in every if b.startswith(s)], s
+    s = b" therefore"
+    assert sorted(vocab.tokens_prefix_of(s)) == sorted((t, len(b)) for t, b in every if s.startswith(b))
+    # bytes that never occur in UTF-8 are not in SmolLM2's alphabet
+    assert not vocab.producible_first_bytes()[0xC0] and vocab.producible_first_bytes()[ord("a")]
+
+
+def test_sentencepiece_vocabulary_with_byte_fallback(gemma3):
+    vocab = vocab_bytes(gemma3.tokenizer)
+    tok = gemma3.tokenizer
+    assert vocab.scheme == "sentencepiece"
+    assert vocab.token_bytes[tok.convert_tokens_to_ids("<0xE2>")] == b"\xe2"
+    assert vocab.token_bytes[tok.convert_tokens_to_ids("\u2581the")] == b" the"
+    assert vocab.token_bytes[tok.bos_token_id] is None
+    assert start_context(gemma3) == [tok.bos_token_id]
+    for text in ["The cat sat.", "swimsuit 🩱 here", " two  spaces\n"]:
+        assert vocab.decode(tok(text, add_special_tokens=False)["input_ids"]) == text.encode()
+
+
+def test_unsupported_tokenizers_say_why():
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    with pytest.raises(UnsupportedTokenizerError, match="Lowercase"):
+        vocab_bytes(_ab_tokenizer(normalizer=normalizers.Lowercase()))
+    with pytest.raises(UnsupportedTokenizerError, match="WordPiece"):
+        vocab_bytes(_ab_tokenizer(model=models.WordPiece(vocab={"[UNK]": 0, "a": 1, "##b": 2}, unk_token="[UNK]")))
+    with pytest.raises(UnsupportedTokenizerError, match="prepends a space marker"):
+        vocab_bytes(_ab_tokenizer(pre_tokenizer=pre_tokenizers.Metaspace(prepend_scheme="always")))
+
+    class SlowTokenizer:
+        def __len__(self):
+            return 3
+
+    with pytest.raises(UnsupportedTokenizerError, match="not backed by the `tokenizers` library"):
+        vocab_bytes(SlowTokenizer())
+
+
+# --------------------------------------------------------------------------- the scorer
+
+
+def test_prefix_tree_scorer_matches_plain_forwards(tiny):
+    scorer = PrefixTreeScorer(tiny)
+    root = scorer.start([0, 17])
+    np.testing.assert_allclose(root.logprobs, last_token_logprobs(tiny, [0, 17]), atol=1e-5)
+    a, b = scorer.extend([(root, 300), (root, 301)])
+    scorer.commit([a, b])
+    aa, ab_, ba = scorer.extend([(a, 5), (a, 6), (b, 7)])  # rows with different private lengths
+    scorer.commit([aa, ba])  # their common prefix is still (0, 17): ab_ stays usable
+    assert scorer.trunk_length == 2 and scorer.usable(ab_)
+    deeper = scorer.extend([(aa, 8), (ba, 9), (ab_, 10)])
+    scorer.commit([deeper[0]])  # the trunk grows over aa + 8
+    assert scorer.trunk_length == 5 and not scorer.usable(ba)
+    deepest = scorer.extend([(deeper[0], 11)])
+    for seq in [a, b, aa, ab_, ba, *deeper, *deepest]:
+        np.testing.assert_allclose(seq.logprobs, last_token_logprobs(tiny, seq.ids), atol=1e-5)
+    assert scorer.calls == 5 and scorer.positions == 2 + 2 + 3 + 3 + 1
+    with pytest.raises(StaleSequenceError, match="no longer starts with the shared trunk"):
+        scorer.extend([(ba, 1)])
+
+
+# --------------------------------------------------------------------------- distributions, chain rule, properties
+
+
+def test_empty_prefix_is_the_first_byte_distribution_for_every_method(tiny):
+    exact = ByteLevelModel(tiny).next_byte_distribution("")
+    assert exact.dims == ("byte",) and list(exact.byte.values) == list(range(256))
+    assert exact.char.sel(byte=ord("a")).item() == "a"
+    for other in (naive_next_byte_distribution(tiny, ""), token_healing_next_byte_distribution(tiny, "")):
+        assert total_variation(exact, other) < 1e-12
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet=["a", "b", " ", "é", "🙂", "日", "\n", "x"], min_size=1, max_size=4),
+       cut=st.integers(min_value=0, max_value=15))
+def test_properties_on_random_strings(tiny, text, cut):
+    data = text.encode()
+    model = ByteLevelModel(tiny, prune=1e-6, max_hypotheses=48)
+    ds = model.stream(data)
+    probs = ds.probability.values
+    assert (probs >= 0).all()
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    # chain rule: the stream's log-probabilities add up to log P(text) from covers, up to what was pruned
+    implied = float(ds.prefix_logprob[-1]) - float(np.log1p(-ds.pruned_fraction.values).sum())
+    assert float(ds.logprob.sum()) == pytest.approx(implied, rel=1e-9, abs=1e-9)
+    # any cut, also inside a UTF-8 character, computed afresh, equals the streamed row
+    cut = min(cut, len(data) - 1)
+    fresh = ByteLevelModel(tiny, prune=1e-6, max_hypotheses=48).next_byte_distribution(data[:cut])
+    np.testing.assert_allclose(fresh.values, probs[cut], atol=1e-12)
+    assert all(fresh.values[b] == 0 for b in fresh.attrs["impossible_bytes"])
+
+
+def test_chain_rule_on_smollm2(smollm2):
+    model = ByteLevelModel(smollm2)
+    text = "Naïve café, wor"
+    ds = model.stream(text)
+    np.testing.assert_allclose(ds.probability.sum("byte"), 1.0, atol=1e-5)
+    total, direct = float(ds.logprob.sum()), float(ds.prefix_logprob[-1])
+    assert total == pytest.approx(direct, rel=1e-4)
+    assert direct == pytest.approx(model.prefix_logprob(text), abs=1e-12)
+    assert ds.attrs["calls"] <= len(text.encode()) + 1
+    # the covers summed are real model probabilities: check the best three with plain forward passes
+    covers = model.covers("Naïve caf")
+    assert float(np.logaddexp.reduce([c[2] for c in covers])) == pytest.approx(model.prefix_logprob("Naïve caf"),
+                                                                                 abs=1e-9)
+    vocab = vocab_bytes(smollm2.tokenizer)
+    for ids, strings, logprob in covers[:3]:
+        full = model.context_ids + list(ids)
+        raw = sequence_logprobs(smollm2, full)
+        p_byte = [1 - _special_mass(smollm2, vocab, full[: i + 1]) for i in range(len(model.context_ids) - 1,
+                                                                                   len(full) - 1)]
+        assert logprob == pytest.approx(float(raw[len(model.context_ids) - 1 :].sum() - np.log(p_byte).sum()),
+                                        abs=2e-4)
+        assert "".join(strings).encode().startswith("Naïve caf".encode())
+
+
+def _special_mass(handle, vocab, ids) -> float:
+    p = np.exp(last_token_logprobs(handle, ids).astype(np.float64))
+    return float(p[vocab.special_ids].sum() / p.sum())
+
+
+def _naive_from_earlier_cut(handle, prompt: bytes, k: int) -> np.ndarray:
+    """Next-byte distribution after ``prompt`` when only ``prompt[:-k]`` is tokenized: tokens that spell
+    ``prompt[-k:]`` and more, collapsed onto the byte after it (what a token-level model says)."""
+    vocab = vocab_bytes(handle.tokenizer)
+    ids = start_context(handle) + handle.tokenizer(prompt[:-k].decode(), add_special_tokens=False)["input_ids"]
+    p = np.exp(last_token_logprobs(handle, ids).astype(np.float64))
+    out = np.zeros(256)
+    for t in vocab.tokens_starting_with(prompt[-k:]):
+        if len(vocab.token_bytes[t]) > k:
+            out[vocab.token_bytes[t][k]] += p[t]
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("prompt", [b"The quick brown ", b"def f(n):\n    ret"])
+def test_exact_does_not_depend_on_the_cut_naive_does(smollm2, prompt):
+    exact = ByteLevelModel(smollm2).next_byte_distribution(prompt)
+    # the same conditional from the cut one byte earlier: P(last b | prompt[:-1]) / P(last | prompt[:-1])
+    earlier = ByteLevelModel(smollm2)
+    base = earlier.prefix_logprob(prompt[:-1])
+    first = float(earlier.next_byte_distribution(prompt[:-1]).sel(byte=prompt[-1]))
+    assert math.exp(earlier.prefix_logprob(prompt) - base) == pytest.approx(first, rel=1e-4)
+    top = np.argsort(-exact.values)[:5]
+    for b in top:
+        joint = math.exp(earlier.prefix_logprob(prompt + bytes([b])) - base)
+        assert joint / first == pytest.approx(float(exact[b]), rel=1e-4, abs=1e-7)
+    # a stream that walks over the cut gives the same distribution there
+    streamed = ByteLevelModel(smollm2).stream(prompt + b"x").probability.isel(pos=len(prompt))
+    np.testing.assert_allclose(streamed.values, exact.values, atol=1e-9)
+    # the naive method answers differently depending on where the prompt's tokens end
+    naive_here = naive_next_byte_distribution(smollm2, prompt)
+    naive_earlier = _naive_from_earlier_cut(smollm2, prompt, 1)
+    assert total_variation(naive_here, exact.copy(data=naive_earlier)) > 0.5
+    assert total_variation(exact, naive_here) > 0.5
+
+
+def test_cut_inside_a_utf8_character(smollm2):
+    prefix = "café".encode()[:-1]  # b"caf\xc3": the first byte of é
+    exact = ByteLevelModel(smollm2).next_byte_distribution(prefix)
+    assert exact.values[0xA9] > 0.5  # é
+    assert exact.values[0x80:0xC0].sum() > 0.99  # a UTF-8 continuation byte
+    assert exact.values[0xC0] == 0 and 0xC0 in exact.attrs["impossible_bytes"]
+    naive = naive_next_byte_distribution(smollm2, prefix)
+    assert naive.values[0xA9] < exact.values[0xA9] and total_variation(exact, naive) > 0.5
+    healed = token_healing_next_byte_distribution(smollm2, prefix)
+    assert total_variation(exact, healed) < total_variation(exact, naive)
+
+
+def test_gemma_byte_fallback_character(gemma3):
+    swimsuit = "🩱"  # U+1FA71: Gemma's vocabulary spells it only with <0xNN> byte tokens
+    vocab = vocab_bytes(gemma3.tokenizer)
+    data = swimsuit.encode()
+    assert len(vocab.tokens_starting_with(data)) == 0
+    ids = gemma3.tokenizer(swimsuit, add_special_tokens=False)["input_ids"]
+    assert [vocab.token_bytes[t] for t in ids] == [bytes([b]) for b in data]
+    model = ByteLevelModel(gemma3)
+    text = b"A " + data
+    ds = model.stream(text)
+    np.testing.assert_allclose(ds.probability.sum("byte"), 1.0, atol=1e-5)
+    assert float(ds.logprob.sum()) == pytest.approx(float(ds.prefix_logprob[-1]), rel=1e-4)
+    assert np.isfinite(ds.logprob).all()
+    # no piece starts with a UTF-8 continuation byte, so every cover ends in four byte-fallback tokens
+    covers = model.covers(text)
+    assert covers
+    for cover_ids, strings, _ in covers:
+        assert [vocab.token_bytes[t] for t in cover_ids[-4:]] == [bytes([b]) for b in data]
+        assert len(strings) == len(cover_ids)
+
+
+# --------------------------------------------------------------------------- ensembles, sampling, comparisons
+
+
+def test_ensemble_of_different_vocabularies(tiny, ab):
+    byte_level = ByteLevelModel(tiny, prune=1e-4, max_hypotheses=16)
+    two_letter = ByteLevelModel(ab, prune=0, max_hypotheses=None)
+    ens = ByteLevelEnsemble([byte_level, two_letter], weights=[3, 1])
+    dist = ens.next_byte_distribution(b"ab")
+    expected = 0.75 * byte_level.next_byte_distribution(b"ab").values + 0.25 * two_letter.next_byte_distribution(
+        b"ab").values
+    np.testing.assert_allclose(dist.values, expected, atol=1e-12)
+    assert dist.sum().item() == pytest.approx(1.0, abs=1e-12)
+    text = b"abba"
+    ds = ens.stream(text)
+    assert ds.member_probability.dims == ("member", "pos", "byte")
+    bpb = bits_per_byte(ens, text)
+    members = [bits_per_byte(m, text) for m in (byte_level, two_letter)]
+    assert bpb == pytest.approx(-float(ds.logprob.sum()) / (len(text) * math.log(2)))
+    assert bpb <= 0.75 * members[0] + 0.25 * members[1] + 1e-9  # log of a mixture >= mixture of logs
+    with pytest.raises(ValueError, match="non-negative"):
+        ByteLevelEnsemble([byte_level], weights=[-1])
+
+
+def test_sampling_is_seeded_and_follows_the_distribution(ab):
+    model = ByteLevelModel(ab, prune=0, max_hypotheses=None)
+    first = model.sample(b"ab", n_bytes=6, seed=7)
+    assert first == model.sample(b"ab", n_bytes=6, seed=7) and len(first) == 6
+    assert set(first) <= set(b"ab")
+    draws = [model.sample(b"ab", n_bytes=1, seed=s)[0] for s in range(200)]
+    p_a = float(model.next_byte_distribution(b"ab").sel(byte=ord("a")))
+    assert abs(np.mean([d == ord("a") for d in draws]) - p_a) < 4 * math.sqrt(p_a * (1 - p_a) / 200) + 0.01
+
+
+def test_total_variation_and_kl_on_hand_built_distributions():
+    p = xr.DataArray(np.r_[0.5, 0.5, np.zeros(254)], dims="byte", coords={"byte": np.arange(256)})
+    q = xr.DataArray(np.r_[1.0, np.zeros(255)], dims="byte", coords={"byte": np.arange(256)})
+    assert total_variation(p, q) == pytest.approx(0.5)
+    assert kl_divergence(q, p) == pytest.approx(math.log(2))
+    assert kl_divergence(p, q) == math.inf
+    assert kl_divergence(p, p) == 0.0
+
+
+def test_bad_input_is_explained(ab):
+    model = ByteLevelModel(ab, prune=0, max_hypotheses=None)
+    with pytest.raises(ImpossiblePrefixError, match="byte 0x63 at offset 2"):
+        model.next_byte_distribution(b"abc")
+    with pytest.raises(TypeError, match="str or bytes"):
+        model.next_byte_distribution(3)
+    with pytest.raises(ValueError, match="prune"):
+        ByteLevelModel(ab, prune=1.5)
+    with pytest.raises(ValueError, match="non-empty text"):
+        model.stream(b"")
+    assert model.next_byte_distribution(b"ab").sum().item() == pytest.approx(1.0)  # usable after an error

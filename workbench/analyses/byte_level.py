@@ -1,0 +1,778 @@
+"""Exact next-byte probabilities from a tokenized language model, and the baselines they fix.
+
+Paper: "Exact Byte-Level Probabilities from Tokenized Language Models for FIM-Tasks and Model
+Ensembles" (Phan, Amos, Gat, Havasi, Muckley, Ullrich, 2024). Their Byte-Token Representation
+Lemma: the probability that the text starts with the bytes ``x`` is the total probability of
+its *cover encodings*,
+
+    P(x) = sum_{t in cover(x)} P(t),   cover(x) = { (t_1..t_k) : bytes(t_1..t_{k-1}) is a strict prefix of x,
+                                                                x is a prefix of bytes(t_1..t_k) },
+
+where ``P(t) = prod_i p(t_i | context, t_<i)`` is the model's probability that its token stream
+*starts with* ``t``. Then ``P(b | x) = P(x b) / P(x)`` for each of the 256 bytes ``b``: a byte-level
+language model with no training, for any cut of the text (mid-word, mid-UTF-8 character, after
+a trailing space, or the empty prefix).
+
+**Which covers are summed.** All token sequences, canonical or not: every sequence of
+byte-producing tokens the model can emit, weighted by its probability, is a way of writing the
+text, and the lemma is an identity about the model's distribution over *all* of them. Summing
+only canonical (tokenizer-produced) covers, as the paper's implementation does when it masks
+"invalid" encodings, gives quantities that are not a probability distribution over bytes
+(``sum_b P(xb) != P(x)``) unless the model gives non-canonical sequences exactly zero mass, which
+a trained model does not. Non-canonical tokenizations that matter are therefore kept, and the
+many that do not are removed by pruning (below), not by a rule.
+
+**Special tokens and end of text.** Tokens that stand for no bytes (BOS/EOS, ``<|im_start|>``,
+``<unusedN>``, ...) are never part of a cover. The byte-level model is that of the token model
+conditioned at every step on the next token being a byte token,
+``q(t | h) = p(t | h) / (1 - p(specials | h))``, so the 256 next-byte probabilities sum to 1 and
+the chain rule holds. The raw model's probability that the text *ends* at ``x`` (a special
+token right after a tokenization that spells exactly ``x``, divided by ``P(x)``) is reported
+separately, in ``attrs["p_end_of_text"]``, and is not part of the 256.
+
+**Start-of-text context.** Every token sequence is conditioned on the tokenizer's own
+start tokens when it adds any (Gemma: ``<bos>``); otherwise on ``<|endoftext|>``, the document
+separator byte-level BPE models such as SmolLM2 are trained with between documents; otherwise
+on the tokenizer's EOS token. Pass ``context_ids`` to choose another.
+
+**Pruning.** A tokenization ``h`` that spells exactly ``x[:j]`` is followed further (costing
+model calls) only if its posterior ``P(h) / P(x[:j]) >= prune``; at most ``max_hypotheses``
+tokenizations are followed at once (the most probable). Everything pruned is summed up: the
+total probability of pruned tokenizations bounds the probability the computation leaves out
+(``P(x) - P_computed(x) <= exp(attrs["pruned_logmass"])``: a rigorous but, over long texts, loose
+bound), and ``pruned_fraction`` (the posterior pruned at each cut point) is what the 256
+probabilities were renormalised over; the chain rule then reads
+``sum log P(b_i | x_<i) = log P(x) - sum log(1 - pruned_fraction_i)``. ``prune=0`` and ``max_hypotheses=None`` sum every cover (exponential in the
+text length; for tiny vocabularies and tests).
+
+**Cost.** Each followed tokenization costs one token position, and all the new tokenizations
+that end at the same byte are scored in one batched forward pass of one token per row, over a
+shared KV cache of their common prefix (``workbench.probes.token_scoring``). So there is at most
+one model call per byte, and none at bytes where no followed tokenization ends; on English
+prose with SmolLM2 we measure about 0.5 calls per byte (``benchmarks/byte_level.py``). The
+paper's algorithm (their reference implementation) runs the model once per byte on the
+canonical encoding of the prefix, re-running the tokens after the last whitespace from a cache,
+plus one run per split point of the last word when it starts from a prompt: at least one call
+per byte, several tokens each.
+
+Dims: every distribution is a DataArray over ``byte`` (coordinate 0..255, with a readable
+``char`` coordinate); :meth:`ByteLevelModel.stream` returns a Dataset over (``pos``, ``byte``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import xarray as xr
+
+from ..models import ModelHandle
+from ..probes.token_scoring import PrefixTreeScorer, ScoredSequence, last_token_logprobs
+from ..vocab_bytes import UnsupportedTokenizerError, VocabBytes, printable_byte, vocab_bytes
+
+__all__ = [
+    "ByteLevelEnsemble",
+    "ByteLevelModel",
+    "UnsupportedTokenizerError",
+    "bits_per_byte",
+    "kl_divergence",
+    "naive_next_byte_distribution",
+    "start_context",
+    "token_healing_next_byte_distribution",
+    "total_variation",
+]
+
+BYTES = np.arange(256)
+_RECENT_STATES = 4  # queried states kept for reuse
+_PIN_BYTES = 256  # how far the cursor may run past a kept state before it is dropped
+BYTE_CHARS = [printable_byte(b) for b in range(256)]
+
+
+class ImpossiblePrefixError(ValueError):
+    """The model gives the byte prefix probability 0: no token sequence can spell it."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_bytes(prefix) -> bytes:
+    if isinstance(prefix, str):
+        return prefix.encode("utf-8")
+    if isinstance(prefix, (bytes, bytearray, memoryview)):
+        return bytes(prefix)
+    raise TypeError(f"prefix must be str or bytes, got {type(prefix).__name__}.")
+
+
+def _distribution(values: np.ndarray, name: str, attrs: dict) -> xr.DataArray:
+    """A (byte,) DataArray with the byte value and a readable character as coordinates."""
+    return xr.DataArray(
+        np.asarray(values, dtype=np.float64),
+        dims=("byte",),
+        coords={"byte": BYTES, "char": ("byte", BYTE_CHARS)},
+        name=name,
+        attrs=attrs,
+    )
+
+
+def _logsumexp(values) -> float:
+    values = [v for v in values if v != -math.inf]
+    if not values:
+        return -math.inf
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def start_context(handle: ModelHandle) -> list[int]:
+    """Token ids every text is conditioned on: the tokenizer's own start tokens, else ``<|endoftext|>``, else EOS."""
+    tok = handle.tokenizer
+    with_special = tok("a", add_special_tokens=True)["input_ids"]
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    if len(with_special) > len(plain) and with_special[len(with_special) - len(plain) :] == plain:
+        return list(with_special[: len(with_special) - len(plain)])
+    vocab = tok.get_vocab()
+    if "<|endoftext|>" in vocab:
+        return [vocab["<|endoftext|>"]]
+    for attr in ("eos_token_id", "bos_token_id"):
+        if getattr(tok, attr, None) is not None:
+            return [getattr(tok, attr)]
+    raise UnsupportedTokenizerError(
+        f"{handle.name}: its tokenizer adds no start token and has no <|endoftext|>, EOS or BOS token to start a text "
+        "with; pass context_ids=[...] explicitly."
+    )
+
+
+def _byte_token_probs(logprobs: np.ndarray, vocab: VocabBytes) -> tuple[np.ndarray, float]:
+    """Next-token probabilities over the byte tokens in sorted-bytes order, renormalised; and the special mass."""
+    p = np.exp(logprobs.astype(np.float64))
+    ids = vocab.sorted_ids
+    inside = ids < p.shape[0]
+    q = np.where(inside, p[np.minimum(ids, p.shape[0] - 1)], 0.0)
+    total, everything = q.sum(), p.sum()
+    if total <= 0:
+        raise ValueError("the model puts no probability on any byte-producing token; cannot continue the text.")
+    return q / total, max(0.0, (everything - total) / everything)
+
+
+def _encode_bytes(handle: ModelHandle, vocab: VocabBytes, data: bytes) -> list[int]:
+    """The tokenizer's encoding of ``data``; bytes that are not valid UTF-8 become single-byte tokens."""
+    ids: list[int] = []
+    pos = 0
+    while pos < len(data):
+        try:
+            text = data[pos:].decode("utf-8")
+            ids += handle.tokenizer(text, add_special_tokens=False)["input_ids"]
+            break
+        except UnicodeDecodeError as err:
+            if err.start:
+                ids += handle.tokenizer(data[pos : pos + err.start].decode("utf-8"), add_special_tokens=False)[
+                    "input_ids"
+                ]
+            bad = data[pos + err.start]
+            single = vocab.tokens_equal_to(bytes([bad]))
+            if not single:
+                raise ImpossiblePrefixError(
+                    f"{handle.name}: byte 0x{bad:02X} at offset {pos + err.start} is not valid UTF-8 and the "
+                    "vocabulary has no single-byte token for it, so the prefix cannot be encoded."
+                ) from None
+            ids.append(single[0])
+            pos += err.start + 1
+    return ids
+
+
+# --------------------------------------------------------------------------- the exact model
+
+
+@dataclass(eq=False)
+class _Tokenization:
+    """A token sequence spelling exactly ``x[:pos]``, with its probability and next-token distribution."""
+
+    seq: ScoredSequence
+    pos: int
+    logp: float  # log P(tokens after the context), under the byte-token-conditioned model q
+    q: np.ndarray  # next-token probabilities over byte tokens, sorted-bytes order
+    p_special: float  # raw probability of a special token next
+    lo: int = 0  # run of tokens starting with x[pos:n] (n = current prefix length)
+    hi: int = 0
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return self.seq.ids
+
+
+@dataclass(eq=False)
+class _State:
+    """Everything known at one cut point ``x``: the tokenizations still followed and ``log P(x)``."""
+
+    prefix: bytes
+    alive: list  # _Tokenization whose run for x[pos:n] is non-empty (pos == n: all tokens)
+    parents: list  # (_Tokenization, lo, hi) of every cover of x (pos < n), for covers()
+    logp: float  # log P(x), over the covers of followed tokenizations
+    pruned_logmass: float  # log of the total probability of every tokenization pruned so far
+    pruned_fraction: float  # posterior of the tokenizations ending at n that were pruned
+    calls: int = 0
+    _dist: object = field(default=None, repr=False)
+
+
+class ByteLevelModel:
+    """A tokenized language model read as an exact language model over bytes.
+
+    "Exact Byte-Level Probabilities from Tokenized Language Models for FIM-Tasks and Model
+    Ensembles" (Phan et al., 2024): ``P(b | x) = P(x b) / P(x)`` with ``P(x)`` summed over cover
+    encodings (see the module docstring for which covers, pruning and end of text).
+
+    ``prune``: posterior below which a tokenization is not followed (0: follow all).
+    ``max_hypotheses``: most tokenizations followed at once (None: no limit).
+    ``context_ids``: tokens every text is conditioned on (default :func:`start_context`).
+    :attr:`calls` counts model forward passes.
+    """
+
+    def __init__(
+        self,
+        handle: ModelHandle,
+        prune: float = 1e-5,
+        max_hypotheses: int | None = 32,
+        context_ids=None,
+    ):
+        if not 0 <= prune < 1:
+            raise ValueError(f"prune must be in [0, 1), got {prune}.")
+        if max_hypotheses is not None and max_hypotheses < 1:
+            raise ValueError(f"max_hypotheses must be >= 1 or None, got {max_hypotheses}.")
+        self.handle = handle
+        self.vocab = vocab_bytes(handle.tokenizer)
+        self.prune = float(prune)
+        self.max_hypotheses = max_hypotheses
+        self.context_ids = list(context_ids) if context_ids is not None else start_context(handle)
+        self._scorer = PrefixTreeScorer(handle)
+        self._first_byte = self.vocab.byte_matrix[0]
+        self._cursor: _State | None = None
+        # Recently queried states, so that several continuations of one prefix reuse its work. They
+        # keep the scorer's shared trunk from growing past their tokenizations while the cursor is
+        # within _PIN_BYTES of them.
+        self._recent: dict[bytes, _State] = {}
+
+    @property
+    def name(self) -> str:
+        return self.handle.name
+
+    @property
+    def calls(self) -> int:
+        """Model forward passes run so far."""
+        return self._scorer.calls
+
+    @property
+    def positions(self) -> int:
+        """Token positions run so far (a call scoring k tokenizations runs k positions)."""
+        return self._scorer.positions
+
+    # ------------------------------------------------------------------ state machine
+
+    def _new_tokenization(self, seq: ScoredSequence, pos: int, logp: float) -> _Tokenization:
+        q, p_special = _byte_token_probs(seq.logprobs, self.vocab)
+        return _Tokenization(seq, pos, logp, q, p_special, 0, self.vocab.n_byte_tokens)
+
+    def _root(self) -> _State:
+        seq = self._scorer.start(self.context_ids)
+        root = self._new_tokenization(seq, 0, 0.0)
+        state = _State(b"", [root], [], 0.0, -math.inf, 0.0, calls=self.calls)
+        self._cursor = state
+        self._recent.clear()  # a new scorer session: every earlier tokenization's cache is gone
+        return state
+
+    def _usable(self, state: _State | None) -> bool:
+        return state is not None and all(self._scorer.usable(h.seq) for h in state.alive)
+
+    def _state_for(self, prefix: bytes, remember: bool = True) -> _State:
+        """The state at ``prefix``, walked from the longest usable known state that ``prefix`` extends."""
+        known = [s for s in [self._cursor, *self._recent.values()] if s is not None and prefix.startswith(s.prefix)]
+        known = [s for s in sorted(known, key=lambda s: -len(s.prefix)) if self._usable(s)]
+        state = known[0] if known else self._root()
+        self._cursor = state
+        for b in prefix[len(state.prefix) :]:
+            state = self._advance(state, b)
+        if remember:
+            self._recent.pop(prefix, None)
+            self._recent[prefix] = state
+            while len(self._recent) > _RECENT_STATES:
+                self._recent.pop(next(iter(self._recent)))
+        return state
+
+    def _advance(self, state: _State, byte: int) -> _State:
+        vocab = self.vocab
+        x = state.prefix + bytes([byte])
+        n = len(x)
+        survivors, parents, masses, candidates = [], [], [], []
+        for h in state.alive:
+            s = x[h.pos :]
+            lo, hi = vocab.prefix_range(s, h.lo, h.hi)
+            if lo == hi:
+                continue
+            mass = float(h.q[lo:hi].sum())
+            if mass > 0:
+                masses.append(h.logp + math.log(mass))
+            parents.append((h, lo, hi))
+            exact = vocab.tokens_equal_to(s)
+            for t in exact:
+                qt = h.q[vocab.rank[t]]
+                if qt > 0:
+                    candidates.append((h.logp + math.log(qt), h, t))
+            if hi - lo > len(exact):
+                survivors.append(_Tokenization(h.seq, h.pos, h.logp, h.q, h.p_special, lo, hi))
+        logp = _logsumexp(masses)
+        if logp == -math.inf:
+            raise ImpossiblePrefixError(
+                f"{self.name}: no token sequence spells {x[-40:]!r}: byte 0x{byte:02X} at offset {n - 1} cannot "
+                f"follow the {n - 1} bytes before it (probability 0)."
+            )
+        # Shares of P(x): a new tokenization ending at n carries P(h) q(t | h); an older one carries
+        # the covers whose last token runs past n. Together with what is pruned they add up to P(x).
+        floor = logp + math.log(self.prune) if self.prune > 0 else -math.inf
+        ranked = [(lp, "new", (h, t)) for lp, h, t in candidates if lp >= floor]
+        pruned = [lp for lp, _, _ in candidates if lp < floor]
+        for h in survivors:
+            start = h.lo + len(vocab.tokens_equal_to(x[h.pos :]))
+            longer = float(h.q[start : h.hi].sum())
+            ranked.append((h.logp + math.log(longer) if longer > 0 else -math.inf, "old", h))
+        ranked.sort(key=lambda r: -r[0])
+        if not ranked and candidates:  # never lose every tokenization: keep the most probable
+            best = max(candidates, key=lambda c: c[0])
+            ranked, pruned = [(best[0], "new", (best[1], best[2]))], [c[0] for c in candidates if c is not best]
+        if self.max_hypotheses is not None and len(ranked) > self.max_hypotheses:
+            pruned += [r[0] for r in ranked[self.max_hypotheses :]]
+            ranked = ranked[: self.max_hypotheses]
+        survivors = [r[2] for r in ranked if r[1] == "old"]
+        kept = [(r[0], *r[2]) for r in ranked if r[1] == "new"]
+        scored = self._scorer.extend([(h.seq, t) for _, h, t in kept])
+        children = [self._new_tokenization(seq, n, lp) for seq, (lp, _, _) in zip(scored, kept)]
+        alive = survivors + children
+        for key in [k for k, st in self._recent.items() if n - len(st.prefix) > _PIN_BYTES]:
+            del self._recent[key]
+        pinned = [h.seq for st in self._recent.values() for h in st.alive if self._scorer.usable(h.seq)]
+        self._scorer.commit([h.seq for h in alive] + pinned)
+        pruned_here = _logsumexp(pruned)
+        new = _State(
+            prefix=x,
+            alive=alive,
+            parents=parents,
+            logp=logp,
+            pruned_logmass=float(np.logaddexp(state.pruned_logmass, pruned_here)),
+            pruned_fraction=math.exp(pruned_here - logp) if pruned else 0.0,
+            calls=self.calls,
+        )
+        self._cursor = new
+        return new
+
+    def _next_byte(self, state: _State) -> tuple[np.ndarray, dict]:
+        """Unnormalised next-byte masses (relative to the best tokenization) and the structurally possible bytes."""
+        if state._dist is not None:
+            return state._dist
+        vocab, n = self.vocab, len(state.prefix)
+        ref = max(h.logp for h in state.alive)
+        num = np.zeros(256)
+        possible = np.zeros(256, dtype=bool)
+        end = 0.0
+        for h in state.alive:
+            w = math.exp(h.logp - ref)
+            m = n - h.pos
+            if m == 0:
+                num += w * np.bincount(self._first_byte, weights=h.q, minlength=256)
+                possible |= vocab.producible_first_bytes()
+                end += w * h.p_special
+                continue
+            start = h.lo + len(vocab.tokens_equal_to(state.prefix[h.pos :]))
+            if start >= h.hi:
+                continue
+            column = vocab.byte_matrix[m, start : h.hi]
+            num += w * np.bincount(column, weights=h.q[start : h.hi], minlength=256)
+            possible[np.unique(column)] = True
+        total_prefix = math.exp(state.logp - ref) if n else 1.0
+        info = {"ref": ref, "possible": possible, "p_end_of_text": end / total_prefix if total_prefix > 0 else 0.0}
+        state._dist = (num, info)
+        return state._dist
+
+    def _attrs(self, state: _State, method: str = "exact") -> dict:
+        _, info = self._next_byte(state)
+        impossible = [int(b) for b in np.flatnonzero(~info["possible"])]
+        return {
+            "method": method,
+            "model": self.name,
+            "prefix": state.prefix.decode("utf-8", errors="backslashreplace"),
+            "prefix_bytes": len(state.prefix),
+            "context_ids": list(self.context_ids),
+            "prune": self.prune,
+            "max_hypotheses": -1 if self.max_hypotheses is None else self.max_hypotheses,
+            "prefix_logprob": state.logp,
+            "p_end_of_text": info["p_end_of_text"],
+            "pruned_fraction": state.pruned_fraction,
+            "pruned_logmass": state.pruned_logmass,
+            "n_tokenizations": len(state.alive),
+            "impossible_bytes": impossible,
+            "note": "bytes in impossible_bytes have probability 0: no token sequence of this vocabulary can spell "
+            "them after this prefix",
+        }
+
+    # ------------------------------------------------------------------ public API
+
+    def next_byte_distribution(self, prefix) -> xr.DataArray:
+        """Exact ``P(b | prefix)`` for all 256 bytes, a (byte,) DataArray summing to 1.
+
+        ``prefix``: str (UTF-8) or bytes, any cut (empty: the first-byte distribution).
+        ``P(b | x) = P(x b) / sum_b' P(x b')`` with ``P`` the cover sum of the module docstring.
+        attrs: ``p_end_of_text`` (not part of the 256), ``impossible_bytes``, ``prefix_logprob``,
+        pruning figures.
+        """
+        state = self._state_for(_as_bytes(prefix))
+        num, _ = self._next_byte(state)
+        return _distribution(num / num.sum(), "next_byte_probability", self._attrs(state))
+
+    def prefix_logprob(self, prefix) -> float:
+        """``log P(x)`` (nats): the probability that the text starts with ``x``, summed over its cover encodings."""
+        return self._state_for(_as_bytes(prefix)).logp
+
+    def covers(self, prefix) -> list[tuple[tuple[int, ...], tuple[str, ...], float]]:
+        """The cover encodings of ``prefix`` that are summed, most probable first.
+
+        Each is ``(token_ids, token_strings, logprob)``: ids and strings exclude the start context;
+        ``logprob = log P(tokens | context)`` under the byte-token-conditioned model. Their
+        probabilities add up to ``exp(prefix_logprob(prefix))``. The empty prefix has one cover,
+        the empty sequence.
+        """
+        state = self._state_for(_as_bytes(prefix))
+        if not state.prefix:
+            return [((), (), 0.0)]
+        out = []
+        skip = len(self.context_ids)
+        for h, lo, hi in state.parents:
+            body = h.token_ids[skip:]
+            for k in range(lo, hi):
+                if h.q[k] <= 0:
+                    continue
+                t = int(self.vocab.sorted_ids[k])
+                ids = body + (t,)
+                out.append((ids, tuple(self.vocab.token_string(i) for i in ids), h.logp + math.log(h.q[k])))
+        out.sort(key=lambda c: -c[2])
+        return out
+
+    def _walk(self, data: bytes):
+        """Yield ``(pos, state before the byte, numerator, info, state after)`` along ``data``, from the root."""
+        state = self._root()
+        for i, b in enumerate(data):
+            num, info = self._next_byte(state)
+            after = self._advance(state, b)
+            yield i, state, num, info, after
+            state = after
+
+    def iter_stream(self, text):
+        """Yield the exact next-byte distribution (a (byte,) DataArray) at each cut point 0..len(text)-1, reusing state."""
+        for _, state, num, _, _ in self._walk(_as_bytes(text)):
+            yield _distribution(num / num.sum(), "next_byte_probability", self._attrs(state))
+
+    def stream(self, text, progress: bool = False) -> xr.Dataset:
+        """Walk the cut point along ``text`` byte by byte: the exact next-byte distribution at every position.
+
+        Reuses every tokenization and the KV cache from one byte to the next. Dims (pos, byte):
+        ``probability[pos, b] = P(b | text[:pos])``; ``logprob[pos] = log P(text[pos] | text[:pos])``;
+        ``prefix_logprob[pos] = log P(text[:pos + 1])`` from covers; ``pruned_fraction[pos]`` (posterior
+        pruned at cut pos, what the 256 were renormalised over); ``p_end_of_text``, ``n_tokenizations``,
+        ``calls`` (model calls made, cumulative, once the distribution at pos is known).
+        Chain rule: ``logprob.sum() == prefix_logprob[-1] - log1p(-pruned_fraction).sum()``.
+        """
+        data = _as_bytes(text)
+        if not data:
+            raise ValueError(
+                "stream() needs a non-empty text; for the first-byte distribution use next_byte_distribution('')."
+            )
+        n = len(data)
+        probs = np.zeros((n, 256))
+        prefix_lp, pruned, p_end, n_tok = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
+        calls = np.zeros(n, dtype=np.int64)
+        start_calls, start_positions = self.calls, self.positions
+        walk = self._walk(data)
+        if progress:
+            from tqdm.auto import tqdm
+
+            walk = tqdm(walk, total=n, desc=f"exact next-byte ({self.name})", unit="B")
+        for i, state, num, info, after in walk:
+            probs[i] = num / num.sum()
+            pruned[i] = state.pruned_fraction
+            p_end[i] = info["p_end_of_text"]
+            n_tok[i] = len(state.alive)
+            calls[i] = state.calls - start_calls
+            prefix_lp[i] = after.logp
+        with np.errstate(divide="ignore"):
+            logprob = np.log(probs[np.arange(n), np.frombuffer(data, dtype=np.uint8)])
+        total_calls = self.calls - start_calls
+        return xr.Dataset(
+            {
+                "probability": (("pos", "byte"), probs),
+                "logprob": ("pos", logprob),
+                "prefix_logprob": ("pos", prefix_lp),
+                "pruned_fraction": ("pos", pruned),
+                "p_end_of_text": ("pos", p_end),
+                "n_tokenizations": ("pos", n_tok),
+                "calls": ("pos", calls),
+            },
+            coords={
+                "pos": np.arange(n),
+                "byte": BYTES,
+                "char": ("byte", BYTE_CHARS),
+                "target": ("pos", np.frombuffer(data, dtype=np.uint8).astype(np.int64)),
+                "target_char": ("pos", [BYTE_CHARS[b] for b in data]),
+            },
+            attrs={
+                "method": "exact",
+                "model": self.name,
+                "text": data.decode("utf-8", errors="backslashreplace"),
+                "n_bytes": n,
+                "context_ids": list(self.context_ids),
+                "prune": self.prune,
+                "max_hypotheses": -1 if self.max_hypotheses is None else self.max_hypotheses,
+                "calls": total_calls,
+                "calls_per_byte": total_calls / n,
+                "positions_per_byte": (self.positions - start_positions) / n,
+                "pruned_logmass": self._cursor.pruned_logmass,
+            },
+        )
+
+    def sample(self, prefix=b"", n_bytes: int = 32, seed: int = 0, temperature: float = 1.0) -> bytes:
+        """Draw ``n_bytes`` bytes after ``prefix`` from the exact next-byte distribution (seeded)."""
+        if n_bytes < 0:
+            raise ValueError(f"n_bytes must be >= 0, got {n_bytes}.")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        rng = np.random.default_rng(seed)
+        state = self._state_for(_as_bytes(prefix))
+        out = bytearray()
+        for _ in range(n_bytes):
+            num, _ = self._next_byte(state)
+            p = num / num.sum()
+            if temperature != 1.0:
+                p = np.where(p > 0, p ** (1.0 / temperature), 0.0)
+                p /= p.sum()
+            b = int(rng.choice(256, p=p))
+            out.append(b)
+            state = self._advance(state, b)
+        return bytes(out)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def _context(handle: ModelHandle, context_ids) -> list[int]:
+    return list(context_ids) if context_ids is not None else start_context(handle)
+
+
+def _baseline_attrs(handle, method, data, context, p_special, possible, **extra) -> dict:
+    return {
+        "method": method,
+        "model": handle.name,
+        "prefix": data.decode("utf-8", errors="backslashreplace"),
+        "prefix_bytes": len(data),
+        "context_ids": list(context),
+        "p_end_of_text": float(p_special),
+        "impossible_bytes": [int(b) for b in np.flatnonzero(~possible)],
+        "note": "bytes in impossible_bytes have probability 0: no token of this vocabulary continues the prefix "
+        "with them under this method",
+        **extra,
+    }
+
+
+def naive_next_byte_distribution(handle: ModelHandle, prefix, context_ids=None) -> xr.DataArray:
+    """The biased baseline: encode the prefix, take the next-token distribution, collapse it onto first bytes.
+
+    Phan et al., "Exact Byte-Level Probabilities from Tokenized Language Models for FIM-Tasks and
+    Model Ensembles" (the tokenization bias this shows):
+    ``P_naive(b | x) = sum_{t : bytes(t)[0] = b} q(t | context, encode(x))`` with ``q`` the next-token
+    distribution renormalised over byte tokens (as in :class:`ByteLevelModel`). Bytes of an
+    incomplete UTF-8 character at the end are encoded as single-byte tokens. One model call.
+    Dims: -> (byte,).
+    """
+    data = _as_bytes(prefix)
+    vocab = vocab_bytes(handle.tokenizer)
+    context = _context(handle, context_ids)
+    ids = context + _encode_bytes(handle, vocab, data)
+    q, p_special = _byte_token_probs(last_token_logprobs(handle, ids), vocab)
+    values = np.bincount(vocab.byte_matrix[0], weights=q, minlength=256)
+    attrs = _baseline_attrs(handle, "naive", data, context, p_special, vocab.producible_first_bytes(),
+                            n_prompt_tokens=len(ids) - len(context))
+    return _distribution(values / values.sum(), "next_byte_probability", attrs)
+
+
+def token_healing_next_byte_distribution(handle: ModelHandle, prefix, context_ids=None) -> xr.DataArray:
+    """Token healing: back off the prefix's last token and constrain the next token to start with its bytes.
+
+    "Token Alignment via Character Matching for Subword Completion" / Guidance's token healing,
+    as compared in Phan et al., "Exact Byte-Level Probabilities from Tokenized Language Models
+    for FIM-Tasks and Model Ensembles". With ``encode(x) = e_1..e_k`` and ``r = bytes(e_k)``, the
+    first generated token is drawn from ``q(. | context, e_<k)`` restricted to tokens whose bytes
+    start with ``r``; the next byte is that token's byte after ``r``, or, if the token is ``e_k``
+    itself, the first byte of the token after it (the naive distribution):
+
+        P_heal(b | x) = [ sum_{t : bytes(t) = r b ...} q(t | e_<k) + q(e_k | e_<k) P_naive(b | x) ]
+                        / sum_{t : bytes(t) starts with r, t != other tokens spelling exactly r} q(t | e_<k)
+
+    Two model calls (one when the prefix is empty: then it is the naive distribution). Dims: -> (byte,).
+    """
+    data = _as_bytes(prefix)
+    vocab = vocab_bytes(handle.tokenizer)
+    context = _context(handle, context_ids)
+    encoded = _encode_bytes(handle, vocab, data)
+    naive = naive_next_byte_distribution(handle, data, context)
+    if not encoded:
+        naive.attrs["method"] = "token_healing"
+        return naive
+    last = encoded[-1]
+    r = vocab.token_bytes[last]
+    q, p_special = _byte_token_probs(last_token_logprobs(handle, context + encoded[:-1]), vocab)
+    lo, hi = vocab.prefix_range(r)
+    n_exact = len(vocab.tokens_equal_to(r))
+    longer = np.bincount(vocab.byte_matrix[len(r), lo + n_exact : hi], weights=q[lo + n_exact : hi], minlength=256)
+    q_last = q[vocab.rank[last]]
+    values = longer + q_last * naive.values
+    possible = np.zeros(256, dtype=bool)
+    possible[np.unique(vocab.byte_matrix[len(r), lo + n_exact : hi])] = True
+    if q_last > 0:
+        possible |= np.asarray(naive.values > 0) | vocab.producible_first_bytes()
+    attrs = _baseline_attrs(handle, "token_healing", data, context, p_special, possible,
+                            backed_off_token=vocab.token_string(last), p_backed_off_token=float(q_last / (values.sum())))
+    return _distribution(values / values.sum(), "next_byte_probability", attrs)
+
+
+# --------------------------------------------------------------------------- comparing distributions
+
+
+def _reduce(result):
+    return float(result) if result.ndim == 0 else result
+
+
+def total_variation(p: xr.DataArray, q: xr.DataArray):
+    """Total variation distance between next-byte distributions, ``TV = 1/2 sum_b |p(b) - q(b)|``.
+
+    Dims: (..., byte) x (..., byte) -> (...) (a float when nothing is left).
+    """
+    return _reduce(0.5 * abs(p - q).sum("byte"))
+
+
+def kl_divergence(p: xr.DataArray, q: xr.DataArray):
+    """Kullback-Leibler divergence ``KL(p || q) = sum_b p(b) log(p(b) / q(b))`` in nats (inf where q = 0 < p).
+
+    Dims: (..., byte) x (..., byte) -> (...) (a float when nothing is left).
+    """
+    p, q = xr.align(p, q, join="exact")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = xr.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
+    return _reduce(terms.sum("byte"))
+
+
+def bits_per_byte(model, text) -> float:
+    """Bits per byte of ``text`` under a byte-level model or ensemble: ``-sum_i log2 P(x_i | x_<i) / n``.
+
+    Dims: text of n bytes -> scalar.
+    """
+    data = _as_bytes(text)
+    ds = model.stream(data)
+    return float(-ds["logprob"].sum() / (len(data) * math.log(2)))
+
+
+# --------------------------------------------------------------------------- ensembles
+
+
+class ByteLevelEnsemble:
+    """Several byte-level models, possibly with different vocabularies, mixed in byte space.
+
+    Phan et al., "Exact Byte-Level Probabilities from Tokenized Language Models for FIM-Tasks
+    and Model Ensembles": once each model is an exact byte-level model, models with different
+    tokenizers share one output space, the 256 bytes, and can be averaged at every step:
+    ``P_ens(b | x) = sum_k w_k P_k(b | x)`` (weights normalised to 1; equal by default).
+    Dims: -> (byte,) per prefix; :meth:`stream` -> (pos, byte) and (member, pos, byte).
+    """
+
+    def __init__(self, models, weights=None):
+        self.models = list(models)
+        if not self.models:
+            raise ValueError("ByteLevelEnsemble needs at least one ByteLevelModel.")
+        for m in self.models:
+            if not isinstance(m, ByteLevelModel):
+                raise TypeError(f"ByteLevelEnsemble takes ByteLevelModel objects, got {type(m).__name__}.")
+        w = np.ones(len(self.models)) if weights is None else np.asarray(weights, dtype=np.float64)
+        if w.shape != (len(self.models),) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(
+                f"weights must be {len(self.models)} non-negative numbers with a positive sum, got {weights!r}."
+            )
+        self.weights = w / w.sum()
+        self.members = [f"{i}:{m.name}" for i, m in enumerate(self.models)]
+
+    @property
+    def name(self) -> str:
+        return "ensemble(" + ", ".join(m.name for m in self.models) + ")"
+
+    @property
+    def calls(self) -> int:
+        """Model forward passes of all members."""
+        return sum(m.calls for m in self.models)
+
+    def next_byte_distribution(self, prefix) -> xr.DataArray:
+        """``P_ens(b | prefix) = sum_k w_k P_k(b | prefix)``, a (byte,) DataArray summing to 1."""
+        dists = [m.next_byte_distribution(prefix) for m in self.models]
+        values = sum(w * d.values for w, d in zip(self.weights, dists))
+        attrs = {
+            "method": "ensemble",
+            "model": self.name,
+            "members": self.members,
+            "weights": [float(w) for w in self.weights],
+            "prefix": dists[0].attrs["prefix"],
+            "impossible_bytes": [int(b) for b in np.flatnonzero(values == 0)],
+        }
+        return _distribution(values, "next_byte_probability", attrs)
+
+    def stream(self, text, progress: bool = False) -> xr.Dataset:
+        """The mixture's next-byte distribution at every cut point of ``text`` (see :meth:`ByteLevelModel.stream`)."""
+        data = _as_bytes(text)
+        runs = [m.stream(data, progress=progress) for m in self.models]
+        member_prob = np.stack([r["probability"].values for r in runs])
+        probs = np.tensordot(self.weights, member_prob, axes=1)
+        n = len(data)
+        with np.errstate(divide="ignore"):
+            logprob = np.log(probs[np.arange(n), np.frombuffer(data, dtype=np.uint8)])
+        calls = sum(r.attrs["calls"] for r in runs)
+        ds = xr.Dataset(
+            {
+                "probability": (("pos", "byte"), probs),
+                "logprob": ("pos", logprob),
+                "member_probability": (("member", "pos", "byte"), member_prob),
+                "member_logprob": (("member", "pos"), np.stack([r["logprob"].values for r in runs])),
+            },
+            coords={"member": self.members, "weight": ("member", self.weights), **{k: runs[0].coords[k] for k in
+                    ("pos", "byte", "char", "target", "target_char")}},
+            attrs={
+                "method": "ensemble",
+                "model": self.name,
+                "text": runs[0].attrs["text"],
+                "n_bytes": n,
+                "calls": calls,
+                "calls_per_byte": calls / n,
+            },
+        )
+        return ds
+
+    def prefix_logprob(self, prefix) -> float:
+        """``log P_ens(x) = sum_i log P_ens(x_i | x_<i)`` (the mixture defines its own byte process)."""
+        data = _as_bytes(prefix)
+        return 0.0 if not data else float(self.stream(data)["logprob"].sum())
+
+    def sample(self, prefix=b"", n_bytes: int = 32, seed: int = 0, temperature: float = 1.0) -> bytes:
+        """Draw ``n_bytes`` bytes after ``prefix`` from the mixture's next-byte distribution (seeded)."""
+        if n_bytes < 0:
+            raise ValueError(f"n_bytes must be >= 0, got {n_bytes}.")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        rng = np.random.default_rng(seed)
+        data = _as_bytes(prefix)
+        out = bytearray()
+        for _ in range(n_bytes):
+            p = self.next_byte_distribution(data + bytes(out)).values
+            if temperature != 1.0:
+                p = np.where(p > 0, p ** (1.0 / temperature), 0.0)
+                p /= p.sum()
+            out.append(int(rng.choice(256, p=p)))
+        return bytes(out)

@@ -1,0 +1,249 @@
+"""Next-token log-probabilities for a growing tree of token sequences, reusing the KV cache.
+
+Exact byte-level probabilities (``workbench.analyses.byte_level``) follow many token
+sequences at once: every tokenization of the text read so far that still has non-negligible
+probability. They share a long common prefix (the context and the text tokenized so far) and
+differ in their last few tokens. :class:`PrefixTreeScorer` keeps
+
+- one *trunk* KV cache for the longest prefix shared by every sequence still followed, and
+- for each scored sequence, the keys and values of its own tokens after the trunk,
+
+so scoring a batch of one-token extensions ``(sequence, token)`` is **one** forward pass of one
+token per row: each row's cache is the trunk plus that sequence's own keys, left-padded to a
+common length (pads masked; real keys stay contiguous, so causal and sliding-window masks,
+which Hugging Face builds from cache indices, see the true distances; rotary positions are
+passed explicitly). :attr:`PrefixTreeScorer.calls` counts forward passes and
+:attr:`PrefixTreeScorer.positions` the token positions they ran.
+
+Caches are transformers 5 ``DynamicCache`` objects built from full (non-sliding) layers, so
+Gemma 3's sliding-window layers keep every key and the window is applied by the mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..models import ModelHandle
+
+
+class StaleSequenceError(RuntimeError):
+    """A scored sequence was extended after the scorer moved its trunk past it (it was not kept)."""
+
+
+@dataclass(eq=False)
+class ScoredSequence:
+    """A token sequence with its next-token log-probabilities ``(vocab,)`` (log-softmax, float32 or finer).
+
+    ``ids``: the whole sequence, context included. Its keys/values after the scorer's trunk are
+    held privately (``_keys[layer]``: (kv_heads, n, head_dim)) so that extensions need one token.
+    """
+
+    ids: tuple[int, ...]
+    logprobs: np.ndarray
+    _keys: list = field(repr=False, default_factory=list)
+    _values: list = field(repr=False, default_factory=list)
+    _base: int = field(repr=False, default=0)  # trunk length its private keys start at
+    _session: int = field(repr=False, default=0)
+
+
+class PrefixTreeScorer:
+    """Score one-token extensions of many sequences that share a prefix, in one batched forward pass.
+
+    >>> scorer = PrefixTreeScorer(handle)
+    >>> root = scorer.start([bos])                  # one forward pass over the context
+    >>> kids = scorer.extend([(root, 42), (root, 7)])   # one forward pass, two rows
+    >>> scorer.commit(kids)                         # their common prefix becomes the shared trunk
+
+    A sequence can be extended as long as it starts with the trunk (see :meth:`commit`).
+    """
+
+    def __init__(self, handle: ModelHandle):
+        self.handle = handle
+        self.calls = 0
+        self.positions = 0
+        self._session = 0  # bumped by start(): sequences of an earlier session are gone
+        self._trunk_ids: tuple[int, ...] = ()
+        self._trunk_k: list[torch.Tensor] = []  # per layer (kv_heads, capacity, head_dim)
+        self._trunk_v: list[torch.Tensor] = []
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def trunk_length(self) -> int:
+        """Number of tokens in the shared trunk cache."""
+        return len(self._trunk_ids)
+
+    def start(self, context_ids) -> ScoredSequence:
+        """Forget every sequence and score ``context_ids`` from scratch (one forward pass)."""
+        ids = tuple(int(t) for t in context_ids)
+        if not ids:
+            raise ValueError("context_ids is empty: the model needs at least one token to condition on (e.g. BOS).")
+        self._session += 1
+        self._trunk_ids, self._trunk_k, self._trunk_v = (), [], []
+        input_ids = torch.tensor([ids], device=self.handle.device)
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        with torch.no_grad():
+            out = self.handle.hf_model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.calls += 1
+        self.positions += len(ids)
+        logprobs = _log_softmax(out.logits[0, -1]).cpu().numpy()
+        keys = [layer.keys[0] for layer in cache.layers]
+        values = [layer.values[0] for layer in cache.layers]
+        return ScoredSequence(ids, logprobs, keys, values, _base=0, _session=self._session)
+
+    def extend(self, requests) -> list[ScoredSequence]:
+        """Score ``sequence + (token,)`` for each ``(sequence, token)`` in one forward pass; returns them in order."""
+        requests = [(seq, int(tok)) for seq, tok in requests]
+        if not requests:
+            return []
+        for seq, _ in requests:
+            self._check_usable(seq)
+        trunk = self.trunk_length
+        own = [len(seq.ids) - trunk for seq, _ in requests]
+        width = max(own)
+        b = len(requests)
+        device = self.handle.device
+        cache_data = []
+        for layer in range(self._n_cache_layers(requests)):
+            ref = requests[0][0]._keys[layer] if own[0] else self._trunk_k[layer]
+            kv_heads, head_dim, dtype = ref.shape[0], ref.shape[-1], ref.dtype
+            keys = torch.zeros(b, kv_heads, width + trunk, head_dim, dtype=dtype, device=device)
+            values = torch.zeros_like(keys)
+            for i, (seq, _) in enumerate(requests):
+                start = width - own[i]
+                if trunk:
+                    keys[i, :, start : start + trunk] = self._trunk_k[layer][:, :trunk]
+                    values[i, :, start : start + trunk] = self._trunk_v[layer][:, :trunk]
+                if own[i]:
+                    skip = trunk - seq._base  # the trunk may have grown over the start of its private keys
+                    keys[i, :, start + trunk :] = seq._keys[layer][:, skip:]
+                    values[i, :, start + trunk :] = seq._values[layer][:, skip:]
+            cache_data.append((keys, values))
+        mask = torch.zeros(b, width + trunk + 1, dtype=torch.long, device=device)
+        for i in range(b):
+            mask[i, width - own[i] :] = 1
+        positions = torch.tensor([[trunk + own[i]] for i in range(b)], device=device)
+        tokens = torch.tensor([[tok] for _, tok in requests], device=device)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=cache_data)
+        with torch.no_grad():
+            out = self.handle.hf_model(
+                input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            )
+        self.calls += 1
+        self.positions += b
+        logprobs = _log_softmax(out.logits[:, -1]).cpu().numpy()
+        results = []
+        for i, (seq, tok) in enumerate(requests):
+            skip = trunk - seq._base
+            keys = [torch.cat([s[:, skip:], layer.keys[i, :, -1:]], dim=1) if own[i] else layer.keys[i, :, -1:].clone()
+                    for s, layer in zip(seq._keys or [None] * len(cache.layers), cache.layers)]
+            values = [
+                torch.cat([s[:, skip:], layer.values[i, :, -1:]], dim=1) if own[i] else layer.values[i, :, -1:].clone()
+                for s, layer in zip(seq._values or [None] * len(cache.layers), cache.layers)
+            ]
+            results.append(ScoredSequence(seq.ids + (tok,), logprobs[i], keys, values, trunk, self._session))
+        return results
+
+    def commit(self, keep) -> None:
+        """Move the longest common prefix of ``keep`` into the shared trunk.
+
+        Afterwards a sequence can be extended only if it starts with the trunk, so pass every
+        sequence you may extend again. Its own keys are never rewritten, only read from a later offset.
+        """
+        keep = list(keep)
+        if not keep:
+            return
+        for seq in keep:
+            self._check_usable(seq)
+        common = _common_prefix_length([seq.ids for seq in keep])
+        grow = common - self.trunk_length
+        if grow <= 0:
+            return
+        donor = keep[0]
+        skip = self.trunk_length - donor._base
+        self._append_trunk([k[:, skip : skip + grow] for k in donor._keys],
+                           [v[:, skip : skip + grow] for v in donor._values])
+        self._trunk_ids = donor.ids[:common]
+
+    def usable(self, seq: ScoredSequence) -> bool:
+        """Whether ``seq`` can still be extended: same session, and it starts with the trunk."""
+        return seq._session == self._session and seq.ids[: self.trunk_length] == self._trunk_ids
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_usable(self, seq: ScoredSequence) -> None:
+        if not self.usable(seq):
+            raise StaleSequenceError(
+                f"the sequence of {len(seq.ids)} tokens no longer starts with the shared trunk of "
+                f"{self.trunk_length} tokens (or belongs to an earlier start()), so its cache is gone; pass every "
+                "sequence you will extend again to commit()."
+            )
+
+    def _n_cache_layers(self, requests) -> int:
+        for seq, _ in requests:
+            if seq._keys:
+                return len(seq._keys)
+        return len(self._trunk_k)
+
+    def _append_trunk(self, keys, values) -> None:
+        n_old = self.trunk_length
+        n_new = n_old + keys[0].shape[1]
+        if not self._trunk_k or self._trunk_k[0].shape[1] < n_new:
+            capacity = max(64, 2 * n_new)
+            grown_k, grown_v = [], []
+            for layer, k in enumerate(keys):
+                buf_k = torch.empty(k.shape[0], capacity, k.shape[2], dtype=k.dtype, device=k.device)
+                buf_v = torch.empty_like(buf_k)
+                if n_old:
+                    buf_k[:, :n_old] = self._trunk_k[layer][:, :n_old]
+                    buf_v[:, :n_old] = self._trunk_v[layer][:, :n_old]
+                grown_k.append(buf_k)
+                grown_v.append(buf_v)
+            self._trunk_k, self._trunk_v = grown_k, grown_v
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            self._trunk_k[layer][:, n_old:n_new] = k
+            self._trunk_v[layer][:, n_old:n_new] = v
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax in float32, or in the model's own precision when that is finer (float64 test models)."""
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def _common_prefix_length(sequences) -> int:
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for i in range(n):
+        t = first[i]
+        if any(s[i] != t for s in sequences):
+            return i
+    return n
+
+
+def last_token_logprobs(handle: ModelHandle, ids) -> np.ndarray:
+    """Log-probabilities ``(vocab,)`` of the token after ``ids`` (one plain forward pass, no cache kept)."""
+    ids = [int(t) for t in ids]
+    if not ids:
+        raise ValueError("ids is empty: the model needs at least one token to condition on (e.g. BOS).")
+    with torch.no_grad():
+        out = handle.hf_model(input_ids=torch.tensor([ids], device=handle.device), use_cache=False, logits_to_keep=1)
+    return _log_softmax(out.logits[0, -1]).cpu().numpy()
+
+
+def sequence_logprobs(handle: ModelHandle, ids) -> np.ndarray:
+    """Log-probability of each token of ``ids`` after the ones before it, ``(len(ids) - 1,)`` (one forward pass)."""
+    ids = [int(t) for t in ids]
+    if len(ids) < 2:
+        raise ValueError("sequence_logprobs needs at least two tokens (a context token and one to score).")
+    x = torch.tensor([ids], device=handle.device)
+    with torch.no_grad():
+        out = handle.hf_model(input_ids=x, use_cache=False)
+    logprobs = _log_softmax(out.logits[0, :-1])
+    return logprobs.gather(-1, x[0, 1:, None])[:, 0].cpu().numpy()
