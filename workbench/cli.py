@@ -105,6 +105,9 @@ def gallery(
         studies = sorted(p.name for p in EXTREME_TOKENS_DIR.glob("*") if (p / "run.zarr").exists())
         if studies:
             written += _write_extreme_token_gallery(studies, out)
+        laws = sorted(p.name for p in NEXT_TOKEN_LAW_DIR.glob("*") if (p / "pr.nc").exists())
+        if laws:
+            written += _write_next_token_law_gallery(laws, out)
     except _user_errors() as err:
         _fail(err)
     for path in written:
@@ -112,6 +115,7 @@ def gallery(
 
 
 EXTREME_TOKENS_DIR = Path("runs/extreme_tokens")
+NEXT_TOKEN_LAW_DIR = Path("runs/next_token_law")
 
 
 @app.command("extreme-tokens")
@@ -176,6 +180,62 @@ def _write_extreme_token_gallery(models: list[str], out: Path) -> list[Path]:
         "# Extreme-token phenomena in the embedded models\n\n"
         "Produced by `workbench extreme-tokens` from the bundled domain samples (prose, code, math, repeated);\n"
         "regenerate the figures from saved results with `workbench gallery`.\n\n"
+        f"{table}\n\n## Figures\n\n{figures}\n"
+    )
+    console.print(table)
+    return written
+
+
+@app.command("next-token-law")
+def next_token_law(
+    models: list[str] = typer.Option(["smollm2-135m", "gemma3-270m"], "--model", help="Repeat for several models."),
+    tokens: int = typer.Option(50_000, "--tokens", help="Corpus tokens for the PR law (20% held out)."),
+    probe_tokens: int = typer.Option(30_000, "--probe-tokens", help="Corpus tokens for the future-token probes."),
+    lens_tokens: int = typer.Option(4096, "--lens-tokens", help="Tokens whose states train the tuned lens."),
+    lens_steps: int = typer.Option(20, "--lens-steps", help="KL steps after the least-squares start."),
+    recompute: bool = typer.Option(False, "--recompute", help="Recompute and replace saved results."),
+    out: Path = typer.Option(GALLERY_DIR, "--out", help="Gallery folder for figures and the table."),
+) -> None:
+    """He & Su's next-token law, future-token probes, logit and tuned lens: per model.
+
+    Results are saved under runs/next_token_law/MODEL (the tuned lens as tuned_lens.nc) and
+    reused unless --recompute; figures go to GALLERY/next_token_law, the table to
+    GALLERY/next_token_law.md.
+    """
+    import workbench as wb
+
+    from .studies import next_token_law as study
+
+    try:
+        for name in models:
+            folder = NEXT_TOKEN_LAW_DIR / name
+            if folder.exists() and not recompute:
+                console.print(f"{name}: using saved results in {folder} (--recompute to redo)")
+                continue
+            study.run_study(wb.load_model(name), folder, tokens=tokens, probe_tokens=probe_tokens,
+                            lens_tokens=lens_tokens, lens_steps=lens_steps, overwrite=recompute)
+        written = _write_next_token_law_gallery(models, out)
+    except _user_errors() as err:
+        _fail(err)
+    console.print(f"{len(written)} figures under {out / 'next_token_law'}; table in {out / 'next_token_law.md'}")
+
+
+def _write_next_token_law_gallery(models: list[str], out: Path) -> list[Path]:
+    from .studies import next_token_law as study
+    from .studies.tables import markdown_table
+
+    folders = {name: NEXT_TOKEN_LAW_DIR / name for name in models}
+    for name, folder in folders.items():
+        if not (folder / "pr.nc").exists():
+            raise FileNotFoundError(f"no saved next-token-law study for {name}; run `workbench next-token-law --model {name}`.")
+    written = study.write_figures(folders, out / "next_token_law")
+    table = markdown_table([study.summary(folder) for folder in folders.values()])
+    figures = "\n".join(f"- [{p.parent.name}/{p.stem}](next_token_law/{p.relative_to(out / 'next_token_law')})"
+                        for p in sorted((out / "next_token_law").rglob("*.svg")))
+    (out / "next_token_law.md").write_text(
+        "# Next-token laws across layers in the embedded models\n\n"
+        "Produced by `workbench next-token-law` on the bundled pydoc corpus (He & Su's prediction residual PR_l,\n"
+        "future-token probes, logit and tuned lens); regenerate the figures from saved results with `workbench gallery`.\n\n"
         f"{table}\n\n## Figures\n\n{figures}\n"
     )
     console.print(table)

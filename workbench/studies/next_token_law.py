@@ -13,6 +13,7 @@ the lens figures are held out from its training.
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -24,8 +25,16 @@ from ..analyses.lens import lens_statistics, lens_summary
 from ..analyses.linear_readout import UnstableFitWarning
 from ..analyses.next_token_law import future_token_probes, law_fit, prediction_residuals
 from ..capture import capture
+from ..gallery import export_figure
 from ..corpus import load_corpus, paragraphs
 from ..models import ModelHandle
+from ..plots.next_token_law import (
+    contribution_figure,
+    future_token_figure,
+    law_figure,
+    lens_comparison_figure,
+    lens_heatmap,
+)
 from ..probes.lens import TunedLens, train_tuned_lens
 from ..probes.streaming import token_windows
 from ..runs import open_result, open_run, save_result, save_run
@@ -82,6 +91,7 @@ def run_study(
     save_run(run, folder / "lens_run.zarr")
     save_result(lens_statistics(run, model), folder / "lens_logit.nc")
     save_result(lens_statistics(run, model, lens), folder / "lens_tuned.nc")
+    save_vocabulary(model, folder)
     if final.exists():
         shutil.rmtree(final)
     folder.rename(final)
@@ -141,3 +151,42 @@ def summary(folder: str | Path) -> dict:
             first = int(np.argmax(agree.values >= 0.5))
             row[f"{name} lens: first layer agreeing with the output on >= 50% of tokens"] = str(first)
     return row
+
+
+def save_vocabulary(model: ModelHandle, folder: str | Path) -> Path:
+    """Each token id decoded on its own, as JSON, so lens figures label tokens without the model."""
+    tokenizer = model.tokenizer
+    words = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    path = Path(folder) / "vocabulary.json"
+    path.write_text(json.dumps(words, ensure_ascii=False))
+    return path
+
+
+def _vocabulary(folder: Path):
+    path = folder / "vocabulary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_figures(folders: dict[str, Path], out_dir: str | Path, formats=("svg", "png")) -> list[Path]:
+    """The law across models, and per model: contributions, lens heatmaps, logit vs tuned lens, probe grid."""
+    out_dir = Path(out_dir)
+    studies = {name: load_study(folder) for name, folder in folders.items()}
+    selected = {name: s["pr"].pr.sel(target="token_id", split="train") for name, s in studies.items()}
+    figures = {"law": (law_figure({n: (pr, law_fit(pr)) for n, pr in selected.items()}), "two")}
+    for name, study in studies.items():
+        decode = _vocabulary(Path(folders[name]))
+        figures[f"{name}/contributions"] = (contribution_figure(law_fit(selected[name])), "one")
+        if "future" in study:
+            figures[f"{name}/future_token_probes"] = (future_token_figure(study["future"]), "one")
+        for lens in ("logit", "tuned"):
+            if f"lens_{lens}" in study:
+                figures[f"{name}/{lens}_lens_cross_entropy"] = (
+                    lens_heatmap(study[f"lens_{lens}"], 0, "cross_entropy", decode=decode), "two")
+        if "lens_logit" in study and "lens_tuned" in study:
+            figures[f"{name}/logit_vs_tuned_lens"] = (
+                lens_comparison_figure(lens_summary(study["lens_logit"]), lens_summary(study["lens_tuned"])), "two")
+    written = []
+    for stem, (fig, columns) in figures.items():
+        written += export_figure(fig, out_dir / stem, formats=formats, columns=columns,
+                                 height=420 if "lens_cross_entropy" in stem else None)
+    return written
