@@ -1,0 +1,156 @@
+"""What do exact next-byte probabilities cost, next to a plain token-level forward pass?
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/byte_level.py                    # 2,000 bytes of the pydoc corpus
+    .venv/bin/python benchmarks/byte_level.py --bytes 50         # smoke test
+
+On SmolLM2-135M (``wb.load_model()``: eager attention, float32), over the same ``--bytes``
+bytes of real text (the bundled pydoc corpus, all documents joined, from byte ``--offset``),
+in one process:
+
+  plain forward   ``hf_model(input_ids=<|endoftext|> encode(text))``: one pass over every token,
+                  the token-level log-probability of the text (timed ``--repeats`` times, before
+                  and after the others; median)
+  exact stream    ``ByteLevelModel(model, prune, max_hypotheses).stream(text)``: the exact
+                  next-byte distribution at every one of the ``--bytes`` cut points (timed once)
+  naive           ``naive_next_byte_distribution(model, text[:i])`` at every ``--naive-every``-th
+                  cut point (one forward pass over the encoded prefix each, no cache: what the
+                  baseline costs as a function); time per cut point and the projection to all
+  token healing   ``token_healing_next_byte_distribution`` at the same cut points (two passes each)
+
+Printed: the machine, torch threads, the text's bytes and tokens, then per method the wall
+seconds, bytes per second, model calls and calls per byte (token positions per byte for the
+exact stream), the ratio to the plain forward and the share of the CPU *other* processes used
+meanwhile (the machine may be shared; contention only slows a method down). Then the bits per
+byte of the exact model and of the token-level forward (the canonical tokenization only), the
+posterior mass pruned, and the mean / max total variation between the exact and the naive and
+token-healing distributions at the sampled cut points. The last line is
+``exact/plain time ratio: X``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import workbench as wb
+from capture_overhead import timed  # shared helper: wall seconds and others' CPU share
+from workbench.analyses.byte_level import (
+    ByteLevelModel,
+    naive_next_byte_distribution,
+    start_context,
+    token_healing_next_byte_distribution,
+    total_variation,
+)
+from workbench.corpus import load_corpus
+from workbench.probes.token_scoring import sequence_logprobs
+
+
+def corpus_bytes(offset: int, n: int) -> bytes:
+    """``n`` bytes of the pydoc corpus from byte ``offset``, ending on a UTF-8 character boundary."""
+    data = "\n\n".join(d["text"] for d in load_corpus("pydoc")).encode("utf-8")
+    if offset + n > len(data):
+        raise SystemExit(f"the corpus has {len(data)} bytes; --offset {offset} + --bytes {n} is past its end.")
+    chunk = data[offset : offset + n]
+    while chunk:
+        try:
+            chunk.decode("utf-8")
+            return chunk
+        except UnicodeDecodeError:
+            chunk = chunk[:-1]
+    raise SystemExit("the chosen range holds no whole UTF-8 character.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bytes", type=int, default=2000, help="bytes of text to walk (default 2000)")
+    parser.add_argument("--offset", type=int, default=0, help="first byte of the corpus to use")
+    parser.add_argument("--prune", type=float, default=1e-5, help="ByteLevelModel prune (posterior threshold)")
+    parser.add_argument("--max-hypotheses", type=int, default=32, help="ByteLevelModel max_hypotheses (0: no cap)")
+    parser.add_argument("--naive-every", type=int, default=20, help="time the naive/healing baselines every k-th byte")
+    parser.add_argument("--repeats", type=int, default=3, help="plain forward repeats (median)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.bytes < 1 or args.naive_every < 1 or args.repeats < 1:
+        raise SystemExit("--bytes, --naive-every and --repeats must be >= 1.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = wb.load_model()
+    text = corpus_bytes(args.offset, args.bytes)
+    n = len(text)
+    context = start_context(model)
+    ids = context + model.tokenizer(text.decode("utf-8"), add_special_tokens=False)["input_ids"]
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+          f"with {torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"model: {model.name} ({model.dtype}, {model.attn_implementation} attention, {model.device})")
+    print(f"text: pydoc corpus bytes {args.offset}..{args.offset + n} ({n} bytes, {len(ids) - len(context)} tokens, "
+          f"{n / (len(ids) - len(context)):.2f} bytes/token), starts {text[:60]!r}")
+    print(f"exact: prune={args.prune:g}, max_hypotheses={args.max_hypotheses or None}, context={context}\n")
+
+    def plain():
+        return sequence_logprobs(model, ids)
+
+    plain()  # warm-up
+    plain_runs = [timed(plain) for _ in range(args.repeats)]
+
+    blm = ByteLevelModel(model, prune=args.prune, max_hypotheses=args.max_hypotheses or None)
+    holder = {}
+
+    def exact():
+        holder["ds"] = blm.stream(text, progress=True)
+        return holder["ds"]
+
+    exact_time, exact_others = timed(exact)
+    ds = holder["ds"]
+    plain_runs += [timed(plain) for _ in range(args.repeats)]
+    plain_time = statistics.median(t for t, _ in plain_runs)
+    plain_others = statistics.median(o for _, o in plain_runs)
+
+    cuts = list(range(0, n, args.naive_every))
+    naive_dists, healed_dists = [], []
+    naive_time, naive_others = timed(lambda: naive_dists.extend(naive_next_byte_distribution(model, text[:i])
+                                                                 for i in cuts))
+    healed_time, healed_others = timed(lambda: healed_dists.extend(token_healing_next_byte_distribution(model, text[:i])
+                                                                    for i in cuts))
+
+    token_bits = -float(plain().sum()) / (n * math.log(2))
+    exact_bits = -float(ds.logprob.sum()) / (n * math.log(2))
+    exact_at_cuts = ds.probability.isel(pos=cuts)
+    tv_naive = np.array([total_variation(exact_at_cuts.isel(pos=k), d) for k, d in enumerate(naive_dists)])
+    tv_healed = np.array([total_variation(exact_at_cuts.isel(pos=k), d) for k, d in enumerate(healed_dists)])
+
+    rows = [
+        ("plain forward", plain_time, 1, f"{(len(ids)) / n:.2f}", plain_others),
+        ("exact stream", exact_time, ds.attrs["calls"], f"{ds.attrs['positions_per_byte']:.2f}", exact_others),
+        (f"naive, {len(cuts)} cuts", naive_time, len(cuts), "-", naive_others),
+        (f"naive, all {n} cuts (proj.)", naive_time * n / len(cuts), n, "-", naive_others),
+        (f"token healing, {len(cuts)} cuts", healed_time, 2 * len(cuts), "-", healed_others),
+    ]
+    print(f"{'method':<30} {'wall s':>9} {'bytes/s':>9} {'calls':>7} {'calls/B':>8} {'pos/B':>6} {'x plain':>8} "
+          f"{'others CPU':>10}")
+    for name, seconds, calls, positions, others in rows:
+        covered = n if "cuts" not in name or "all" in name else len(cuts)
+        print(f"{name:<30} {seconds:9.2f} {covered / seconds:9.1f} {calls:7d} {calls / covered:8.3f} {positions:>6} "
+              f"{seconds / plain_time:8.1f} {others:10.0%}")
+    print()
+    print(f"bits per byte: exact {exact_bits:.4f}, token-level (canonical tokenization only) {token_bits:.4f}")
+    print(f"pruned posterior: sum {float(ds.pruned_fraction.sum()):.2e}, max at one cut "
+          f"{float(ds.pruned_fraction.max()):.2e}; tokenizations followed: mean {float(ds.n_tokenizations.mean()):.1f}, "
+          f"max {int(ds.n_tokenizations.max())}")
+    print(f"TV(exact, naive) over {len(cuts)} cuts: mean {tv_naive.mean():.3f}, max {tv_naive.max():.3f}; "
+          f"TV(exact, token healing): mean {tv_healed.mean():.4f}, max {tv_healed.max():.4f}")
+    print(f"exact calls per byte: {ds.attrs['calls_per_byte']:.3f}")
+    print(f"exact/plain time ratio: {exact_time / plain_time:.1f}")
+
+
+if __name__ == "__main__":
+    main()
