@@ -10,13 +10,27 @@ from .extreme_tokens import (
     sink_score_heatmap,
     value_norm_vs_attention,
 )
+from .next_token_law import (
+    contribution_figure,
+    future_token_figure,
+    law_figure,
+    lens_comparison_figure,
+    lens_heatmap,
+    lens_top_k_figure,
+)
 from .residual_norms import residual_norm_by_position, residual_norm_heatmap, residual_norm_profile
 from .theme import COLUMN_WIDTH_PX, publication_layout
 
 __all__ = [
     "COLUMN_WIDTH_PX",
     "condition_bars",
+    "contribution_figure",
+    "future_token_figure",
     "head_state_map",
+    "law_figure",
+    "lens_comparison_figure",
+    "lens_heatmap",
+    "lens_top_k_figure",
     "massive_activation_map",
     "massive_activation_profile",
     "publication_layout",

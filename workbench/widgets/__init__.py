@@ -1,6 +1,7 @@
 """Widgets: sliders and selectors that redraw plots from results already computed. No science here."""
 
 from .extreme_tokens import ExtremeTokenExplorer
+from .lens import LensExplorer
 from .residual_norms import ResidualNormExplorer
 
-__all__ = ["ExtremeTokenExplorer", "ResidualNormExplorer"]
+__all__ = ["ExtremeTokenExplorer", "LensExplorer", "ResidualNormExplorer"]
