@@ -1,5 +1,7 @@
 """Figures, the explorer widget and static export, driven headless."""
 
+import struct
+
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -62,6 +64,14 @@ def test_export_writes_vector_and_raster(run, tmp_path):
     assert paths[0].read_text().lstrip().startswith("<svg")
     assert paths[1].read_bytes()[:4] == b"%PDF"
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_keeps_the_publication_size(tmp_path):
+    """One column = 3.5 in = 252 px wide in SVG; PNG at 4x (write_images ignores the layout size unless told)."""
+    svg, png = export_figure(go.Figure(go.Scatter(y=[1, 2])), tmp_path / "f", formats=("svg", "png"), columns="one")
+    assert 'width="252" height="189"' in svg.read_text()
+    width, height = struct.unpack(">II", png.read_bytes()[16:24])
+    assert (width, height) == (252 * 4, 189 * 4)
 
 
 def test_gallery_regenerates_from_a_saved_run(run, tmp_path):

@@ -52,8 +52,11 @@ def export_figure(
     paths = [stem.with_name(f"{stem.name}.{fmt}") for fmt in formats]
     import plotly.io as pio
 
+    # write_images ignores the layout's size unless it is passed explicitly (plotly 6 / kaleido 1).
+    width, height = fig.layout.width or 700, fig.layout.height or 500
     pio.write_images(
-        [fig] * len(paths), paths, format=list(formats), scale=[PNG_SCALE if f == "png" else 1 for f in formats]
+        [fig] * len(paths), paths, format=list(formats), scale=[PNG_SCALE if f == "png" else 1 for f in formats],
+        width=[width] * len(paths), height=[height] * len(paths),
     )
     return paths
 
