@@ -108,6 +108,8 @@ def gallery(
         laws = sorted(p.name for p in NEXT_TOKEN_LAW_DIR.glob("*") if (p / "pr.nc").exists())
         if laws:
             written += _write_next_token_law_gallery(laws, out)
+        if TOKENIZATION_BIAS_DIR.exists():
+            written += _write_tokenization_bias_gallery(out)
     except _user_errors() as err:
         _fail(err)
     for path in written:
@@ -116,6 +118,7 @@ def gallery(
 
 EXTREME_TOKENS_DIR = Path("runs/extreme_tokens")
 NEXT_TOKEN_LAW_DIR = Path("runs/next_token_law")
+TOKENIZATION_BIAS_DIR = Path("runs/tokenization_bias")
 
 
 @app.command("extreme-tokens")
@@ -239,6 +242,39 @@ def _write_next_token_law_gallery(models: list[str], out: Path) -> list[Path]:
         f"{table}\n\n## Figures\n\n{figures}\n"
     )
     console.print(table)
+    return written
+
+
+@app.command("tokenization-bias")
+def tokenization_bias(
+    recompute: bool = typer.Option(False, "--recompute", help="Retrain and replace saved results."),
+    out: Path = typer.Option(GALLERY_DIR, "--out", help="Gallery folder for figures and the table."),
+) -> None:
+    """Tokenization bias on a known Markov chain (Phan et al., 2024): MPE and BPE toy models, naive vs exact.
+
+    Results (and checkpoints) are saved under runs/tokenization_bias and reused unless
+    --recompute; figures and summary.md go to GALLERY/tokenization_bias.
+    """
+    from .studies import markov_chain as study
+
+    try:
+        if TOKENIZATION_BIAS_DIR.exists() and not recompute:
+            console.print(f"using saved results in {TOKENIZATION_BIAS_DIR} (--recompute to redo)")
+        else:
+            study.run_study(TOKENIZATION_BIAS_DIR, overwrite=recompute)
+        written = _write_tokenization_bias_gallery(out)
+    except _user_errors() as err:
+        _fail(err)
+    console.print(f"{len(written)} files under {out / 'tokenization_bias'}")
+
+
+def _write_tokenization_bias_gallery(out: Path) -> list[Path]:
+    from .studies import markov_chain as study
+
+    results = study.load_study(TOKENIZATION_BIAS_DIR)
+    written = study.write_figures(results, out / "tokenization_bias")
+    written.append(study.write_summary(results, out / "tokenization_bias" / "summary.md"))
+    console.print(study.summary_table(results))
     return written
 
 
