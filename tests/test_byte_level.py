@@ -204,8 +204,9 @@ def test_unsupported_tokenizers_say_why():
 # --------------------------------------------------------------------------- the scorer
 
 
-def test_prefix_tree_scorer_matches_plain_forwards(tiny):
-    scorer = PrefixTreeScorer(tiny)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-trunk attention", "padded cache"])
+def test_prefix_tree_scorer_matches_plain_forwards(tiny, shared):
+    scorer = PrefixTreeScorer(tiny, shared_trunk_attention=shared)
     root = scorer.start([0, 17])
     np.testing.assert_allclose(root.logprobs, last_token_logprobs(tiny, [0, 17]), atol=1e-5)
     a, b = scorer.extend([(root, 300), (root, 301)])
@@ -222,6 +223,21 @@ def test_prefix_tree_scorer_matches_plain_forwards(tiny):
     assert scorer.calls == 5 and scorer.positions == 2 + 2 + 3 + 3 + 1
     with pytest.raises(StaleSequenceError, match="no longer starts with the shared trunk"):
         scorer.extend([(ba, 1)])
+
+
+def test_prefix_tree_scorer_past_gemmas_sliding_window(gemma3):
+    window = gemma3.config.sliding_window
+    ids = [gemma3.tokenizer.bos_token_id] + list(range(1000, 1000 + window + 20))
+    scorer = PrefixTreeScorer(gemma3)
+    assert scorer.shared_trunk_attention
+    root = scorer.start(ids)
+    scorer.commit([root])
+    a, b = scorer.extend([(root, 5000), (root, 5001)])
+    scorer.commit([a, b])
+    (c,) = scorer.extend([(a, 5002)])
+    for seq in (b, c):  # Hugging Face's own forward over the whole sequence, window applied
+        np.testing.assert_allclose(seq.logprobs, last_token_logprobs(gemma3, seq.ids), atol=2e-4)
+    assert gemma3.attn_implementation == "eager"  # the custom attention was only switched on for the call
 
 
 # --------------------------------------------------------------------------- distributions, chain rule, properties
@@ -309,9 +325,7 @@ def test_exact_does_not_depend_on_the_cut_naive_does(smollm2, prompt):
     for b in top:
         joint = math.exp(earlier.prefix_logprob(prompt + bytes([b])) - base)
         assert joint / first == pytest.approx(float(exact[b]), rel=1e-4, abs=1e-7)
-    # a stream that walks over the cut gives the same distribution there
-    streamed = ByteLevelModel(smollm2).stream(prompt + b"x").probability.isel(pos=len(prompt))
-    np.testing.assert_allclose(streamed.values, exact.values, atol=1e-9)
+    # (that a stream walking over the cut gives the same row is checked on random strings above)
     # the naive method answers differently depending on where the prompt's tokens end
     naive_here = naive_next_byte_distribution(smollm2, prompt)
     naive_earlier = _naive_from_earlier_cut(smollm2, prompt, 1)

@@ -9,18 +9,30 @@ differ in their last few tokens. :class:`PrefixTreeScorer` keeps
 - for each scored sequence, the keys and values of its own tokens after the trunk,
 
 so scoring a batch of one-token extensions ``(sequence, token)`` is **one** forward pass of one
-token per row: each row's cache is the trunk plus that sequence's own keys, left-padded to a
-common length (pads masked; real keys stay contiguous, so causal and sliding-window masks,
-which Hugging Face builds from cache indices, see the true distances; rotary positions are
-passed explicitly). :attr:`PrefixTreeScorer.calls` counts forward passes and
+token per row. :attr:`PrefixTreeScorer.calls` counts forward passes and
 :attr:`PrefixTreeScorer.positions` the token positions they ran.
 
-Caches are transformers 5 ``DynamicCache`` objects built from full (non-sliding) layers, so
-Gemma 3's sliding-window layers keep every key and the window is applied by the mask.
+Two ways to run that pass:
+
+- *shared-trunk attention* (Llama and Gemma 3): a custom attention function, registered with
+  transformers' ``AttentionInterface`` and switched on only for the duration of the call, scores
+  every row's query against the one trunk cache with a single matmul per layer (no per-row copy
+  of the trunk), plus each row's own keys and the new token; sliding-window layers mask keys
+  ``window`` or more positions back, as Hugging Face's mask does. The model runs without a
+  cache; rotary positions are passed explicitly.
+- *padded cache* (any other architecture): each row's cache is the trunk plus its own keys, left-padded
+  to a common length in a transformers 5 ``DynamicCache`` (pads masked; real keys contiguous, so
+  the causal and sliding-window masks Hugging Face builds from cache indices see true
+  distances). This copies the trunk once per row.
+
+Both give the model's own next-token log-probabilities (tested against plain forward passes,
+also past Gemma 3's 512-token sliding window).
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,8 +72,16 @@ class PrefixTreeScorer:
     A sequence can be extended as long as it starts with the trunk (see :meth:`commit`).
     """
 
-    def __init__(self, handle: ModelHandle):
+    def __init__(self, handle: ModelHandle, shared_trunk_attention: bool | None = None):
+        """``shared_trunk_attention``: None picks it for the architectures it supports (Llama, Gemma 3)."""
         self.handle = handle
+        supported = handle.architecture in _TREE_ATTENTION_ARCHITECTURES
+        if shared_trunk_attention and not supported:
+            raise ValueError(
+                f"shared-trunk attention supports {', '.join(_TREE_ATTENTION_ARCHITECTURES)}, not "
+                f"{handle.architecture!r}; use shared_trunk_attention=None to fall back to the padded cache."
+            )
+        self.shared_trunk_attention = supported if shared_trunk_attention is None else bool(shared_trunk_attention)
         self.calls = 0
         self.positions = 0
         self._session = 0  # bumped by start(): sequences of an earlier session are gone
@@ -103,6 +123,8 @@ class PrefixTreeScorer:
             return []
         for seq, _ in requests:
             self._check_usable(seq)
+        if self.shared_trunk_attention and self.trunk_length:
+            return self._extend_shared(requests)
         trunk = self.trunk_length
         own = [len(seq.ids) - trunk for seq, _ in requests]
         width = max(own)
@@ -148,6 +170,62 @@ class PrefixTreeScorer:
                 torch.cat([s[:, skip:], layer.values[i, :, -1:]], dim=1) if own[i] else layer.values[i, :, -1:].clone()
                 for s, layer in zip(seq._values or [None] * len(cache.layers), cache.layers)
             ]
+            results.append(ScoredSequence(seq.ids + (tok,), logprobs[i], keys, values, trunk, self._session))
+        return results
+
+    def _extend_shared(self, requests) -> list[ScoredSequence]:
+        """One forward pass with shared-trunk attention (see the module docstring)."""
+        trunk = self.trunk_length
+        own = [len(seq.ids) - trunk for seq, _ in requests]
+        width, b = max(own), len(requests)
+        device = self.handle.device
+        private_k, private_v = [], []
+        for layer in range(len(self._trunk_k)):
+            if width:
+                kv_heads, _, head_dim = self._trunk_k[layer].shape
+                keys = torch.zeros(b, kv_heads, width, head_dim, dtype=self._trunk_k[layer].dtype, device=device)
+                values = torch.zeros_like(keys)
+                for i, (seq, _) in enumerate(requests):
+                    if own[i]:
+                        skip = trunk - seq._base
+                        keys[i, :, width - own[i] :] = seq._keys[layer][:, skip:]
+                        values[i, :, width - own[i] :] = seq._values[layer][:, skip:]
+                private_k.append(keys)
+                private_v.append(values)
+            else:
+                private_k.append(None)
+                private_v.append(None)
+        positions = torch.tensor([trunk + o for o in own], device=device)
+        valid = torch.arange(width, device=device)[None, :] >= (width - torch.tensor(own, device=device))[:, None]
+        batch = _TreeBatch(
+            trunk_k=[k[:, :trunk] for k in self._trunk_k],
+            trunk_v=[v[:, :trunk] for v in self._trunk_v],
+            private_k=private_k,
+            private_v=private_v,
+            private_valid=valid,
+            private_positions=positions[:, None] - width + torch.arange(width, device=device)[None, :],
+            positions=positions,
+            new_k={},
+            new_v={},
+        )
+        tokens = torch.tensor([[tok] for _, tok in requests], device=device)
+        with _shared_trunk_attention(self.handle, batch), torch.no_grad():
+            out = self.handle.hf_model(input_ids=tokens, position_ids=positions[:, None], use_cache=False)
+        self.calls += 1
+        self.positions += b
+        logprobs = _log_softmax(out.logits[:, -1]).cpu().numpy()
+        results = []
+        for i, (seq, tok) in enumerate(requests):
+            skip = trunk - seq._base
+            keys, values = [], []
+            for layer in range(len(self._trunk_k)):
+                new_k, new_v = batch.new_k[layer][i, :, -1:], batch.new_v[layer][i, :, -1:]
+                if own[i]:
+                    keys.append(torch.cat([seq._keys[layer][:, skip:], new_k], dim=1))
+                    values.append(torch.cat([seq._values[layer][:, skip:], new_v], dim=1))
+                else:
+                    keys.append(new_k.clone())
+                    values.append(new_v.clone())
             results.append(ScoredSequence(seq.ids + (tok,), logprobs[i], keys, values, trunk, self._session))
         return results
 
@@ -210,6 +288,97 @@ class PrefixTreeScorer:
         for layer, (k, v) in enumerate(zip(keys, values)):
             self._trunk_k[layer][:, n_old:n_new] = k
             self._trunk_v[layer][:, n_old:n_new] = v
+
+
+# --------------------------------------------------------------------------- shared-trunk attention
+
+_TREE_ATTENTION = "workbench_prefix_tree"
+_TREE_ATTENTION_ARCHITECTURES = ("llama", "gemma3_text")
+_ACTIVE = threading.local()
+
+
+@dataclass
+class _TreeBatch:
+    """What the attention function needs for one call: the trunk, each row's own keys, positions."""
+
+    trunk_k: list  # per layer (kv_heads, T, head_dim)
+    trunk_v: list
+    private_k: list  # per layer (b, kv_heads, M, head_dim) left-padded, or None when M == 0
+    private_v: list
+    private_valid: torch.Tensor  # (b, M) bool: which private slots hold a real key
+    private_positions: torch.Tensor  # (b, M) positions of the private keys
+    positions: torch.Tensor  # (b,) position of each row's new token
+    new_k: dict  # filled per layer: (b, kv_heads, 1, head_dim), rotated as a cache would store it
+    new_v: dict
+
+
+def _prefix_tree_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                           sliding_window=None, softcap=None, **kwargs):
+    """Attention of one new token per row over [shared trunk | the row's own keys | itself].
+
+    Same arithmetic as transformers' eager attention (scores in the query's precision, softmax
+    in float32), without materialising the trunk per row. Dims: query (b, heads, 1, d),
+    key/value (b, kv_heads, 1, d) -> (b, 1, heads, d).
+    """
+    batch: _TreeBatch = _ACTIVE.batch
+    layer = module.layer_idx
+    batch.new_k[layer], batch.new_v[layer] = key, value
+    b, heads, q_len, d = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    scaling = d**-0.5 if scaling is None else scaling
+    q = query.reshape(b, kv_heads, groups, d)
+    trunk_k, trunk_v = batch.trunk_k[layer], batch.trunk_v[layer]
+    n_trunk = trunk_k.shape[1]
+    # (kv, b * groups, d) @ (kv, d, T): every row against the one trunk
+    q_by_head = q.permute(1, 0, 2, 3).reshape(kv_heads, b * groups, d)
+    s_trunk = torch.matmul(q_by_head, trunk_k.transpose(1, 2)).reshape(kv_heads, b, groups, n_trunk)
+    s_trunk = s_trunk.permute(1, 0, 2, 3)
+    parts = [s_trunk]
+    private_k = batch.private_k[layer]
+    if private_k is not None:
+        parts.append(torch.einsum("bkgd,bkmd->bkgm", q, private_k))
+    parts.append((q * key.reshape(b, kv_heads, 1, d)).sum(-1, keepdim=True))
+    scores = torch.cat(parts, dim=-1) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    visible = torch.ones(b, scores.shape[-1], dtype=torch.bool, device=scores.device)
+    if private_k is not None:
+        visible[:, n_trunk : n_trunk + private_k.shape[2]] = batch.private_valid
+    if sliding_window is not None:
+        key_positions = torch.cat(
+            [torch.arange(n_trunk, device=scores.device)[None, :].expand(b, -1), batch.private_positions,
+             batch.positions[:, None]], dim=1)
+        visible &= (batch.positions[:, None] - key_positions) < sliding_window
+    scores = scores.masked_fill(~visible[:, None, None, :], torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # as eager attention does
+    p_trunk = probs[..., :n_trunk].permute(1, 0, 2, 3).reshape(kv_heads, b * groups, n_trunk)
+    out = torch.matmul(p_trunk, trunk_v).reshape(kv_heads, b, groups, d).permute(1, 0, 2, 3)
+    if private_k is not None:
+        m = private_k.shape[2]
+        out = out + torch.einsum("bkgm,bkmd->bkgd", probs[..., n_trunk : n_trunk + m], batch.private_v[layer])
+    out = out + probs[..., -1:] * value.reshape(b, kv_heads, 1, d)
+    return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def _shared_trunk_attention(handle: ModelHandle, batch: _TreeBatch):
+    """Run the model with :func:`_prefix_tree_attention` for one call; the previous implementation comes back after."""
+    from transformers import AttentionInterface
+
+    if _TREE_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_TREE_ATTENTION, _prefix_tree_attention)
+    configs = {id(m.config): m.config for m in handle.hf_model.modules() if hasattr(m, "config")}
+    before = {key: cfg._attn_implementation for key, cfg in configs.items()}
+    _ACTIVE.batch = batch
+    try:
+        for cfg in configs.values():
+            cfg._attn_implementation = _TREE_ATTENTION
+        yield
+    finally:
+        for key, cfg in configs.items():
+            cfg._attn_implementation = before[key]
+        _ACTIVE.batch = None
 
 
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
