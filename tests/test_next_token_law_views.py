@@ -66,7 +66,7 @@ def test_law_figure_one_panel_per_model_with_fit_in_legend():
     assert fig.data[3].name == f"fit: r={float(shallow.pearson_r):.3f}, ρ={float(shallow.rho):.3f}"
     assert fig.data[2].xaxis == "x2" and fig.layout.xaxis2.title.text == "layer l = 1..L"
     assert fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "log"
-    assert "target=token_id, split=test" in fig.layout.title.text
+    assert fig.layout.title.text == "Next-token law (token_id, test)"
     single = law_figure({"deep": fits["deep"]})
     assert len(single.data) == 2 and not single.layout.annotations
 
@@ -86,7 +86,7 @@ def test_contribution_bars_and_equal_share_line():
     assert not np.allclose(bars.y, bars.y[0])  # the wobble makes unequal shares
     (line,) = fig.layout.shapes
     assert line.y0 == line.y1 == pytest.approx(1 / 6)
-    assert "1/(L-1) = 0.167" in fig.layout.annotations[0].text
+    assert fig.layout.annotations[0].text == "dotted: equal share 1/(L-1) = 0.167"
 
 
 def test_lens_heatmap_tokens_metric_and_top_k_hover(tiny, logit_stats):
@@ -107,6 +107,18 @@ def test_lens_heatmap_tokens_metric_and_top_k_hover(tiny, logit_stats):
     assert rank.data[0].customdata[0][0][1].startswith("'#")  # no decoder: ids shown as #id
     with pytest.raises(ValueError, match="unknown metric"):
         lens_heatmap(logit_stats, 0, "loss")
+
+
+def test_long_prompt_heatmap_thins_labels(tiny):
+    long_run = wb.capture(tiny, " ".join(PROSE * 3), probes=["resid_post"], progress=False)
+    stats = lens_statistics(long_run, tiny, top_k=2)
+    n = int(stats.valid[0].sum())
+    assert n > 96
+    fig = lens_heatmap(stats, 0)
+    every = -(-n // 48)
+    assert fig.data[0].text is None  # no per-cell labels when they could not be read
+    assert list(fig.layout.xaxis.tickvals) == list(range(0, n, every))
+    assert len(fig.layout.xaxis.ticktext) == len(fig.layout.xaxis.tickvals) <= 48
 
 
 def test_lens_top_k_table_of_one_layer(tiny, logit_stats):

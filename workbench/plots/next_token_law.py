@@ -60,7 +60,7 @@ def show_token(token: str, limit: int = 14) -> str:
 
 
 def _depth_label(pr: xr.DataArray) -> str:
-    picked = [f"{name}={pr.coords[name].item()}" for name in ("target", "split")
+    picked = [str(pr.coords[name].item()) for name in ("target", "split")
               if name in pr.coords and pr.coords[name].ndim == 0]
     return f" ({', '.join(picked)})" if picked else ""
 
@@ -101,9 +101,10 @@ def law_figure(fits: dict[str, tuple[xr.DataArray, xr.Dataset]], title: str | No
         )
         fig.update_xaxes(title_text="layer l = 1..L", range=[0.5, len(depth) + 0.5], row=1, col=i + 1)
     fig.update_yaxes(type="log")
-    fig.update_yaxes(title_text="prediction residual PR_l", col=1)
+    fig.update_yaxes(title_text="PR_l (log scale)", col=1)
     first_pr = next(iter(fits.values()))[0]
-    fig.update_layout(title=title or f"Next-token law: PR_l = PR_1 ρ^(l-1){_depth_label(first_pr)}")
+    fig.update_layout(title=title or f"Next-token law{_depth_label(first_pr)}",
+                      legend=dict(orientation="h", x=0, xanchor="left", y=-0.3, yanchor="top"))
     return fig
 
 
@@ -119,11 +120,11 @@ def contribution_figure(fit: xr.Dataset, title: str | None = None) -> go.Figure:
                hovertemplate="layer %{x}<br>share %{y:.3f}<br>log10 PR drop %{customdata:.4f}<extra></extra>")
     )
     equal = 1 / (len(depth) - 1)
-    fig.add_hline(y=equal, line=dict(color="#888", dash="dot", width=1),
-                  annotation_text=f"equal share 1/(L-1) = {equal:.3f}", annotation_position="top right",
-                  annotation_font_size=8, annotation_bgcolor="rgba(255,255,255,0.8)")
-    fig.update_layout(title=title or "Per-layer contribution to next-token prediction", showlegend=False,
-                      xaxis_title="layer l = 1..L", yaxis_title="share of log10 PR_1 - log10 PR_L")
+    fig.add_hline(y=equal, line=dict(color="#555", dash="dot", width=1))
+    fig.add_annotation(text=f"dotted: equal share 1/(L-1) = {equal:.3f}", xref="paper", yref="paper", x=1, y=1,
+                       xanchor="right", yanchor="bottom", showarrow=False, font_size=8)
+    fig.update_layout(title=title or "Per-layer contribution", showlegend=False,
+                      xaxis_title="layer l = 1..L", yaxis_title="share of the log10 PR drop")
     return fig
 
 
@@ -136,9 +137,11 @@ def _lens_cells(stats: xr.Dataset, sample: int, positions: slice | None) -> tupl
     return one.isel(pos=pos), pos
 
 
-def _token_ticks(one: xr.Dataset, pos: np.ndarray) -> dict:
-    return dict(tickmode="array", tickvals=list(pos), ticktext=[show_token(t) for t in one["token"].values],
-                tickangle=-60)
+def _token_ticks(one: xr.Dataset, pos: np.ndarray, max_ticks: int = 48) -> dict:
+    """Token tick labels, every n-th one when there are more than ``max_ticks``."""
+    every = -(-len(pos) // max_ticks)
+    return dict(tickmode="array", tickvals=list(pos[::every]),
+                ticktext=[show_token(t) for t in one["token"].values[::every]], tickangle=-60)
 
 
 def lens_heatmap(
@@ -148,20 +151,22 @@ def lens_heatmap(
     *,
     decode=None,
     positions: slice | None = None,
-    show_top1: bool = True,
+    show_top1: bool | None = None,
     title: str | None = None,
 ) -> go.Figure:
     """Layer x position heatmap of a lens metric for one sample; x ticks are the tokens.
 
     Hover shows the lens's top-k tokens and probabilities (ids decoded with ``decode``: a
     tokenizer, a callable, a sequence of strings or a :class:`TokenDecoder`); with
-    ``show_top1`` each cell is labelled with the lens's most likely next token.
-    ``final_top1_rank`` is coloured on log10(1 + rank). ``positions`` picks a range of tokens.
+    ``show_top1`` (default: when at most 24 positions are drawn) each cell is labelled with
+    the lens's most likely next token. ``final_top1_rank`` is coloured on log10(1 + rank).
+    ``positions`` picks a range of tokens.
     """
     if metric not in LENS_METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(LENS_METRICS)}.")
     decoder = as_decoder(decode)
     one, pos = _lens_cells(stats, sample, positions)
+    show_top1 = len(pos) <= 24 if show_top1 is None else show_top1
     values = one[metric].transpose("layer", "pos").values.astype(float)
     words = decoder(one["top_k_ids"].transpose("layer", "pos", "k").values)
     probs = one["top_k_probs"].transpose("layer", "pos", "k").values
