@@ -249,6 +249,9 @@ def test_empty_prefix_is_the_first_byte_distribution_for_every_method(tiny):
     assert exact.char.sel(byte=ord("a")).item() == "a"
     for other in (naive_next_byte_distribution(tiny, ""), token_healing_next_byte_distribution(tiny, "")):
         assert total_variation(exact, other) < 1e-12
+    # a special token's string inside the text is text to every method, never the control token
+    literal = naive_next_byte_distribution(tiny, "x<|endoftext|>")
+    assert literal.attrs["n_prompt_tokens"] > 2
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -183,19 +183,24 @@ def _byte_token_probs(logprobs: np.ndarray, vocab: VocabBytes) -> tuple[np.ndarr
 
 
 def _encode_bytes(handle: ModelHandle, vocab: VocabBytes, data: bytes) -> list[int]:
-    """The tokenizer's encoding of ``data``; bytes that are not valid UTF-8 become single-byte tokens."""
+    """The tokenizer's encoding of ``data``; bytes that are not valid UTF-8 become single-byte tokens.
+
+    Special-token strings in the text (a literal ``<|endoftext|>``) are encoded as text: special
+    tokens stand for no bytes here, as in :class:`ByteLevelModel`.
+    """
+
+    def encode(text: str) -> list[int]:
+        return handle.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
     ids: list[int] = []
     pos = 0
     while pos < len(data):
         try:
-            text = data[pos:].decode("utf-8")
-            ids += handle.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += encode(data[pos:].decode("utf-8"))
             break
         except UnicodeDecodeError as err:
             if err.start:
-                ids += handle.tokenizer(data[pos : pos + err.start].decode("utf-8"), add_special_tokens=False)[
-                    "input_ids"
-                ]
+                ids += encode(data[pos : pos + err.start].decode("utf-8"))
             bad = data[pos + err.start]
             single = vocab.tokens_equal_to(bytes([bad]))
             if not single:
@@ -350,7 +355,8 @@ class ByteLevelModel:
         if logp == -math.inf:
             raise ImpossiblePrefixError(
                 f"{self.name}: no token sequence spells {x[-40:]!r}: byte 0x{byte:02X} at offset {n - 1} cannot "
-                f"follow the {n - 1} bytes before it (probability 0)."
+                f"follow the {n - 1} bytes before it (probability 0; see attrs['impossible_bytes'] of the "
+                "distribution before it). Check the text, or use a model whose vocabulary can spell it."
             )
         # Shares of P(x): a new tokenization ending at n carries P(h) q(t | h); an older one carries
         # the covers whose last token runs past n. Together with what is pruned they add up to P(x).
@@ -495,8 +501,10 @@ class ByteLevelModel:
         for _, state, num, _, _ in self._walk(_as_bytes(text)):
             yield _distribution(num / num.sum(), "next_byte_probability", self._attrs(state))
 
-    def stream(self, text, progress: bool = False) -> xr.Dataset:
+    def stream(self, text, progress: bool | None = None) -> xr.Dataset:
         """Walk the cut point along ``text`` byte by byte: the exact next-byte distribution at every position.
+
+        ``progress``: a progress bar (None: only for texts over 256 bytes).
 
         Reuses every tokenization and the KV cache from one byte to the next. Dims (pos, byte):
         ``probability[pos, b] = P(b | text[:pos])``; ``logprob[pos] = log P(text[pos] | text[:pos])``;
@@ -516,7 +524,7 @@ class ByteLevelModel:
         calls = np.zeros(n, dtype=np.int64)
         start_calls, start_positions = self.calls, self.positions
         walk = self._walk(data)
-        if progress:
+        if progress or (progress is None and n > 256):
             from tqdm.auto import tqdm
 
             walk = tqdm(walk, total=n, desc=f"exact next-byte ({self.name})", unit="B")
@@ -565,7 +573,7 @@ class ByteLevelModel:
     def sample(self, prefix=b"", n_bytes: int = 32, seed: int = 0, temperature: float = 1.0) -> bytes:
         """Draw ``n_bytes`` bytes after ``prefix`` from the exact next-byte distribution (seeded).
 
-        ``temperature`` rescales the byte probabilities (``p^(1/T)``, renormalised). Each byte extends
+        ``x_{n+1} ~ P(. | x_1..x_n)``, byte by byte (:meth:`next_byte_distribution`). ``temperature`` rescales the byte probabilities (``p^(1/T)``, renormalised). Each byte extends
         the state of the previous one. Returns the new bytes only (possibly ending mid-character).
         """
 
@@ -748,7 +756,7 @@ class ByteLevelEnsemble:
         }
         return _distribution(values, "next_byte_probability", attrs)
 
-    def stream(self, text, progress: bool = False) -> xr.Dataset:
+    def stream(self, text, progress: bool | None = None) -> xr.Dataset:
         """The mixture's next-byte distribution at every cut point of ``text`` (see :meth:`ByteLevelModel.stream`)."""
         data = _as_bytes(text)
         runs = [m.stream(data, progress=progress) for m in self.models]
