@@ -188,3 +188,23 @@ def test_prediction_residuals_and_probes_end_to_end_on_tiny(tiny):
 def test_prediction_residuals_warns_when_tokens_are_few(tiny):
     with pytest.warns(UnstableFitWarning):
         prediction_residuals(tiny, [paragraphs()[0]], targets=("token_id",), heldout=0.0, progress=False)
+
+
+def test_study_saves_summarises_and_draws_from_saved_files(tiny, tmp_path):
+    from workbench.studies import next_token_law as study
+    from workbench.studies.tables import markdown_table
+
+    folder = study.run_study(tiny, tmp_path / "tiny", tokens=3000, probe_tokens=3000, lens_tokens=600, lens_steps=1,
+                             progress=False)
+    assert not (tmp_path / "tiny.partial").exists()
+    with pytest.raises(FileExistsError, match="recompute"):
+        study.run_study(tiny, folder, progress=False)
+    row = study.summary(folder)
+    assert row["layers"] == 2 and "lstsq" in row["solver"]
+    assert "tiny-random-llama" in markdown_table([row])
+    lens = study.load_tuned_lens(folder)
+    lens.check_model(tiny)
+    written = study.write_figures({"tiny": folder}, tmp_path / "gallery", formats=("svg",))
+    names = {p.relative_to(tmp_path / "gallery").as_posix() for p in written}
+    assert {"law.svg", "tiny/contributions.svg", "tiny/future_token_probes.svg",
+            "tiny/logit_vs_tuned_lens.svg", "tiny/tuned_lens_cross_entropy.svg"} <= names
