@@ -460,7 +460,11 @@ class ByteLevelModel:
         return _distribution(num / num.sum(), "next_byte_probability", self._attrs(state))
 
     def prefix_logprob(self, prefix) -> float:
-        """``log P(x)`` (nats): the probability that the text starts with ``x``, summed over its cover encodings."""
+        """``log P(x)`` (nats): the probability that the text starts with ``x``, ``log sum_{t in cover(x)} P(t)``.
+
+        Summed over the covers of the tokenizations followed (all of them with ``prune=0`` and
+        ``max_hypotheses=None``); :meth:`covers` lists them. Dims: prefix -> scalar.
+        """
         return self._state_for(_as_bytes(prefix)).logp
 
     def covers(self, prefix) -> list[tuple[tuple[int, ...], tuple[str, ...], float]]:
@@ -701,6 +705,8 @@ def bits_per_byte(model, text) -> float:
     Dims: text of n bytes -> scalar.
     """
     data = _as_bytes(text)
+    if not data:
+        raise ValueError("bits_per_byte needs a non-empty text.")
     ds = model.stream(data)
     return float(-ds["logprob"].sum() / (len(data) * math.log(2)))
 
