@@ -87,3 +87,16 @@ def test_export_errors(tmp_path, monkeypatch):
     monkeypatch.setattr("workbench.gallery.find_chromium", lambda: None)
     with pytest.raises(ExportError, match="apt-get install chromium"):
         export_figure(go.Figure(), tmp_path / "x")
+
+
+def test_gallery_index_collects_each_study_table_with_links_fixed(tmp_path):
+    from workbench.gallery import write_gallery_index
+
+    (tmp_path / "tokenization_bias").mkdir()
+    (tmp_path / "tokenization_bias" / "summary.md").write_text("# Title\n\n| a | b |\n\n![f](error_vs_steps.svg)\n")
+    (tmp_path / "next_token_law.md").write_text("# Law\n\n| r | -0.9 |\n\n## Figures\n\n- [law](next_token_law/law.svg)\n")
+    index = write_gallery_index(tmp_path).read_text()
+    assert "## Next-token laws across layers" in index and "| r | -0.9 |" in index
+    assert "### Figures" in index and "(next_token_law/law.svg)" in index
+    assert "(tokenization_bias/error_vs_steps.svg)" in index
+    assert "Extreme-token" not in index  # sections without a page are left out

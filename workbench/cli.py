@@ -112,6 +112,7 @@ def gallery(
             written += _write_tokenization_bias_gallery(out)
     except _user_errors() as err:
         _fail(err)
+    written.append(_write_index(out))
     for path in written:
         console.print(f"  {path}")
 
@@ -119,6 +120,12 @@ def gallery(
 EXTREME_TOKENS_DIR = Path("runs/extreme_tokens")
 NEXT_TOKEN_LAW_DIR = Path("runs/next_token_law")
 TOKENIZATION_BIAS_DIR = Path("runs/tokenization_bias")
+
+
+def _write_index(out: Path) -> Path:
+    from .gallery import write_gallery_index
+
+    return write_gallery_index(out)
 
 
 @app.command("extreme-tokens")
@@ -148,6 +155,7 @@ def extreme_tokens(
         written = _write_extreme_token_gallery(models, out)
     except _user_errors() as err:
         _fail(err)
+    _write_index(out)
     console.print(f"{len(written)} figures under {out / 'extreme_tokens'}; table in {out / 'extreme_tokens.md'}")
 
 
@@ -220,6 +228,7 @@ def next_token_law(
         written = _write_next_token_law_gallery(models, out)
     except _user_errors() as err:
         _fail(err)
+    _write_index(out)
     console.print(f"{len(written)} figures under {out / 'next_token_law'}; table in {out / 'next_token_law.md'}")
 
 
@@ -265,6 +274,7 @@ def tokenization_bias(
         written = _write_tokenization_bias_gallery(out)
     except _user_errors() as err:
         _fail(err)
+    _write_index(out)
     console.print(f"{len(written)} files under {out / 'tokenization_bias'}")
 
 
