@@ -79,6 +79,22 @@ def test_one_hot_classes_equal_dense_one_hot_regression():
     np.testing.assert_allclose(stats.residual_sum_of_squares(fit), ((dense - ref.predict(x)) ** 2).sum(0), rtol=1e-8)
 
 
+def test_label_sets_share_one_gram_and_equal_separate_fits():
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.normal(size=(400, 6)))
+    labels = torch.from_numpy(rng.integers(-1, 3, size=(400, 2)))
+    joint = ReadoutStats(6, n_classes=3, label_sets=2)
+    joint.add(x, labels=labels)
+    for block in range(2):
+        alone = ReadoutStats(6, n_classes=3)
+        alone.add(x, labels=labels[:, block])
+        cols = slice(3 * block, 3 * block + 3)
+        np.testing.assert_allclose(joint.fit().weight[:, cols], alone.fit().weight, rtol=1e-10)
+        np.testing.assert_allclose(joint.residual_sum_of_squares(joint.fit())[cols],
+                                   alone.residual_sum_of_squares(alone.fit()), rtol=1e-10)
+    assert joint.fit().solver == "cholesky"
+
+
 def test_singular_features_use_min_norm_lstsq_and_ridge_is_recorded():
     rng = np.random.default_rng(3)
     a = rng.normal(size=(200, 2))
@@ -200,7 +216,7 @@ def test_study_saves_summarises_and_draws_from_saved_files(tiny, tmp_path):
     with pytest.raises(FileExistsError, match="recompute"):
         study.run_study(tiny, folder, progress=False)
     row = study.summary(folder)
-    assert row["layers"] == 2 and "lstsq" in row["solver"]
+    assert row["layers"] == 2 and row["solver"] in ("cholesky", "lstsq")
     assert "tiny-random-llama" in markdown_table([row])
     lens = study.load_tuned_lens(folder)
     lens.check_model(tiny)

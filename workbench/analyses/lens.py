@@ -103,8 +103,13 @@ def lens_statistics(
     return ds
 
 
-def lens_summary(stats: xr.Dataset) -> xr.Dataset:
-    """Token-averaged per-layer curves: mean cross-entropy, entropy, KL to final, top-1 agreement."""
+def lens_summary(stats: xr.Dataset, skip_first: int = 1) -> xr.Dataset:
+    """Token-averaged per-layer curves: mean cross-entropy, entropy, KL to final, top-1 agreement.
+
+    The first ``skip_first`` positions (the attention-sink token, which the tuned lens is not
+    trained on) are left out, so logit and tuned lens are averaged over the same tokens.
+    """
+    stats = stats.isel(pos=slice(skip_first, None))
     valid = stats["final_top1_rank"] >= 0
     return xr.Dataset(
         {

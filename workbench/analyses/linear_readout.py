@@ -37,21 +37,24 @@ class Fit:
 class ReadoutStats:
     """Sufficient statistics of least-squares readouts from ``d`` features.
 
-    ``n_targets`` scalar target columns and ``n_classes`` one-hot classes (label -1 = no
-    class: an all-zero one-hot row).
+    ``n_targets`` scalar target columns and ``label_sets`` one-hot targets of ``n_classes``
+    classes each (label -1 = no class: an all-zero one-hot row). Target columns are the
+    scalars first, then one block of ``n_classes`` per label set; all share one ``X^T X``.
     """
 
-    def __init__(self, d: int, n_targets: int = 0, n_classes: int = 0):
-        self.d, self.n_targets, self.n_classes = d, n_targets, n_classes
+    def __init__(self, d: int, n_targets: int = 0, n_classes: int = 0, label_sets: int = 1):
+        self.d, self.n_targets, self.n_classes, self.label_sets = d, n_targets, n_classes, label_sets
+        width = n_targets + n_classes * label_sets
         self.n = 0
         self.sx = torch.zeros(d, dtype=torch.float64)
         self.sxx = torch.zeros(d, d, dtype=torch.float64)
-        self.sy = torch.zeros(n_targets + n_classes, dtype=torch.float64)
-        self.syy = torch.zeros(n_targets + n_classes, dtype=torch.float64)
-        self.sxy = torch.zeros(d, n_targets + n_classes, dtype=torch.float64)
+        self.sy = torch.zeros(width, dtype=torch.float64)
+        self.syy = torch.zeros(width, dtype=torch.float64)
+        self.sxy = torch.zeros(d, width, dtype=torch.float64)
 
     def add(self, x: torch.Tensor, y: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> None:
-        """Accumulate features ``x`` (n, d), scalar targets ``y`` (n, n_targets), class ``labels`` (n,)."""
+        """Accumulate features ``x`` (n, d), scalar targets ``y`` (n, n_targets), class ``labels``
+        (n,) or (n, label_sets)."""
         x = x.detach().to("cpu", torch.float64)
         self.n += x.shape[0]
         self.sx += x.sum(0)
@@ -62,13 +65,14 @@ class ReadoutStats:
             self.syy[: self.n_targets] += (y * y).sum(0)
             self.sxy[:, : self.n_targets].addmm_(x.T, y)
         if self.n_classes:
-            labels = labels.detach().cpu()
-            keep = labels >= 0
-            cls = labels[keep] + self.n_targets
-            counts = torch.bincount(cls, minlength=self.n_targets + self.n_classes).to(torch.float64)
-            self.sy += counts
-            self.syy += counts  # y in {0, 1}: y^2 = y
-            self.sxy.index_add_(1, cls, x[keep].T)
+            labels = labels.detach().cpu().reshape(x.shape[0], self.label_sets)
+            for block in range(self.label_sets):
+                keep = labels[:, block] >= 0
+                cls = labels[keep, block] + self.n_targets + block * self.n_classes
+                counts = torch.bincount(cls, minlength=self.sy.shape[0]).to(torch.float64)
+                self.sy += counts
+                self.syy += counts  # y in {0, 1}: y^2 = y
+                self.sxy.index_add_(1, cls, x[keep].T)
 
     def _centred(self):
         n = self.n
@@ -81,9 +85,10 @@ class ReadoutStats:
     def fit(self, ridge: float = 0.0) -> Fit:
         """Ordinary least squares with intercept (``ridge`` > 0: ridge on the centred features).
 
-        ``ridge = 0`` solves the normal equations by ``numpy.linalg.lstsq``, which returns the
-        minimum-norm solution when ``X^T X`` is singular (recorded as ``solver``), so a
-        singular feature matrix never crashes or produces NaN.
+        ``ridge = 0`` solves the normal equations by Cholesky when ``X^T X`` is well
+        conditioned (condition number below 1e10), else by ``numpy.linalg.lstsq``, which
+        returns the minimum-norm solution when ``X^T X`` is singular; the choice is recorded
+        as ``solver``, so a singular feature matrix never crashes or produces NaN.
         """
         if self.n < 2:
             raise ValueError(f"a least-squares fit needs at least 2 tokens; these statistics hold {self.n}.")
@@ -93,8 +98,12 @@ class ReadoutStats:
             weight = np.linalg.solve(sxx + lam * np.eye(self.d), sxy)
             solver, rank = f"ridge(lambda={ridge} x mean feature variance)", self.d
         else:
-            weight, _, rank, _ = np.linalg.lstsq(sxx, sxy, rcond=None)
-            solver = "lstsq" if rank == self.d else f"lstsq (min-norm; X^T X rank {rank} < {self.d})"
+            weight = _cholesky_solve(sxx, sxy)
+            if weight is not None:
+                solver, rank = "cholesky", self.d
+            else:  # singular or too ill-conditioned for the normal equations
+                weight, _, rank, _ = np.linalg.lstsq(sxx, sxy, rcond=None)
+                solver = "lstsq" if rank == self.d else f"lstsq (min-norm; X^T X rank {rank} < {self.d})"
         bias = my - mx @ weight
         return Fit(weight, bias, solver, int(rank))
 
@@ -109,6 +118,20 @@ class ReadoutStats:
     def total_sum_of_squares(self) -> np.ndarray:
         """Sum of squared deviations of each target column from its mean, (targets,)."""
         return np.maximum(self._centred()[4], 0.0)
+
+
+def _cholesky_solve(a: np.ndarray, b: np.ndarray, max_condition: float = 1e10) -> np.ndarray | None:
+    """``a^-1 b`` for symmetric positive-definite ``a``, or None if it is (numerically) singular."""
+    scale = np.sqrt(np.clip(np.diag(a), 1e-300, None))
+    scaled = a / scale[:, None] / scale[None, :]  # unit diagonal: the condition test is scale-free
+    factor, info = torch.linalg.cholesky_ex(torch.from_numpy(scaled))
+    if info.item() != 0:
+        return None
+    diag = factor.diagonal()
+    if float((diag.max() / diag.min()) ** 2) > max_condition:
+        return None
+    solved = torch.cholesky_solve(torch.from_numpy(b / scale[:, None]), factor).numpy()
+    return solved / scale[:, None]
 
 
 def check_enough_tokens(n: int, d: int, factor: int = 4, what: str = "the fit") -> None:

@@ -53,8 +53,8 @@ def split_windows(windows: list, heldout: float, seed: int) -> tuple[list, list]
     return train, test
 
 
-def _frequent_tokens(windows: list, horizon: int, n_classes: int) -> np.ndarray:
-    """The ``n_classes`` most frequent target tokens (1..horizon ahead) of the training windows."""
+def _frequent_tokens(windows: list, n_classes: int) -> np.ndarray:
+    """The ``n_classes`` most frequent target tokens of the training windows (every token but the first)."""
     counts: dict[int, int] = {}
     for w in windows:
         for t in w[1:]:
@@ -99,7 +99,7 @@ def prediction_residuals(
     train, test = split_windows(windows, heldout, seed)
     scalar = [t for t in targets if t != "one_hot"]
     permutation = torch.from_numpy(np.random.default_rng(seed).permutation(model.vocab_size))
-    classes = _frequent_tokens(train, 1, one_hot_classes) if "one_hot" in targets else np.zeros(0, np.int64)
+    classes = _frequent_tokens(train, one_hot_classes) if "one_hot" in targets else np.zeros(0, np.int64)
     class_of = _class_index(model.vocab_size, classes)
     n_classes = len(classes)
 
@@ -236,7 +236,8 @@ def future_token_probes(
     the law's ``one_hot`` target, predicting ``argmax_c x W_c + b_c``) over the
     ``n_classes`` most frequent tokens of the training windows; a held-out token outside
     those classes counts as a miss (``coverage`` says how many are inside). Features as in
-    the law. Returns ``accuracy`` (layer, k), ``coverage`` (k), ``n_tokens`` (k).
+    the law; every probe uses the tokens whose ``horizon`` next tokens are all in the window
+    (the last ``horizon`` tokens of each window are left out), so all k share one ``X^T X``. Returns ``accuracy`` (layer, k), ``coverage`` (k), ``n_tokens`` (k).
     """
     if horizon < 1:
         raise ValueError(f"horizon must be at least 1, got {horizon}.")
@@ -246,37 +247,34 @@ def future_token_probes(
     train, test = split_windows(windows, heldout, seed)
     if not test:
         raise ValueError(f"only {len(windows)} window(s): pass more text so some can be held out.")
-    classes = _frequent_tokens(train, horizon, n_classes)
+    classes = _frequent_tokens(train, n_classes)
     class_of = _class_index(model.vocab_size, classes)
-    stats = [[ReadoutStats(model.d_model, 0, len(classes)) for _ in range(horizon)] for _ in range(model.n_layers)]
+    # One X^T X per layer serves every k: a token is used when all ``horizon`` targets exist.
+    stats = [ReadoutStats(model.d_model, 0, len(classes), label_sets=horizon) for _ in range(model.n_layers)]
 
     def add_train(batch: FeatureBatch) -> None:
-        for k in range(horizon):
-            tgt = batch.targets[:, k]
-            keep = tgt >= 0
-            stats[batch.layer][k].add(batch.features[keep.to(batch.features.device)], labels=class_of[tgt[keep]])
+        keep = (batch.targets >= 0).all(-1)
+        stats[batch.layer].add(batch.features[keep.to(batch.features.device)], labels=class_of[batch.targets[keep]])
 
     stream_layer_features(model, train, add_train, horizon=horizon, batch_size=batch_size, backend=backend,
                           progress=progress, desc="future-token probes (train)")
-    check_enough_tokens(stats[0][0].n, model.d_model, what="the future-token probes")
-    fits = [[stats[layer][k].fit(ridge) for k in range(horizon)] for layer in range(model.n_layers)]
-    weights = [[torch.from_numpy(f.weight).float() for f in row] for row in fits]
-    biases = [[torch.from_numpy(f.bias).float() for f in row] for row in fits]
+    check_enough_tokens(stats[0].n, model.d_model, what="the future-token probes")
+    fits = [stats[layer].fit(ridge) for layer in range(model.n_layers)]
+    weights = [torch.from_numpy(f.weight).float() for f in fits]  # (d, horizon * classes)
+    biases = [torch.from_numpy(f.bias).float() for f in fits]
     correct = np.zeros((model.n_layers, horizon))
     counted = np.zeros(horizon)
     inside = np.zeros(horizon)
 
     def add_test(batch: FeatureBatch) -> None:
-        x = batch.features.cpu()
-        for k in range(horizon):
-            tgt = batch.targets[:, k]
-            keep = tgt >= 0
-            label = class_of[tgt[keep]]
-            predicted = (x[keep] @ weights[batch.layer][k] + biases[batch.layer][k]).argmax(-1)
-            correct[batch.layer, k] += int(((predicted == label) & (label >= 0)).sum())
-            if batch.layer == 0:
-                counted[k] += int(keep.sum())
-                inside[k] += int((label >= 0).sum())
+        keep = (batch.targets >= 0).all(-1)
+        x = batch.features.cpu()[keep]
+        scores = (x @ weights[batch.layer] + biases[batch.layer]).reshape(len(x), horizon, len(classes))
+        label = class_of[batch.targets[keep]]  # (n, horizon)
+        correct[batch.layer] += ((scores.argmax(-1) == label) & (label >= 0)).sum(0).numpy()
+        if batch.layer == 0:
+            counted[:] += len(x)
+            inside[:] += (label >= 0).sum(0).numpy()
 
     stream_layer_features(model, test, add_test, horizon=horizon, batch_size=batch_size, backend=backend,
                           progress=progress, desc="future-token probes (held out)")
@@ -291,9 +289,9 @@ def future_token_probes(
             "analysis": "next_token_law.future_token_probes",
             "model": model.name,
             "n_classes": len(classes),
-            "tokens_train": stats[0][0].n,
+            "tokens_train": stats[0].n,
             "ridge": ridge,
-            "solver": fits[0][0].solver,
+            "solver": fits[0].solver,
             "seed": seed,
             "window": window or min(512, model.max_context),
         },

@@ -234,6 +234,7 @@ def train_tuned_lens(
         lens.bias[trained] = bias.detach().cpu()
     lens.info = {
         "tokens_collected": n_tok + n_eval,
+        "skip_first_positions": 1,
         "tokens_train": n_tok,
         "tokens_eval": n_eval,
         "heldout_mean_kl_logit_lens": kl_logit_lens,
