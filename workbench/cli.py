@@ -110,6 +110,9 @@ def gallery(
             written += _write_next_token_law_gallery(laws, out)
         if TOKENIZATION_BIAS_DIR.exists():
             written += _write_tokenization_bias_gallery(out)
+        aligned = sorted(p.name for p in TOKEN_ALIGNMENT_DIR.glob("*") if (p / "results.nc").exists())
+        if aligned:
+            written += _write_token_alignment_gallery(aligned, out)
     except _user_errors() as err:
         _fail(err)
     written.append(_write_index(out))
@@ -120,6 +123,7 @@ def gallery(
 EXTREME_TOKENS_DIR = Path("runs/extreme_tokens")
 NEXT_TOKEN_LAW_DIR = Path("runs/next_token_law")
 TOKENIZATION_BIAS_DIR = Path("runs/tokenization_bias")
+TOKEN_ALIGNMENT_DIR = Path("runs/token_alignment")
 
 
 def _write_index(out: Path) -> Path:
@@ -285,6 +289,53 @@ def _write_tokenization_bias_gallery(out: Path) -> list[Path]:
     written = study.write_figures(results, out / "tokenization_bias")
     written.append(study.write_summary(results, out / "tokenization_bias" / "summary.md"))
     console.print(study.summary_table(results))
+    return written
+
+
+@app.command("token-alignment")
+def token_alignment(
+    models: list[str] = typer.Option(["smollm2-135m"], "--model", help="Repeat for several models."),
+    prompts: int = typer.Option(40, "--prompts", help="Random cuts per domain (prose, code)."),
+    back_offs: str = typer.Option("1,2", "--back-offs", help="Back-offs compared with plain, e.g. 1,2."),
+    seed: int = typer.Option(0, "--seed"),
+    recompute: bool = typer.Option(False, "--recompute", help="Recompute and replace saved results."),
+    out: Path = typer.Option(GALLERY_DIR, "--out", help="Gallery folder for figures and the table."),
+) -> None:
+    """Token alignment (Athiwaratkun et al., 2024): greedy completions of cut prose and code, plain vs aligned.
+
+    Results are saved under runs/token_alignment/MODEL and reused unless --recompute; figures and
+    token_alignment.md go to GALLERY/tokenization_bias.
+    """
+    import workbench as wb
+
+    from .studies import token_alignment as study
+
+    try:
+        config = study.StudyConfig(n_prompts=prompts, seed=seed,
+                                   back_offs=tuple(int(k) for k in back_offs.split(",") if k.strip()))
+        for name in models:
+            folder = TOKEN_ALIGNMENT_DIR / name
+            if (folder / study.RESULTS_FILE).exists() and not recompute:
+                console.print(f"{name}: using saved results in {folder} (--recompute to redo)")
+                continue
+            study.run_study(wb.load_model(name), folder, config, overwrite=recompute)
+        written = _write_token_alignment_gallery(models, out)
+    except _user_errors() as err:
+        _fail(err)
+    _write_index(out)
+    console.print(f"{len(written)} files under {out / 'tokenization_bias'}")
+
+
+def _write_token_alignment_gallery(models: list[str], out: Path) -> list[Path]:
+    from .studies import token_alignment as study
+
+    folders = [TOKEN_ALIGNMENT_DIR / name for name in models]
+    written = []
+    for folder in folders:
+        written += study.write_figures(folder, out / "tokenization_bias")
+    written.append(study.write_summary(folders, out / "tokenization_bias" / "token_alignment.md"))
+    for folder in folders:
+        console.print(study.summary_table(folder))
     return written
 
 
