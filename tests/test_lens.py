@@ -70,6 +70,8 @@ def test_tuned_lens_trains_saves_loads_and_beats_the_logit_lens(tiny, tmp_path):
     run = wb.capture(tiny, PROSE[:2], probes=["resid_post"], progress=False)
     tuned = lens_statistics(run, tiny, again)
     assert tuned.attrs["lens"] == "tuned"
+    assert np.isnan(tuned.cross_entropy.values[:, 0, 0]).all()  # never trained on the sink position
+    assert np.isfinite(tuned.kl_to_final.values[:, 0, -1]).all()  # the last layer is the output itself
     np.testing.assert_allclose(tuned.kl_to_final.sel(layer=1).values, lens_statistics(run, tiny).kl_to_final.sel(layer=1).values)
 
 

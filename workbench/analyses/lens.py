@@ -12,6 +12,9 @@ Predictions from Transformers with the Tuned Lens", 2023); the lenses themselves
 - ``top_k_ids`` / ``top_k_probs``: the lens's k most likely tokens
 - ``first_agreeing_layer`` (sample, pos): the first layer whose top-1 equals the final top-1.
 
+A tuned lens is undefined (NaN, rank -1) at the positions it was not trained on (its
+``skip_first_positions``: the attention-sink token), except at the last layer.
+
 Dims: a run with ``resid_post`` (sample, pos, layer, d_model) -> (sample, pos, layer[, k]).
 """
 
@@ -74,6 +77,12 @@ def lens_statistics(
                 out["final_top1_rank"][s, p, layer] = (logq > chosen).sum(-1).cpu().numpy()
                 tp, ti = q.topk(top_k, -1)
                 top_ids[s, p, layer], top_probs[s, p, layer] = ti.cpu().numpy(), tp.cpu().numpy()
+    skip = int(lens.info.get("skip_first_positions", 0)) if lens is not None else 0
+    if skip:  # the translators never saw these positions (the sink): undefined there, not extrapolated
+        for name in ("cross_entropy", "entropy", "kl_to_final"):
+            out[name][:, :skip, :last] = np.nan
+        out["final_top1_rank"][:, :skip, :last] = -1
+        top_ids[:, :skip, :last], top_probs[:, :skip, :last] = -1, np.nan
     agrees = out["final_top1_rank"] == 0
     first = np.where(agrees.any(-1), agrees.argmax(-1), -1)
     first[~valid] = -1
