@@ -158,9 +158,9 @@ def start_context(handle: ModelHandle) -> list[int]:
     plain = tok("a", add_special_tokens=False)["input_ids"]
     if len(with_special) > len(plain) and with_special[len(with_special) - len(plain) :] == plain:
         return list(with_special[: len(with_special) - len(plain)])
-    vocab = tok.get_vocab()
-    if "<|endoftext|>" in vocab:
-        return [vocab["<|endoftext|>"]]
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")  # a lookup, not a copy of the whole vocabulary
+    if isinstance(eot, int) and tok.convert_ids_to_tokens(eot) == "<|endoftext|>":
+        return [eot]
     for attr in ("eos_token_id", "bos_token_id"):
         if getattr(tok, attr, None) is not None:
             return [getattr(tok, attr)]

@@ -154,17 +154,6 @@ class _Prompt:
     vocab: VocabBytes = field(repr=False)
 
 
-_START: dict[int, tuple[object, list[int]]] = {}
-
-
-def _start_context(handle: ModelHandle) -> list[int]:
-    """:func:`start_context`, remembered per tokenizer (it reads the whole vocabulary: ~50 ms for SmolLM2)."""
-    hit = _START.get(id(handle.tokenizer))
-    if hit is None or hit[0] is not handle.tokenizer:
-        hit = _START[id(handle.tokenizer)] = (handle.tokenizer, list(start_context(handle)))
-    return list(hit[1])
-
-
 def _prepare(handle: ModelHandle, prompt, back_off: int) -> _Prompt:
     """Encode ``prompt`` (no special tokens added), check it, and split off the last ``back_off`` tokens."""
     if not isinstance(prompt, str):
@@ -192,7 +181,7 @@ def _prepare(handle: ModelHandle, prompt, back_off: int) -> _Prompt:
             f"cannot back off over the special token(s) {[handle.tokenizer.convert_ids_to_tokens(t) for t in specials]}"
             f" at the end of the prompt: they spell no characters to match. Use a smaller back_off."
         )
-    return _Prompt(prompt, _start_context(handle) + ids[: len(ids) - back_off], vocab.decode(dropped_ids), back_off,
+    return _Prompt(prompt, start_context(handle) + ids[: len(ids) - back_off], vocab.decode(dropped_ids), back_off,
                    len(ids), vocab)
 
 
@@ -649,7 +638,7 @@ def token_alignment_evaluation(
             "prune": prune,
             "max_nodes": max_nodes,
             "decoding": "greedy",
-            "start_context": _start_context(handle),
+            "start_context": start_context(handle),
         },
     )
     _describe(ds)
