@@ -9,13 +9,14 @@ For each size, the same 512-token windows of the bundled pydoc corpus go through
 (float32, CPU, batches of 8):
 
   plain forward   ``hf_model(input_ids, attention_mask)`` on every batch (with the unembedding)
-  plain base      ``hf_model.model(...)``: the same without the unembedding (what PR needs)
+  plain base      ``hf_model.model(...)``: the same without the unembedding (``--with-base``)
   PR (law)        ``prediction_residuals(..., targets=("token_id",), heldout=0)``: all 30 layers'
                   normalised features streamed into float64 X^T X / X^T y, then the fits
 
-Printed per size: wall seconds of each, the ratios PR/plain forward and PR/plain base
-(target <= 1.3), and the peak RSS growth of the PR run (target: flat; 100k within 10% of
-10k). Sizes run in shuffled order per round so drift does not favour one method.
+Printed per size: wall seconds of each, the ratio PR/plain forward (target <= 1.3; and
+PR/plain base with ``--with-base``), and the peak RSS growth during the timed PR run (a
+sampling thread; target: flat, 100k within 10% of 10k). Jobs run in shuffled order so
+drift does not favour one method.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import workbench as wb  # noqa: E402
-from capture_overhead import _fixed_mmap_threshold, peak_rss_growth, timed  # noqa: E402  shared helpers
+from capture_overhead import PeakRSS, _fixed_mmap_threshold, timed  # noqa: E402  shared helpers
 from workbench.analyses.linear_readout import UnstableFitWarning  # noqa: E402
 from workbench.analyses.next_token_law import prediction_residuals  # noqa: E402
 from workbench.corpus import load_corpus  # noqa: E402
@@ -56,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 100_000])
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--with-base", action="store_true", help="also time the base model without the unembedding")
     args = parser.parse_args()
     global_libc = _fixed_mmap_threshold()  # noqa: F841  (keeps large buffers returnable, see peak_rss_growth)
     model = wb.load_model()
@@ -71,27 +73,35 @@ def main() -> None:
             return prediction_residuals(model, texts, targets=("token_id",), heldout=0.0, window=512, max_tokens=n,
                                         progress=False)
 
-    times = {n: {"plain": [], "base": [], "law": []} for n in args.sizes}
+    methods = ("plain", "base", "law") if args.with_base else ("plain", "law")
+    times = {n: {m: [] for m in methods} for n in args.sizes}
+    peaks = {n: 0 for n in args.sizes}
     others = []
     rng = random.Random(0)
     plain_forward(model, windows[args.sizes[0]][:2])  # warm-up
     for _ in range(args.rounds):
-        jobs = [(n, m) for n in args.sizes for m in ("plain", "base", "law")]
+        jobs = [(n, m) for n in args.sizes for m in methods]
         rng.shuffle(jobs)
         for n, method in jobs:
             fn = {"plain": lambda: plain_forward(model, windows[n]),
                   "base": lambda: plain_forward(model, windows[n], base=True),
                   "law": lambda: law(n)}[method]
-            wall, other = timed(fn)
+            if method == "law":
+                with PeakRSS() as mem:
+                    wall, other = timed(fn)
+                peaks[n] = max(peaks[n], mem.delta)
+            else:
+                wall, other = timed(fn)
             times[n][method].append(wall)
             others.append(other)
-    peaks = {n: peak_rss_growth(lambda: law(n)) for n in args.sizes}
     print(f"other processes' CPU share during timings: median {statistics.median(others):.2f}, max {max(others):.2f}")
-    print(f"{'tokens':>8} {'plain s':>8} {'base s':>8} {'PR s':>8} {'PR/plain':>9} {'PR/base':>8} {'peak RSS MiB':>13}")
+    print(f"{'tokens':>8} {'plain s':>8} {'PR s':>8} {'PR/plain':>9} {'base s':>8} {'PR/base':>8} {'peak RSS MiB':>13}")
     for n in args.sizes:
         tokens = sum(map(len, windows[n]))
-        p, b, w = (statistics.median(times[n][m]) for m in ("plain", "base", "law"))
-        print(f"{tokens:>8} {p:>8.1f} {b:>8.1f} {w:>8.1f} {w / p:>9.3f} {w / b:>8.3f} {peaks[n] / 2**20:>13.0f}")
+        p, w = statistics.median(times[n]["plain"]), statistics.median(times[n]["law"])
+        base = f"{statistics.median(times[n]['base']):>8.1f} {w / statistics.median(times[n]['base']):>8.3f}" \
+            if args.with_base else f"{'-':>8} {'-':>8}"
+        print(f"{tokens:>8} {p:>8.1f} {w:>8.1f} {w / p:>9.3f} {base} {peaks[n] / 2**20:>13.0f}")
     first, last = args.sizes[0], args.sizes[-1]
     print(f"peak RSS {last} vs {first} tokens: {peaks[last] / peaks[first]:.3f}x")
 
