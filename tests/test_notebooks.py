@@ -20,3 +20,7 @@ def test_notebook_runs_headless(path, tmp_path):
 
 def test_there_is_a_quickstart():
     assert any(p.name == "00_quickstart.ipynb" for p in NOTEBOOKS)
+
+
+def test_there_is_a_tokenization_bias_notebook():
+    assert any(p.name == "03_tokenization_bias.ipynb" for p in NOTEBOOKS)

@@ -1,5 +1,6 @@
 """Plots: plotly figures from analysis results. No metric is computed here."""
 
+from .byte_level import bias_along_text_figure, bits_per_byte_figure, covers_table, next_byte_bars, prompt_cut_figure
 from .extreme_tokens import (
     condition_bars,
     head_state_map,
@@ -23,6 +24,11 @@ from .theme import COLUMN_WIDTH_PX, publication_layout
 
 __all__ = [
     "COLUMN_WIDTH_PX",
+    "bias_along_text_figure",
+    "bits_per_byte_figure",
+    "covers_table",
+    "next_byte_bars",
+    "prompt_cut_figure",
     "condition_bars",
     "contribution_figure",
     "future_token_figure",

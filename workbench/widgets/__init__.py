@@ -1,7 +1,8 @@
 """Widgets: sliders and selectors that redraw plots from results already computed. No science here."""
 
+from .byte_lens import ByteLens
 from .extreme_tokens import ExtremeTokenExplorer
 from .lens import LensExplorer
 from .residual_norms import ResidualNormExplorer
 
-__all__ = ["ExtremeTokenExplorer", "LensExplorer", "ResidualNormExplorer"]
+__all__ = ["ByteLens", "ExtremeTokenExplorer", "LensExplorer", "ResidualNormExplorer"]
