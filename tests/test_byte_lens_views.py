@@ -67,9 +67,13 @@ def _handle(vocab: dict, merges: list, name: str, seed: int) -> ModelHandle:
     return ModelHandle(name, model, tokenizer, "random init", f"seed-{seed}")
 
 
-# Each vocabulary also holds a token longer than any the texts use ("cc", "ccc", never spelled by
-# them): token_healing_next_byte_distribution indexes byte_matrix[len(last token)], which is out
-# of range when the prompt's last token is as long as the vocabulary's longest token.
+def test_token_healing_when_the_last_token_is_the_longest_in_the_vocabulary():
+    from workbench.analyses.byte_level import token_healing_next_byte_distribution
+
+    handle = _handle({"<eos>": 0, "a": 1, "b": 2, "ab": 3}, [("a", "b")], "longest-llama", 5)
+    healed = token_healing_next_byte_distribution(handle, "ab")  # "ab" is the longest token: nothing extends it
+    assert healed.sum().item() == pytest.approx(1.0, abs=1e-9)
+    assert healed.sel(byte=[ord("a"), ord("b")]).sum().item() == pytest.approx(1.0, abs=1e-9)
 
 
 @pytest.fixture(scope="module")

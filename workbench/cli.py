@@ -113,6 +113,8 @@ def gallery(
         aligned = sorted(p.name for p in TOKEN_ALIGNMENT_DIR.glob("*") if (p / "results.nc").exists())
         if aligned:
             written += _write_token_alignment_gallery(aligned, out)
+        if (BYTE_LEVEL_DIR / "ensemble.nc").exists():
+            written += _write_byte_level_gallery(out)
     except _user_errors() as err:
         _fail(err)
     written.append(_write_index(out))
@@ -124,6 +126,7 @@ EXTREME_TOKENS_DIR = Path("runs/extreme_tokens")
 NEXT_TOKEN_LAW_DIR = Path("runs/next_token_law")
 TOKENIZATION_BIAS_DIR = Path("runs/tokenization_bias")
 TOKEN_ALIGNMENT_DIR = Path("runs/token_alignment")
+BYTE_LEVEL_DIR = Path("runs/byte_level")
 
 
 def _write_index(out: Path) -> Path:
@@ -336,6 +339,39 @@ def _write_token_alignment_gallery(models: list[str], out: Path) -> list[Path]:
     written.append(study.write_summary(folders, out / "tokenization_bias" / "token_alignment.md"))
     for folder in folders:
         console.print(study.summary_table(folder))
+    return written
+
+
+@app.command("byte-level")
+def byte_level(
+    recompute: bool = typer.Option(False, "--recompute", help="Recompute and replace saved results."),
+    out: Path = typer.Option(GALLERY_DIR, "--out", help="Gallery folder for figures and the table."),
+) -> None:
+    """Exact byte-level probabilities on real text (Phan et al., 2024): bias along a paragraph, SmolLM2 + Gemma ensemble.
+
+    Results are saved under runs/byte_level and reused unless --recompute; figures and
+    byte_level.md go to GALLERY/tokenization_bias.
+    """
+    from .studies import byte_level as study
+
+    try:
+        if (BYTE_LEVEL_DIR / study.ENSEMBLE_FILE).exists() and not recompute:
+            console.print(f"using saved results in {BYTE_LEVEL_DIR} (--recompute to redo)")
+        else:
+            study.run_study(BYTE_LEVEL_DIR, overwrite=True)
+        written = _write_byte_level_gallery(out)
+    except _user_errors() as err:
+        _fail(err)
+    _write_index(out)
+    console.print(f"{len(written)} files under {out / 'tokenization_bias'}")
+
+
+def _write_byte_level_gallery(out: Path) -> list[Path]:
+    from .studies import byte_level as study
+
+    written = study.write_figures(BYTE_LEVEL_DIR, out / "tokenization_bias")
+    written.append(study.write_summary(BYTE_LEVEL_DIR, out / "tokenization_bias" / "byte_level.md"))
+    console.print(study.summary(BYTE_LEVEL_DIR))
     return written
 
 

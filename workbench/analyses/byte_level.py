@@ -661,11 +661,15 @@ def token_healing_next_byte_distribution(handle: ModelHandle, prefix, context_id
     q, p_special = _byte_token_probs(last_token_logprobs(handle, context + encoded[:-1]), vocab)
     lo, hi = vocab.prefix_range(r)
     n_exact = len(vocab.tokens_equal_to(r))
-    longer = np.bincount(vocab.byte_matrix[len(r), lo + n_exact : hi], weights=q[lo + n_exact : hi], minlength=256)
+    longer_ids = slice(lo + n_exact, hi)  # tokens strictly longer than r that start with it
+    possible = np.zeros(256, dtype=bool)
+    if len(r) < vocab.byte_matrix.shape[0]:
+        longer = np.bincount(vocab.byte_matrix[len(r), longer_ids], weights=q[longer_ids], minlength=256)
+        possible[np.unique(vocab.byte_matrix[len(r), longer_ids])] = True
+    else:  # r is as long as the longest token: nothing extends it
+        longer = np.zeros(256)
     q_last = q[vocab.rank[last]]
     values = longer + q_last * naive.values
-    possible = np.zeros(256, dtype=bool)
-    possible[np.unique(vocab.byte_matrix[len(r), lo + n_exact : hi])] = True
     if q_last > 0:
         possible |= np.asarray(naive.values > 0) | vocab.producible_first_bytes()
     attrs = _baseline_attrs(handle, "token_healing", data, context, p_special, possible,
