@@ -104,7 +104,7 @@ def head_state_map(effects: xr.Dataset, labels: xr.DataArray, mode: str = "zero"
         layer_idx, head_idx = np.nonzero(dormant)
         fig.add_trace(
             go.Scatter(x=one["head"].values[head_idx], y=one["layer"].values[layer_idx], mode="markers",
-                       marker=dict(color="black", size=4), name="dormant", showlegend=i == 0,
+                       marker=dict(color="black", size=4), name="dormant", showlegend=False,  # the title names the dots
                        hoverinfo="skip"),
             row=1, col=i + 1,
         )
