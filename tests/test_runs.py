@@ -118,3 +118,24 @@ def test_validator_lists_problems(run):
     with pytest.raises(wb.InvalidRunError, match="backend.*token|token.*backend") as err:
         wb.validate_run(broken)
     assert "missing coordinate 'token'" in str(err.value)
+
+
+def test_staged_study_folder_is_all_or_nothing(tmp_path):
+    from workbench.studies.staging import staged_folder
+
+    final = tmp_path / "study"
+    with staged_folder(final) as work:
+        (work / "a.txt").write_text("1")
+    assert (final / "a.txt").read_text() == "1" and not work.exists()
+    with pytest.raises(RunExistsError, match="overwrite=True"):
+        with staged_folder(final):
+            pass
+    with pytest.raises(RuntimeError):
+        with staged_folder(final, overwrite=True) as work:
+            (work / "a.txt").write_text("2")
+            raise RuntimeError("interrupted")
+    assert (final / "a.txt").read_text() == "1"  # the finished study survives an interrupted redo
+    with staged_folder(final, overwrite=True) as work:  # leftovers of the interrupted one are cleared
+        assert not any(work.iterdir())
+        (work / "b.txt").write_text("3")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]

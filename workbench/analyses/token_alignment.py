@@ -69,7 +69,7 @@ import xarray as xr
 from ..models import ModelHandle
 from ..probes.token_scoring import PrefixTreeScorer, ScoredSequence
 from ..vocab_bytes import VocabBytes, vocab_bytes
-from .byte_level import start_context
+from .byte_level import _logsumexp, start_context  # one log-sum-exp for both analyses
 
 __all__ = [
     "Completion",
@@ -352,14 +352,6 @@ def plain_completion(
 
 
 # --------------------------------------------------------------------------- scoring
-
-
-def _logsumexp(values) -> float:
-    values = [v for v in values if v != -math.inf]
-    if not values:
-        return -math.inf
-    top = max(values)
-    return top + math.log(sum(math.exp(v - top) for v in values))
 
 
 def _score(setup: _Prompt, scorer: PrefixTreeScorer, root: ScoredSequence, target: bytes, method: str,

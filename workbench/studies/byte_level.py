@@ -19,7 +19,6 @@ held-out paragraphs with the mixture weight chosen on a separate validation para
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,13 +26,24 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ..analyses.byte_bias import PAPER, bias_along_text, cover_encodings, ensemble_bits_per_byte
+from ..analyses.byte_bias import (
+    PAPER,
+    bias_along_text,
+    cover_encodings,
+    ensemble_bits_per_byte,
+)
 from ..analyses.byte_level import ByteLevelModel
 from ..corpus import paragraphs
 from ..gallery import export_figure
 from ..markov_chain import single_thread
-from ..plots.byte_level import bias_along_text_figure, bits_per_byte_figure, covers_table, next_byte_bars
-from ..runs import RunExistsError, open_result, save_result
+from ..plots.byte_level import (
+    bias_along_text_figure,
+    bits_per_byte_figure,
+    covers_table,
+    next_byte_bars,
+)
+from ..runs import open_result, save_result
+from .staging import staged_folder
 from .tables import markdown_table
 
 ENSEMBLE_FILE = "ensemble.nc"
@@ -82,36 +92,28 @@ def run_study(folder: str | Path, config: StudyConfig = StudyConfig(), *, handle
     """
     import workbench as wb
 
-    final = Path(folder)
-    if final.exists() and not overwrite:
-        raise RunExistsError(f"{final} already holds a study; pass overwrite=True to redo it.")
-    work = final.with_name(final.name + ".partial")
-    if work.exists():
-        shutil.rmtree(work)  # the leftovers of an interrupted study
-    started = time.perf_counter()
-    handles = handles or {name: wb.load_model(name) for name in config.models}
-    texts = paragraphs()
-    paragraph = texts[config.bias_paragraph]
-    kwargs = dict(prune=config.prune, max_hypotheses=config.max_hypotheses)
-    setup = {"config": json.dumps(asdict(config)), "paper": PAPER}
-    with single_thread():
-        cut = None
-        for name, handle in handles.items():
-            bias = bias_along_text(handle, paragraph, progress=progress, **kwargs)
-            cut = example_cut(bias, config.example_window) if cut is None else cut
-            save_result(bias.assign_attrs(setup), _file(work, "bias", name))
-            prefix = paragraph.encode("utf-8")[:cut]
-            covers = cover_encodings(ByteLevelModel(handle, **kwargs), prefix, top=config.n_covers)
-            save_result(covers.assign_attrs(example_cut=cut), _file(work, "covers", name))
-        ensemble = ensemble_bits_per_byte(handles, [texts[i] for i in config.test_paragraphs],
-                                          texts[config.validation_paragraph], weight_step=config.weight_step,
-                                          progress=progress, **kwargs)
-    ensemble.attrs.update(setup, example_cut=cut, study_seconds=round(time.perf_counter() - started, 1))
-    save_result(ensemble, work / ENSEMBLE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    work.rename(final)
-    return final
+    with staged_folder(folder, overwrite) as work:
+        started = time.perf_counter()
+        handles = handles or {name: wb.load_model(name) for name in config.models}
+        texts = paragraphs()
+        paragraph = texts[config.bias_paragraph]
+        kwargs = dict(prune=config.prune, max_hypotheses=config.max_hypotheses)
+        setup = {"config": json.dumps(asdict(config)), "paper": PAPER}
+        with single_thread():
+            cut = None
+            for name, handle in handles.items():
+                bias = bias_along_text(handle, paragraph, progress=progress, **kwargs)
+                cut = example_cut(bias, config.example_window) if cut is None else cut
+                save_result(bias.assign_attrs(setup), _file(work, "bias", name))
+                prefix = paragraph.encode("utf-8")[:cut]
+                covers = cover_encodings(ByteLevelModel(handle, **kwargs), prefix, top=config.n_covers)
+                save_result(covers.assign_attrs(example_cut=cut), _file(work, "covers", name))
+            ensemble = ensemble_bits_per_byte(handles, [texts[i] for i in config.test_paragraphs],
+                                              texts[config.validation_paragraph], weight_step=config.weight_step,
+                                              progress=progress, **kwargs)
+        ensemble.attrs.update(setup, example_cut=cut, study_seconds=round(time.perf_counter() - started, 1))
+        save_result(ensemble, work / ENSEMBLE_FILE)
+    return Path(folder)
 
 
 def load_study(folder: str | Path) -> dict:

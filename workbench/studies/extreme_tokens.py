@@ -8,13 +8,13 @@ table regenerate without the model.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from ..analyses import extreme_tokens as et
+from ..analyses.residual_norms import residual_norms
 from ..capture import capture
 from ..corpus import domain_samples, load_corpus
 from ..gallery import export_figure
@@ -29,8 +29,8 @@ from ..plots import (
     sink_score_by_domain,
     value_norm_vs_attention,
 )
-from ..analyses.residual_norms import residual_norms
 from ..runs import open_result, open_run, save_result, save_run
+from .staging import staged_folder
 
 PROBES = ["resid_pre", "attn_received", "value_norm"]
 RESULTS = ("head_effects", "scaling", "streaming", "massive_intervention")
@@ -63,31 +63,23 @@ def run_study(
     Everything is written to ``folder.partial`` first and renamed when complete, so an
     interrupted study never passes for a finished one.
     """
-    final = Path(folder)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already holds a study; pass overwrite=True (CLI: --recompute) to redo it.")
-    folder = final.with_name(final.name + ".partial")
-    if folder.exists():
-        shutil.rmtree(folder)  # the leftovers of an interrupted study
-    run = capture_domains(model, progress=progress)
-    save_run(run, folder / "run.zarr", overwrite=overwrite)
-    samples = domain_samples()
-    effects = et.head_ablation_effects(model, {d: t[:2] for d, t in samples.items()}, layers=ablation_layers,
-                                       progress=progress)
-    save_result(effects, folder / "head_effects.nc", overwrite=overwrite)
-    scaling = et.first_token_attention_scaling(model, samples["prose"] + samples["code"])
-    save_result(scaling, folder / "scaling.nc", overwrite=overwrite)
-    long_text = max((d["text"] for d in load_corpus()), key=len)
-    streaming = et.streaming_perplexity(model, long_text, window=64, n_sink=4, max_tokens=512)
-    save_result(streaming, folder / "streaming.nc", overwrite=overwrite)
-    layer, dims = _massive_source(run)
-    if dims:
-        massive = et.massive_activation_intervention(model, samples["prose"] + samples["code"], layer, dims)
-        save_result(massive, folder / "massive_intervention.nc", overwrite=overwrite)
-    if final.exists():
-        shutil.rmtree(final)
-    folder.rename(final)
-    return final
+    with staged_folder(folder, overwrite) as work:
+        run = capture_domains(model, progress=progress)
+        save_run(run, work / "run.zarr")
+        samples = domain_samples()
+        effects = et.head_ablation_effects(model, {d: t[:2] for d, t in samples.items()}, layers=ablation_layers,
+                                           progress=progress)
+        save_result(effects, work / "head_effects.nc")
+        scaling = et.first_token_attention_scaling(model, samples["prose"] + samples["code"])
+        save_result(scaling, work / "scaling.nc")
+        long_text = max((d["text"] for d in load_corpus()), key=len)
+        streaming = et.streaming_perplexity(model, long_text, window=64, n_sink=4, max_tokens=512)
+        save_result(streaming, work / "streaming.nc")
+        layer, dims = _massive_source(run)
+        if dims:
+            massive = et.massive_activation_intervention(model, samples["prose"] + samples["code"], layer, dims)
+            save_result(massive, work / "massive_intervention.nc")
+    return Path(folder)
 
 
 def load_study(folder: str | Path) -> dict[str, xr.Dataset]:

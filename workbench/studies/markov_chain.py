@@ -17,7 +17,6 @@ under ``folder/checkpoints/<tokenizer>/step-<n>``. ``write_figures`` and
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +38,8 @@ from ..markov_chain import (
     train_toy_model,
 )
 from ..plots.tokenization_bias import error_vs_steps, transition_heatmaps
-from ..runs import RunExistsError, open_result, save_result
+from ..runs import open_result, save_result
+from .staging import staged_folder
 from .tables import markdown_table
 
 RESULTS_FILE = "results.nc"
@@ -70,40 +70,32 @@ def run_study(
     Written to ``folder.partial`` first and renamed when complete, so an interrupted study
     never passes for a finished one.
     """
-    final = Path(folder)
-    if final.exists() and not overwrite:
-        raise RunExistsError(f"{final} already holds a study; pass overwrite=True to redo it.")
-    work = final.with_name(final.name + ".partial")
-    if work.exists():
-        shutil.rmtree(work)  # the leftovers of an interrupted study
-    started = time.perf_counter()
-    chain = MarkovChain.random(config.alphabet, config.order, seed=config.chain_seed)
-    corpus = chain.sample(config.n_sequences, config.length, seed=config.corpus_seed)
-    tokenizers = {"mpe": mpe_tokenizer(config.mpe_tokens), "bpe": bpe_tokenizer(corpus, config.bpe_merges, config.alphabet)}
-    checkpoints = {}
-    for name, tokenizer in tokenizers.items():
-        checkpoints[name] = train_toy_model(tokenizer, corpus, config.training, name=f"markov-{name}",
-                                            save_dir=work / "checkpoints" / name, progress=progress)
-    with single_thread():
-        results = checkpoint_sweep(checkpoints, chain, progress=progress)
-    steps = [int(s) for s in results["step"].values]
-    loss = [[checkpoints[t][s].hf_model.config.workbench_training["smoothed_loss"] for s in steps] for t in tokenizers]
-    results["training_loss"] = (("tokenizer", "step"), np.array(loss))
-    results["training_loss"].attrs["description"] = "training cross-entropy (nats/token), exponential moving average"
-    any_handle = next(iter(checkpoints["mpe"].values()))
-    results.attrs = {
-        "paper": "Understanding and Mitigating Tokenization Bias in Language Models (Phan et al., 2024)",
-        "config": json.dumps(asdict(config)),
-        "tokens": json.dumps({name: tokenizer_tokens(tok) for name, tok in tokenizers.items()}),
-        "model": json.dumps({k: v for k, v in any_handle.summary().items() if k != "name" and k != "vocab"}),
-        "corpus_characters": config.n_sequences * config.length,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    save_result(results, work / RESULTS_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    work.rename(final)
-    return final
+    with staged_folder(folder, overwrite) as work:
+        started = time.perf_counter()
+        chain = MarkovChain.random(config.alphabet, config.order, seed=config.chain_seed)
+        corpus = chain.sample(config.n_sequences, config.length, seed=config.corpus_seed)
+        tokenizers = {"mpe": mpe_tokenizer(config.mpe_tokens), "bpe": bpe_tokenizer(corpus, config.bpe_merges, config.alphabet)}
+        checkpoints = {}
+        for name, tokenizer in tokenizers.items():
+            checkpoints[name] = train_toy_model(tokenizer, corpus, config.training, name=f"markov-{name}",
+                                                save_dir=work / "checkpoints" / name, progress=progress)
+        with single_thread():
+            results = checkpoint_sweep(checkpoints, chain, progress=progress)
+        steps = [int(s) for s in results["step"].values]
+        loss = [[checkpoints[t][s].hf_model.config.workbench_training["smoothed_loss"] for s in steps] for t in tokenizers]
+        results["training_loss"] = (("tokenizer", "step"), np.array(loss))
+        results["training_loss"].attrs["description"] = "training cross-entropy (nats/token), exponential moving average"
+        any_handle = next(iter(checkpoints["mpe"].values()))
+        results.attrs = {
+            "paper": "Understanding and Mitigating Tokenization Bias in Language Models (Phan et al., 2024)",
+            "config": json.dumps(asdict(config)),
+            "tokens": json.dumps({name: tokenizer_tokens(tok) for name, tok in tokenizers.items()}),
+            "model": json.dumps({k: v for k, v in any_handle.summary().items() if k != "name" and k != "vocab"}),
+            "corpus_characters": config.n_sequences * config.length,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        save_result(results, work / RESULTS_FILE)
+    return Path(folder)
 
 
 def load_study(folder: str | Path) -> xr.Dataset:

@@ -14,7 +14,6 @@ the lens figures are held out from its training.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -25,8 +24,8 @@ from ..analyses.lens import lens_statistics, lens_summary
 from ..analyses.linear_readout import UnstableFitWarning
 from ..analyses.next_token_law import future_token_probes, law_fit, prediction_residuals
 from ..capture import capture
-from ..gallery import export_figure
 from ..corpus import load_corpus, paragraphs
+from ..gallery import export_figure
 from ..models import ModelHandle
 from ..plots.next_token_law import (
     contribution_figure,
@@ -38,6 +37,7 @@ from ..plots.next_token_law import (
 from ..probes.lens import TunedLens, train_tuned_lens
 from ..probes.streaming import token_windows
 from ..runs import open_result, open_run, save_result, save_run
+from .staging import staged_folder
 
 LAW_TARGETS = ("token_id", "shuffled_id", "one_hot")
 RESULTS = ("pr", "future", "tuned_lens", "lens_logit", "lens_tuned")
@@ -70,32 +70,24 @@ def run_study(
     progress: bool = True,
 ) -> Path:
     """Compute the law, the future-token probes and both lenses for ``model``; save them under ``folder``."""
-    final = Path(folder)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already holds a study; pass overwrite=True (CLI: --recompute) to redo it.")
-    folder = final.with_name(final.name + ".partial")
-    if folder.exists():
-        shutil.rmtree(folder)  # the leftovers of an interrupted study
-    texts = [doc["text"] for doc in load_corpus()]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UnstableFitWarning)  # the study must not report an unstable fit
-        pr = prediction_residuals(model, texts, targets=LAW_TARGETS, max_tokens=tokens, progress=progress)
-        save_result(pr, folder / "pr.nc")
-        future = future_token_probes(model, texts, max_tokens=probe_tokens, progress=progress)
-        save_result(future, folder / "future.nc")
-    prompts = lens_prompts()
-    windows = token_windows(model, _lens_training_texts(prompts), max_tokens=4 * lens_tokens)
-    lens = train_tuned_lens(model, windows, max_tokens=lens_tokens, steps=lens_steps, progress=progress)
-    save_result(lens.to_dataset(), folder / "tuned_lens.nc")
-    run = capture(model, prompts, ["resid_post"], max_tokens=96, truncate=True, progress=progress)
-    save_run(run, folder / "lens_run.zarr")
-    save_result(lens_statistics(run, model), folder / "lens_logit.nc")
-    save_result(lens_statistics(run, model, lens), folder / "lens_tuned.nc")
-    save_vocabulary(model, folder)
-    if final.exists():
-        shutil.rmtree(final)
-    folder.rename(final)
-    return final
+    with staged_folder(folder, overwrite) as work:
+        texts = [doc["text"] for doc in load_corpus()]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UnstableFitWarning)  # the study must not report an unstable fit
+            pr = prediction_residuals(model, texts, targets=LAW_TARGETS, max_tokens=tokens, progress=progress)
+            save_result(pr, work / "pr.nc")
+            future = future_token_probes(model, texts, max_tokens=probe_tokens, progress=progress)
+            save_result(future, work / "future.nc")
+        prompts = lens_prompts()
+        windows = token_windows(model, _lens_training_texts(prompts), max_tokens=4 * lens_tokens)
+        lens = train_tuned_lens(model, windows, max_tokens=lens_tokens, steps=lens_steps, progress=progress)
+        save_result(lens.to_dataset(), work / "tuned_lens.nc")
+        run = capture(model, prompts, ["resid_post"], max_tokens=96, truncate=True, progress=progress)
+        save_run(run, work / "lens_run.zarr")
+        save_result(lens_statistics(run, model), work / "lens_logit.nc")
+        save_result(lens_statistics(run, model, lens), work / "lens_tuned.nc")
+        save_vocabulary(model, work)
+    return Path(folder)
 
 
 def load_study(folder: str | Path) -> dict[str, xr.Dataset]:
