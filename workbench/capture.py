@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 
 from .models import ModelHandle, package_versions
 from .probes import (
-    BACKENDS,
     DEFAULT_PROBES,
     BatchCollector,
     BatchContext,
+    check_backend,
+    check_probes_supported,
     resolve_probes,
     run_batch,
     w_o_gram_getter,
@@ -36,7 +37,7 @@ def capture(
     texts: str | list[str],
     probes=DEFAULT_PROBES,
     *,
-    backend: str = "nnsight",
+    backend: str = "torch",
     batch_size: int = 8,
     max_tokens: int | None = None,
     truncate: bool = False,
@@ -46,16 +47,17 @@ def capture(
 ) -> xr.Dataset:
     """Capture ``probes`` for every text and return a run following :mod:`workbench.schema`.
 
-    ``backend``: ``"nnsight"`` (tracing the HF model) or ``"transformer_lens"``
-    (TransformerBridge). Texts are tokenised one by one, batched by length with right
+    ``backend``: ``"torch"`` (PyTorch hooks placed by the site map, the default),
+    ``"nnsight"`` (the same sites through nnsight tracing) or ``"transformer_lens"``
+    (TransformerBridge); all three store the same numbers. Texts are tokenised one by one, batched by length with right
     padding, and padding is masked out of every result. A text longer than
     ``max_tokens`` (default: the model's context) is an error unless ``truncate=True``,
     which keeps its first ``max_tokens`` tokens and warns how many were dropped.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"Unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")
+    check_backend(backend)
     texts = _check_texts(texts)
     probe_list = resolve_probes(probes)
+    check_probes_supported(model, probe_list)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     if any(p.needs_attention_probs for p in probe_list) and model.attn_implementation != "eager":

@@ -14,6 +14,7 @@ loads take about a second.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -30,8 +31,6 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Architectures whose module layout the probes know (see probes/sites.py).
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3_text")
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -49,7 +48,7 @@ class ModelHandle:
     file_hash: str
     hub_id: str | None = None
     _bridge: object | None = field(default=None, repr=False)
-    _nnsight: dict = field(default_factory=dict, repr=False)
+    _bridge_state: tuple | None = field(default=None, repr=False)
 
     @property
     def config(self):
@@ -73,11 +72,19 @@ class ModelHandle:
 
     @property
     def n_kv_heads(self) -> int:
-        return getattr(self.config, "num_key_value_heads", None) or self.n_heads
+        """Key/value heads, read from the value projection (grouped and multi-query attention)."""
+        return self.sites.n_kv_heads
 
     @property
     def head_dim(self) -> int:
-        return getattr(self.config, "head_dim", None) or self.d_model // self.n_heads
+        return self.sites.head_dim
+
+    @property
+    def sites(self):
+        """The :class:`~workbench.probes.sites.SiteMap`: where every probe site lives in this model."""
+        from .probes.hooks import site_map
+
+        return site_map(self)
 
     @property
     def vocab_size(self) -> int:
@@ -103,18 +110,27 @@ class ModelHandle:
     def n_params(self) -> int:
         return sum(p.numel() for p in self.hf_model.parameters())
 
+    def _weights_state(self) -> tuple:
+        """Changes whenever a parameter is edited in place, replaced, or moved to another dtype/device."""
+        params = list(self.hf_model.parameters())
+        return (id(self.hf_model), self.dtype, str(self.device), tuple((id(p), p._version) for p in params))
+
     def transformer_bridge(self):
         """TransformerLens ``TransformerBridge`` over a private copy of the model.
 
-        ``boot_transformers`` rewrites the modules it is given in place, so it gets
-        its own deep copy and the handle's HF model stays untouched. Built once.
+        ``boot_transformers`` rewrites the modules it is given in place, so it gets its own
+        deep copy and the handle's HF model stays untouched. Rebuilt whenever the handle's
+        weights, dtype or device changed since the copy was made.
         """
-        if self._bridge is None:
+        state = self._weights_state()
+        if self._bridge is None or self._bridge_state != state:
             import copy
 
             from transformer_lens.model_bridge import TransformerBridge
 
             hf_copy = copy.deepcopy(self.hf_model)
+            if not getattr(hf_copy.config, "architectures", None):
+                hf_copy.config.architectures = [type(self.hf_model).__name__]
             if self.architecture == "gemma3_text":
                 hf_copy.config.architectures = ["Gemma3ForCausalLM"]
             with warnings.catch_warnings():
@@ -127,6 +143,7 @@ class ModelHandle:
                     dtype=self.dtype,
                 )
             self._bridge.eval()
+            self._bridge_state = state
         return self._bridge
 
     def summary(self) -> dict:
@@ -252,19 +269,26 @@ def load_model(
     """Load a model by name and return a :class:`ModelHandle`.
 
     ``name``: ``None`` (embedded default, SmolLM2-135M), an embedded name from
-    ``workbench models``, ``"tiny-random-llama"``, a local folder, or a hub id
-    (only with ``allow_download=True``: hub look-ups stay offline otherwise).
-    Attention is eager by default so the probes can read attention probabilities.
+    ``workbench models``, ``"tiny-random-<architecture>"`` (see ``workbench models
+    --architectures``), a local folder, or a hub id (only with ``allow_download=True``:
+    hub look-ups stay offline otherwise). Attention is eager by default so the probes can
+    read attention probabilities. The site map is resolved here: a model whose architecture
+    no adapter knows fails now, naming the supported architectures.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was asked for but torch sees no CUDA device; use device='cpu'.")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ModelNotAvailableError(f"model name {name!r} is empty; pass None for the default ({DEFAULT_MODEL}).")
     name = name or DEFAULT_MODEL
     torch_dtype = DTYPES[dtype]
+    from .tiny_models import TINY_PREFIX, tiny_model
 
     if name == TINY_MODEL:
         handle = _tiny_random_llama()
+    elif name.startswith(TINY_PREFIX):
+        handle = tiny_model(name.removeprefix(TINY_PREFIX))
     elif (embedded := _resolve_embedded(name)) is not None:
         handle = _load_embedded(embedded)
     elif Path(name).expanduser().is_dir():
@@ -283,12 +307,7 @@ def load_model(
         )
         raise ModelNotAvailableError(f"Unknown model {name!r}. Embedded models: {known}. {hint}".strip())
 
-    if handle.architecture not in SUPPORTED_ARCHITECTURES:
-        warnings.warn(
-            f"{handle.name}: architecture {handle.architecture!r} has not been validated by the workbench "
-            f"(validated: {', '.join(SUPPORTED_ARCHITECTURES)}); probes may fail.",
-            stacklevel=2,
-        )
+    handle.sites  # resolve the site map now: an unknown architecture fails here, before any capture
     handle.hf_model.set_attn_implementation(attn_implementation)
     handle.hf_model.to(device=device, dtype=torch_dtype)
     handle.hf_model.eval()
@@ -408,6 +427,7 @@ def _tiny_random_llama(seed: int = 0) -> ModelHandle:
     )
 
 
+@functools.cache
 def _tiny_tokenizer():
     """SmolLM2's byte-level BPE tokenizer, read straight from the GGUF (no weights)."""
     from transformers import AutoTokenizer

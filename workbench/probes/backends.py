@@ -1,13 +1,19 @@
-"""Find the probe sites in a forward pass: the only code that touches hooks.
+"""Capture backends: three ways to run one batch, one contract, one site map.
 
-Two real backends, one contract: ``run_batch(handle, input_ids, attention_mask,
-sites, on_site)`` runs one forward pass and calls ``on_site(site, layer, tensor)``
-for every requested site (``layer`` is ``None`` for global sites), in execution
-order, while the tensor is live. Nothing is kept unless ``on_site`` keeps it, so a
-reduction (attention received, value norms) never stores the full tensor.
+``run_batch(backend, handle, input_ids, attention_mask, sites, on_site)`` runs one forward pass
+and calls ``on_site(site, layer, tensor)`` for every requested site (TransformerLens-style names
+from :mod:`workbench.probes.sites`; ``layer`` is None for global sites) while the tensor is
+live. Nothing is kept unless ``on_site`` keeps it, so a reduction (attention received, value
+norms) never stores the full tensor.
 
-- ``nnsight``: nnsight tracing on the handle's own Hugging Face model.
-- ``transformer_lens``: TransformerLens ``TransformerBridge`` hooks on a private copy.
+- ``torch`` (default): PyTorch hooks placed by the site map (:mod:`workbench.probes.hooks`),
+  the same code that runs interventions. Fastest; every architecture the site map resolves.
+- ``nnsight``: the same site specs read through nnsight's tracing of the same Hugging Face
+  model (in execution order, as nnsight requires); for users who work in nnsight.
+- ``transformer_lens``: TransformerLens ``TransformerBridge`` hooks of the same names on a
+  private copy of the model (rebuilt when the handle's weights, dtype or device change).
+
+All three give identical numbers (tests/test_architectures.py, tests/test_parity.py).
 """
 
 from __future__ import annotations
@@ -16,118 +22,119 @@ from typing import Callable
 
 import torch
 
-from ..models import ModelHandle
+from . import hooks
+from .sites import FINAL_NORM, LOGITS, PATTERN, UnsupportedSiteError, is_layer_site
 
 OnSite = Callable[[str, "int | None", torch.Tensor], None]
 
-BACKENDS = ("nnsight", "transformer_lens")
+BACKENDS = ("torch", "nnsight", "transformer_lens")
 
-# Hugging Face module names whose output is each sublayer's update to the residual stream.
-# Gemma 3 normalises each sublayer's output before adding it (sandwich norm).
-_HF_UPDATE_MODULES = {
-    "llama": {"attn_update": "self_attn", "mlp_update": "mlp"},
-    "gemma3_text": {"attn_update": "post_attention_layernorm", "mlp_update": "post_feedforward_layernorm"},
-}
+UnsupportedModelError = UnsupportedSiteError  # the name earlier versions raised
 
 
-class UnsupportedModelError(RuntimeError):
-    pass
-
-
-def run_batch(
-    backend: str,
-    handle: ModelHandle,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    sites: set[str],
-    on_site: OnSite,
-) -> None:
-    if backend == "nnsight":
-        _run_nnsight(handle, input_ids, attention_mask, sites, on_site)
-    elif backend == "transformer_lens":
-        _run_transformer_lens(handle, input_ids, attention_mask, sites, on_site)
-    else:
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")
 
 
-def _first(x):
-    return x[0] if isinstance(x, tuple) else x
+def run_batch(backend: str, handle, input_ids: torch.Tensor, attention_mask: torch.Tensor, sites,
+              on_site: OnSite) -> None:
+    check_backend(backend)
+    sites = set(sites)
+    hooks.site_map(handle).require(sites)
+    reads = hooks.expand(sorted(sites), handle.n_layers)
+    if backend == "torch":
+        hooks.forward(handle, input_ids, attention_mask, reads=reads, on_site=on_site, logits=LOGITS in sites)
+    elif backend == "nnsight":
+        _run_nnsight(handle, input_ids, attention_mask, reads, on_site)
+    else:
+        _run_transformer_lens(handle, input_ids, attention_mask, sites, on_site)
 
 
-def _nnsight_model(handle: ModelHandle, with_head: bool):
-    """nnsight envelope of the causal LM, or of its base model when no logits are wanted
-    (skipping the unembedding saves its (batch x pos x vocab) product and memory)."""
-    cache = handle._nnsight
-    if with_head not in cache:
-        from nnsight import NNsight
-
-        cache[with_head] = NNsight(handle.hf_model if with_head else handle.hf_model.model)
-    return cache[with_head]
+# --------------------------------------------------------------------------- nnsight
 
 
-def _run_nnsight(handle, input_ids, attention_mask, sites, on_site) -> None:
-    updates = _HF_UPDATE_MODULES.get(handle.architecture)
-    if updates is None and sites & {"attn_update", "mlp_update"}:
-        raise UnsupportedModelError(
-            f"attn_out/mlp_out probes do not know where {handle.architecture!r} adds its sublayer outputs; "
-            f"supported: {', '.join(_HF_UPDATE_MODULES)}."
-        )
-    with_head = "logits" in sites
-    model = _nnsight_model(handle, with_head)
-    base = model.model if with_head else model
-    b, p = input_ids.shape
-    with torch.no_grad(), model.trace(input_ids=input_ids, attention_mask=attention_mask, use_cache=False):
-        # nnsight hands out module values in execution order, so read them in that order.
-        for layer_idx, layer in enumerate(base.layers):
-            if "resid_pre" in sites:
-                on_site("resid_pre", layer_idx, layer.input)
-            if "values" in sites:
-                on_site("values", layer_idx, layer.self_attn.v_proj.output.view(b, p, handle.n_kv_heads, -1))
-            if sites & {"attn_weights", "attn_update"}:
-                attn_out, attn_weights = layer.self_attn.output[:2]
-                if "attn_weights" in sites:
-                    if attn_weights is None:
-                        raise UnsupportedModelError("the attention returned no probabilities: load with attn_implementation='eager'.")
-                    on_site("attn_weights", layer_idx, attn_weights)
-                if "attn_update" in sites:
-                    if updates["attn_update"] == "self_attn":
-                        on_site("attn_update", layer_idx, attn_out)
-                    else:
-                        on_site("attn_update", layer_idx, getattr(layer, updates["attn_update"]).output)
-            if "mlp_update" in sites:
-                on_site("mlp_update", layer_idx, _first(getattr(layer, updates["mlp_update"]).output))
-            if "resid_post" in sites:
-                on_site("resid_post", layer_idx, _first(layer.output))
-        if "final_norm" in sites:
-            on_site("final_norm", None, base.norm.output)
-        if "logits" in sites:
-            on_site("logits", None, model.lm_head.output)
+def _execution_order(handle, slots: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``(module path, "input"|"output")`` slots sorted by when a forward pass reaches them (cached)."""
+    sm = hooks.site_map(handle)
+    cache = sm.__dict__.setdefault("_nnsight_order", {})
+    key = tuple(sorted(set(slots)))
+    if key not in cache:
+        seen: list = []
+        handles = []
+        for path, io in key:
+            module = handle.hf_model.get_submodule(path) if path else handle.hf_model
+
+            def mark(*_, slot=(path, io)):
+                if slot not in seen:
+                    seen.append(slot)
+
+            handles.append(module.register_forward_hook(mark) if io == "output" else module.register_forward_pre_hook(mark))
+        try:
+            with torch.no_grad():
+                handle.hf_model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=handle.device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        cache[key] = seen
+    return cache[key]
 
 
-_TL_HOOKS = {
-    "resid_pre": "blocks.{l}.hook_resid_pre",
-    "attn_update": "blocks.{l}.hook_attn_out",
-    "mlp_update": "blocks.{l}.hook_mlp_out",
-    "resid_post": "blocks.{l}.hook_resid_post",
-    "attn_weights": "blocks.{l}.attn.hook_pattern",
-    "values": "blocks.{l}.attn.hook_v",
-    "final_norm": "ln_final.hook_out",
-}
+def _run_nnsight(handle, input_ids, attention_mask, reads, on_site) -> None:
+    from nnsight import NNsight
+
+    sm = hooks.site_map(handle)
+    envelope = handle.__dict__.get("_nnsight_model")
+    if envelope is None or envelope._module is not handle.hf_model:
+        envelope = NNsight(handle.hf_model)
+        handle.__dict__["_nnsight_model"] = envelope
+    specs = [(site, layer, sm.spec(site, layer)) for site, layer in reads]
+    by_slot: dict[tuple[str, str], list] = {}
+    for item in specs:
+        by_slot.setdefault((item[2].path, item[2].io), []).append(item)
+    kwargs = {"use_cache": False}
+    if any(site == PATTERN for site, _ in reads) and sm.attention_flag_needed:
+        kwargs["output_attentions"] = True
+    batch_shape = tuple(input_ids.shape)
+    with torch.no_grad(), envelope.trace(input_ids=input_ids, attention_mask=attention_mask, **kwargs):
+        for path, io in _execution_order(handle, list(by_slot)):
+            envoy = envelope.get(path) if path else envelope
+            if io == "output":
+                value = envoy.output
+            else:
+                args, kw = envoy.inputs
+            for site, layer, spec in by_slot[(path, io)]:
+                if io == "output":
+                    raw = value if isinstance(value, torch.Tensor) or spec.path == "" else value[spec.index]
+                else:
+                    raw = args[spec.index] if len(args) > spec.index else kw[spec.kwarg]
+                x = spec.to_site(raw) if spec.to_site else raw
+                if x is None:
+                    raise UnsupportedSiteError(f"{site} (layer {layer}) produced no tensor: load the model with "
+                                               "attn_implementation='eager'.")
+                if x.dim() == 2 and site != PATTERN:
+                    x = x.view(*batch_shape, -1)
+                on_site(site, layer, x)
+
+
+# --------------------------------------------------------------------------- TransformerLens
+
+# Bridge hook names where they differ from the site names.
+_TL_NAMES = {FINAL_NORM: "ln_final.hook_out"}
 
 
 def _run_transformer_lens(handle, input_ids, attention_mask, sites, on_site) -> None:
     bridge = handle.transformer_bridge()
-    hooks = []
-    for site in sites - {"logits"}:
-        template = _TL_HOOKS[site]
-        layers = range(handle.n_layers) if "{l}" in template else [None]
-        for layer_idx in layers:
+    fwd_hooks = []
+    for site in sites - {LOGITS}:
+        template = _TL_NAMES.get(site, site)
+        for layer in range(handle.n_layers) if is_layer_site(site) else [None]:
 
-            def hook(tensor, hook, site=site, layer_idx=layer_idx):
-                on_site(site, layer_idx, tensor)
+            def hook(tensor, hook, site=site, layer=layer):
+                on_site(site, layer, tensor)
 
-            hooks.append((template.format(l=layer_idx), hook))
+            fwd_hooks.append((template.format(l=layer), hook))
     with torch.no_grad():
-        logits = bridge.run_with_hooks(input_ids, fwd_hooks=hooks, attention_mask=attention_mask)
-    if "logits" in sites:
-        on_site("logits", None, logits)
+        logits = bridge.run_with_hooks(input_ids, fwd_hooks=fwd_hooks, attention_mask=attention_mask)
+    if LOGITS in sites:
+        on_site(LOGITS, None, logits)

@@ -1,23 +1,9 @@
 """What each probe captures: the raw site it reads and the reduction it stores.
 
-A *site* is a tensor the forward pass produces (the residual entering a layer, the
-attention probabilities, ...). Backends (nnsight, TransformerLens) only find sites;
-every reduction lives here, once, so both backends store exactly the same numbers.
-
-Sites, per layer ``l`` unless marked global (b = batch, p = position):
-
-==============  =====================  =================================================
-site            shape                  meaning
-==============  =====================  =================================================
-resid_pre       (b, p, d_model)        residual stream entering layer l
-attn_update     (b, p, d_model)        what the attention sublayer adds to the residual
-mlp_update      (b, p, d_model)        what the MLP sublayer adds to the residual
-resid_post      (b, p, d_model)        residual stream leaving layer l
-attn_weights    (b, head, q, k)        attention probabilities (eager attention)
-values          (b, p, kv_head, d_h)   value vectors (before the head mixes them)
-final_norm      (b, p, d_model)        global: output of the final norm
-logits          (b, p, vocab)          global: unembedding output
-==============  =====================  =================================================
+Each probe reads one site of the site map (:mod:`workbench.probes.sites`, TransformerLens-style
+names such as ``blocks.{l}.hook_resid_pre``) and stores either the site itself or a reduction of
+it. Backends only find sites; every reduction lives here, once, so all backends store exactly the
+same numbers.
 """
 
 from __future__ import annotations
@@ -27,8 +13,7 @@ from typing import Callable
 
 import torch
 
-LAYER_SITES = ("resid_pre", "attn_update", "mlp_update", "resid_post", "attn_weights", "values")
-GLOBAL_SITES = ("final_norm", "logits")
+from . import sites as S
 
 
 @dataclass
@@ -59,10 +44,15 @@ class Probe:
     variables: tuple[Variable, ...]
     reduce: Callable[[torch.Tensor, BatchContext, int | None], dict[str, torch.Tensor]]
     needs_attention_probs: bool = False
+    extra_sites: tuple[str, ...] = ()  # sites whose modules (weights) the reduction also needs
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return (self.site, *self.extra_sites)
 
     @property
     def per_layer(self) -> bool:
-        return self.site in LAYER_SITES
+        return S.is_layer_site(self.site)
 
 
 # --------------------------------------------------------------------------- reductions
@@ -153,45 +143,46 @@ PROBES: dict[str, Probe] = {
     p.name: p
     for p in [
         Probe(
-            "resid_pre", "resid_pre", "residual stream entering each layer (HF hidden_states[l])",
+            "resid_pre", S.RESID_PRE, "residual stream entering each layer (HF hidden_states[l])",
             (Variable("resid_pre", _RESID_DIMS, "residual stream entering layer"),), _identity("resid_pre"),
         ),
         Probe(
-            "resid_post", "resid_post", "residual stream leaving each layer (before the final norm)",
+            "resid_post", S.RESID_POST, "residual stream leaving each layer (before the final norm)",
             (Variable("resid_post", _RESID_DIMS, "residual stream leaving layer"),), _identity("resid_post"),
         ),
         Probe(
-            "resid_norm", "resid_pre", "L2 norm of the residual entering each layer (residual peaks, no d_model stored)",
+            "resid_norm", S.RESID_PRE, "L2 norm of the residual entering each layer (residual peaks, no d_model stored)",
             (Variable("resid_norm", ("sample", "pos", "layer"), "||resid_pre||_2"),), _reduce_resid_norm,
         ),
         Probe(
-            "final_norm", "final_norm", "output of the final norm (HF hidden_states[-1])",
+            "final_norm", S.FINAL_NORM, "output of the final norm (HF hidden_states[-1])",
             (Variable("final_norm", ("sample", "pos", "d_model"), "final-norm output"),), _identity("final_norm"),
         ),
         Probe(
-            "attn_out", "attn_update", "what each layer's attention adds to the residual stream",
+            "attn_out", S.ATTN_OUT, "what each layer's attention adds to the residual stream",
             (Variable("attn_out", _RESID_DIMS, "attention update"),), _identity("attn_out"),
         ),
         Probe(
-            "mlp_out", "mlp_update", "what each layer's MLP adds to the residual stream",
+            "mlp_out", S.MLP_OUT, "what each layer's MLP adds to the residual stream",
             (Variable("mlp_out", _RESID_DIMS, "MLP update"),), _identity("mlp_out"),
         ),
         Probe(
-            "attn_pattern", "attn_weights", "full attention probabilities (memory: sample x layer x head x pos^2)",
+            "attn_pattern", S.PATTERN, "full attention probabilities (memory: sample x layer x head x pos^2)",
             (Variable("attn_pattern", ("sample", "layer", "head", "pos", "key_pos"), "attention probability"),),
             _identity("attn_pattern"), needs_attention_probs=True,
         ),
         Probe(
-            "attn_received", "attn_weights", "mean attention each key receives from later queries (sink mass)",
+            "attn_received", S.PATTERN, "mean attention each key receives from later queries (sink mass)",
             (Variable("attn_received", ("sample", "layer", "head", "key_pos"), "mean attention from later queries"),),
             _reduce_attn_received, needs_attention_probs=True,
         ),
         Probe(
-            "value_norm", "values", "norm of each head's value vector after W_O, ||v_j W_O^h||",
+            "value_norm", S.V, "norm of each head's value vector after W_O, ||v_j W_O^h||",
             (Variable("value_norm", ("sample", "layer", "head", "pos"), "||W_O^h v_j||"),), _reduce_value_norm,
+            extra_sites=(S.Z,),  # W_O lives where hook_z is read
         ),
         Probe(
-            "logits", "logits", "next-token log-prob, entropy (nats) and top-k of the output distribution",
+            "logits", S.LOGITS, "next-token log-prob, entropy (nats) and top-k of the output distribution",
             (
                 Variable("next_token_logprob", ("sample", "pos"), "log p(next token)"),
                 Variable("entropy", ("sample", "pos"), "entropy of the next-token distribution (nats)"),
@@ -223,3 +214,24 @@ def resolve_probes(names) -> list[Probe]:
             f"Unknown probe(s) {', '.join(map(repr, unknown))}. Valid probes: {', '.join(PROBES)}."
         )
     return [PROBES[n] for n in dict.fromkeys(names)]
+
+
+def unsupported_probes(site_map) -> dict[str, str]:
+    """Probes a model cannot give, with the reason (from the site map's unsupported sites)."""
+    out = {}
+    for name, probe in PROBES.items():
+        missing = [s for s in probe.sites if s in site_map.unsupported]
+        if missing:
+            out[name] = "; ".join(f"{s}: {site_map.unsupported[s]}" for s in missing)
+    return out
+
+
+def check_probes_supported(handle, probes: list[Probe]) -> None:
+    """Raise before any forward pass when ``handle`` cannot give one of ``probes``, saying which and why."""
+    gaps = unsupported_probes(handle.sites)
+    bad = [p.name for p in probes if p.name in gaps]
+    if bad:
+        raise S.UnsupportedSiteError(
+            f"{handle.name} ({handle.architecture}) cannot give probe(s) {', '.join(bad)}: "
+            + " | ".join(f"{b}: {gaps[b]}" for b in bad)
+        )

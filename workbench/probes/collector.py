@@ -9,6 +9,7 @@ import torch
 
 from ..models import ModelHandle
 from .catalog import BatchContext, Probe
+from .hooks import site_map
 
 # (variable name, layer or None, reduced batch value as numpy) -> None
 Store = Callable[[str, "int | None", np.ndarray], None]
@@ -40,14 +41,13 @@ class BatchCollector:
 
 
 def w_o_gram_getter(handle: ModelHandle):
-    """layer -> W_O^h^T W_O^h for every head, (head, d_h, d_h), cached; read from the HF weights."""
+    """layer -> W_O^h W_O^h^T for every head, (head, d_h, d_h), cached; W_O from the site map."""
     cache: dict[int, torch.Tensor] = {}
 
     def get(layer: int) -> torch.Tensor:
         if layer not in cache:
-            w_o = handle.hf_model.model.layers[layer].self_attn.o_proj.weight  # (d_model, head * d_h)
-            per_head = w_o.float().reshape(w_o.shape[0], handle.n_heads, handle.head_dim)  # (d, h, e)
-            cache[layer] = torch.einsum("dhe,dhf->hef", per_head, per_head)
+            w_o = site_map(handle).W_O(layer).float()  # (head, d_h, d_model)
+            cache[layer] = w_o @ w_o.transpose(1, 2)
         return cache[layer]
 
     return get

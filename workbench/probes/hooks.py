@@ -1,0 +1,178 @@
+"""The one way the workbench reaches into a model: PyTorch hooks placed by the site map.
+
+:func:`forward` runs one forward pass of a :class:`~workbench.models.ModelHandle`'s Hugging Face
+model with any number of *reads* (``on_site(site, layer, tensor)`` is called while the tensor is
+live, in execution order) and *edits* (``{(site, layer): fn}``, ``fn(tensor) -> tensor`` replaces
+the site's value in the forward pass). Captures, interventions (head ablation, attention
+re-weighting, residual edits and patches, layer deletion), lenses and streaming features all
+run through it; sites are named and resolved in :mod:`workbench.probes.sites`. Reads see a
+site's value before an edit at the same site. Hooks are removed on exit, also on error, and a
+requested site that the forward pass never produced is an error, never a silent gap.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .sites import FINAL_NORM, LOGITS, PATTERN, SiteMap, SiteSpec, UnsupportedSiteError, is_layer_site
+
+OnSite = Callable[[str, "int | None", torch.Tensor], None]
+Edit = Callable[[torch.Tensor], torch.Tensor]
+SiteKey = tuple[str, "int | None"]
+
+
+def site_map(handle) -> SiteMap:
+    """The handle's site map, built once per Hugging Face model object."""
+    cached = handle.__dict__.get("_site_map")
+    if cached is None or cached.hf_model is not handle.hf_model:
+        cached = SiteMap(handle.hf_model)
+        handle.__dict__["_site_map"] = cached
+    return cached
+
+
+def expand(sites: Iterable[str], n_layers: int) -> list[SiteKey]:
+    """``(site, layer)`` for every layer of per-layer sites, ``(site, None)`` for global ones."""
+    return [(s, l) for s in sites for l in (range(n_layers) if is_layer_site(s) else [None])]
+
+
+@contextmanager
+def hooked(handle, reads: Iterable[SiteKey] = (), on_site: OnSite | None = None,
+           edits: dict[SiteKey, Edit] | None = None, batch_shape: tuple[int, int] | None = None) -> Iterator[set]:
+    """Place read and edit hooks for the duration of the block; yields the set of sites that fired.
+
+    ``batch_shape`` (b, p): sites a model computes on flattened tokens are viewed as (b, p, ...).
+    """
+    sm = site_map(handle)
+    reads, edits = list(reads), dict(edits or {})
+    sm.require([s for s, _ in reads] + [s for s, _ in edits])
+    entries: dict[tuple[int, str], list] = {}
+    modules: dict[tuple[int, str], torch.nn.Module] = {}
+    for key in dict.fromkeys([*reads, *edits]):
+        site, layer = key
+        spec = sm.spec(site, layer)
+        if key in edits and spec.from_site is None:
+            raise UnsupportedSiteError(f"{site} can be read but not edited on {sm.architecture}.")
+        slot = (id(spec.module), spec.io)
+        modules[slot] = spec.module
+        entries.setdefault(slot, []).append((site, layer, spec, key in reads, edits.get(key)))
+    fired: set = set()
+    handles = []
+    for slot, items in entries.items():
+        module, io = modules[slot], slot[1]
+        if io == "output":
+            handles.append(module.register_forward_hook(_output_hook(items, on_site, fired, batch_shape)))
+        else:
+            handles.append(module.register_forward_pre_hook(_input_hook(items, on_site, fired, batch_shape), with_kwargs=True))
+    try:
+        yield fired
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _apply(items, get, put, on_site, fired, batch_shape):
+    for site, layer, spec, read, edit in items:
+        raw = get(spec)
+        value = spec.to_site(raw) if spec.to_site else raw
+        if batch_shape is not None and value is not None and value.dim() == 2 and site != PATTERN:
+            value = value.view(*batch_shape, -1)  # OPT runs its MLP on (b * p, d)
+        if value is None:
+            raise UnsupportedSiteError(f"{site} (layer {layer}) produced no tensor: for attention patterns, "
+                                       "load the model with attn_implementation='eager'.")
+        fired.add((site, layer))
+        if read and on_site is not None:
+            on_site(site, layer, value)
+        if edit is not None:
+            put(spec, spec.from_site(edit(value), raw).reshape(raw.shape))
+
+
+def _output_hook(items, on_site, fired, batch_shape):
+    def hook(module, args, output):
+        box = [output]
+
+        def get(spec: SiteSpec):
+            out = box[0]
+            return out if isinstance(out, torch.Tensor) or spec.index is None or spec.path == "" else out[spec.index]
+
+        def put(spec: SiteSpec, value):
+            out = box[0]
+            if isinstance(out, torch.Tensor):
+                box[0] = value
+            else:
+                box[0] = (*out[: spec.index], value, *out[spec.index + 1 :])
+
+        _apply(items, get, put, on_site, fired, batch_shape)
+        return box[0] if box[0] is not output else None
+
+    return hook
+
+
+def _input_hook(items, on_site, fired, batch_shape):
+    def hook(module, args, kwargs):
+        box = [args, kwargs]
+
+        def get(spec: SiteSpec):
+            a, kw = box
+            return a[spec.index] if len(a) > spec.index else kw[spec.kwarg]
+
+        def put(spec: SiteSpec, value):
+            a, kw = box
+            if len(a) > spec.index:
+                box[0] = (*a[: spec.index], value, *a[spec.index + 1 :])
+            else:
+                box[1] = {**kw, spec.kwarg: value}
+
+        _apply(items, get, put, on_site, fired, batch_shape)
+        return (box[0], box[1]) if box[0] is not args or box[1] is not kwargs else None
+
+    return hook
+
+
+def forward(
+    handle,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    reads: Iterable[SiteKey] = (),
+    on_site: OnSite | None = None,
+    edits: dict[SiteKey, Edit] | None = None,
+    logits: bool = True,
+    **model_kwargs,
+):
+    """One forward pass with reads and edits; returns the Hugging Face output.
+
+    ``logits=False`` runs the base model only (no unembedding: its (b, p, vocab) product is
+    skipped). ``attention_mask``: (b, p) padding mask or a full additive (b, 1, p, p) mask.
+    """
+    reads, edits = list(reads), dict(edits or {})
+    sm = site_map(handle)
+    sites = {s for s, _ in reads} | {s for s, _ in edits}
+    if PATTERN in sites and handle.attn_implementation != "eager":
+        raise UnsupportedSiteError(f"{PATTERN} needs eager attention; {handle.name} uses {handle.attn_implementation!r}: "
+                                   "load_model(..., attn_implementation='eager').")
+    if LOGITS in sites:
+        logits = True
+    model = handle.hf_model if logits else handle.hf_model.base_model
+    if PATTERN in sites and sm.attention_flag_needed:
+        model_kwargs.setdefault("output_attentions", True)  # older models (Bloom, Falcon) compute them only when asked
+    model_kwargs.setdefault("use_cache", False)
+    with torch.no_grad(), hooked(handle, reads, on_site, edits, tuple(input_ids.shape)) as fired:
+        out = model(input_ids=input_ids.to(handle.device),
+                    attention_mask=None if attention_mask is None else attention_mask.to(handle.device), **model_kwargs)
+    missing = [k for k in dict.fromkeys([*reads, *edits]) if k not in fired]
+    if missing:
+        raise UnsupportedSiteError(f"{handle.name}: the forward pass never produced "
+                                   f"{', '.join(f'{s} (layer {l})' for s, l in missing[:4])}"
+                                   f"{' ...' if len(missing) > 4 else ''}; this architecture computes it another way.")
+    return out
+
+
+def final_hidden(handle, input_ids, attention_mask=None) -> torch.Tensor:
+    """The final-norm output, (b, p, d_model): what the unembedding reads."""
+    store = {}
+    forward(handle, input_ids, attention_mask, reads=[(FINAL_NORM, None)],
+            on_site=lambda s, l, x: store.__setitem__("h", x), logits=False)
+    return store["h"]

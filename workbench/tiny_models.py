@@ -1,0 +1,94 @@
+"""Tiny randomly initialised models of many architectures, built offline from transformers' config classes.
+
+They carry no knowledge (random weights) but every structural quirk of their family:
+fused QKV (GPT-2, GPT-NeoX, Bloom, Falcon, Phi-3, GPTBigCode), parallel attention + MLP
+(GPT-J, GPT-NeoX, Falcon, Phi, Cohere), sandwich post-norms (Gemma 2/3, OLMo 2),
+grouped and multi-query KV heads, ALiBi (Bloom), MoE MLPs (Mixtral, Qwen2-MoE, OLMoE),
+learned positions (GPT-2, OPT, GPTBigCode). The parity tests run every probe on each of
+them against Hugging Face's own outputs.
+
+``tiny_model("gpt2")`` builds one (seeded, SmolLM2's tokenizer, 2 layers, d_model 64);
+``load_model("tiny-random-gpt2")`` does the same; ``save_tiny_model("gpt_neox", folder)``
+writes a Hugging Face folder that ``load_model(folder)`` reads back, as a user's own model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Config fields that differ from the shared tiny shape, per architecture (names as the config
+# class spells them). Only what the config class needs to build a consistent tiny model.
+TINY_ARCHITECTURES: dict[str, dict] = {
+    "gpt2": {},
+    "gpt_neox": {"rotary_pct": 0.5},
+    "gptj": {"rotary_dim": 8},
+    "opt": {"word_embed_proj_dim": 64, "ffn_dim": 128},
+    "bloom": {},
+    "falcon": {"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True, "alibi": False},
+    "gpt_bigcode": {"multi_query": True},
+    "llama": {},
+    "mistral": {"sliding_window": 4},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2": {},
+    "qwen3": {},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 64},
+    "phi": {"partial_rotary_factor": 0.5},
+    "phi3": {},
+    "gemma": {},
+    "gemma2": {"sliding_window": 4},
+    "gemma3_text": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    "olmo": {},
+    "olmo2": {},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "cohere": {},
+    "stablelm": {"partial_rotary_factor": 0.5},
+    "starcoder2": {},
+    "granite": {},
+}
+
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+
+TINY_PREFIX = "tiny-random-"
+
+
+def tiny_config(architecture: str, vocab_size: int, special_ids: dict | None = None):
+    """The config of a tiny ``architecture`` model (eager attention, no dropout)."""
+    from transformers import CONFIG_MAPPING
+
+    if architecture not in TINY_ARCHITECTURES:
+        raise ValueError(f"no tiny model for {architecture!r}; tiny architectures: {', '.join(TINY_ARCHITECTURES)}.")
+    cls = CONFIG_MAPPING[architecture]
+    default = cls()
+    # shared shape fields the config class does not know (GPT-2 has no KV-head count) are left out
+    shape = {k: v for k, v in TINY_SHAPE.items() if hasattr(default, k) and not isinstance(getattr(type(default), k, None), property)}
+    config = cls(**{**shape, **TINY_ARCHITECTURES[architecture], "vocab_size": vocab_size, **(special_ids or {})})
+    config._attn_implementation = "eager"
+    return config
+
+
+def tiny_model(architecture: str = "llama", seed: int = 0):
+    """A seeded, randomly initialised 2-layer ``architecture`` model behind a :class:`ModelHandle`."""
+    from transformers import AutoModelForCausalLM
+
+    from .models import ModelHandle, _tiny_tokenizer
+
+    tokenizer = _tiny_tokenizer()
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "pad_token_id": tokenizer.pad_token_id}
+    config = tiny_config(architecture, len(tokenizer), special)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        hf_model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    hf_model.config.architectures = [type(hf_model).__name__]
+    hf_model.eval()
+    return ModelHandle(name=f"{TINY_PREFIX}{architecture}", hf_model=hf_model, tokenizer=tokenizer,
+                       source=f"random init, seed {seed}", file_hash=f"{architecture}-seed-{seed}")
+
+
+def save_tiny_model(architecture: str, folder, seed: int = 0) -> None:
+    """Write a tiny model as an ordinary Hugging Face folder (weights, config, tokenizer)."""
+    handle = tiny_model(architecture, seed)
+    handle.hf_model.save_pretrained(folder)
+    handle.tokenizer.save_pretrained(folder)
