@@ -179,3 +179,67 @@ def test_transformer_bridge_follows_weight_and_dtype_changes(tiny_models):
     np.testing.assert_allclose(after.entropy.values, reference.entropy.values, rtol=1e-5)
     handle.hf_model.to(torch.float64)
     assert handle.transformer_bridge().cfg.dtype == torch.float64 or next(handle.transformer_bridge().parameters()).dtype == torch.float64
+
+
+def test_readme_checkpoint_sweep_runs_as_written(tmp_path, monkeypatch):
+    """The README's checkpoint-sweep loop, executed verbatim against tiny GPT-NeoX (Pythia's architecture) folders."""
+    import re
+    from pathlib import Path
+
+    from workbench.analyses.next_token_law import law_fit, prediction_residuals
+    from workbench.corpus import paragraphs
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "checkpoints/pythia" in b)
+    steps = [int(s) for s in re.search(r"for step in \(([^)]*)\)", block).group(1).split(",")]
+    for seed, step in enumerate(steps):
+        save_tiny_model("gpt_neox", tmp_path / "checkpoints" / f"pythia-160m-step{step}", seed=seed)
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    namespace = {"wb": wb, "law_fit": law_fit, "prediction_residuals": prediction_residuals,
+                 "texts": paragraphs()[:6], "print": lambda *a: printed.append(a)}
+    exec(block, namespace)
+    assert [p[0] for p in printed] == steps
+    assert all(-1.0 <= p[1] <= 1.0 for p in printed)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_editing_values_equals_editing_the_value_weights(tiny_models, arch):
+    """Scaling hook_v by 2 (through a fused QKV projection on GPT-2) equals doubling W_V and b_V."""
+    handle = tiny_models(arch)
+    ids = torch.tensor([handle.tokenizer(PROSE[0])["input_ids"]])
+    edited = hooks.forward(handle, ids, edits={(S.V, 0): lambda v: v * 2}).logits
+    spec = handle.sites.spec(S.V, 0)
+    module = spec.module
+    saved = {n: p.clone() for n, p in module.named_parameters()}
+    try:
+        with torch.no_grad():
+            if arch == "gpt2":  # Conv1D (in, out): the value columns are the rows the site map found
+                rows = handle.sites._fused_rows(0)[2]
+                module.weight[:, rows] *= 2
+                module.bias[rows] *= 2
+            else:
+                module.weight.mul_(2)
+        direct = handle.hf_model(ids).logits
+    finally:
+        with torch.no_grad():
+            for n, p in module.named_parameters():
+                p.copy_(saved[n])
+    torch.testing.assert_close(edited, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_read_only_sites_refuse_edits(tiny_models):
+    handle = tiny_models("llama")
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(S.UnsupportedSiteError, match="read but not edited"):
+        hooks.forward(handle, ids, edits={(S.PATTERN, 0): lambda a: a * 0})
+
+
+def test_nnsight_backend_after_other_captures(tiny_models):
+    """Regression: a second nnsight capture reading other sites (the root output) must not trip nnsight's call counters."""
+    handle = wb.load_model("tiny-random-llama")
+    first = wb.capture(handle, PROSE[:2], ["resid_pre"], backend="nnsight", progress=False)
+    second = wb.capture(handle, PROSE[:2], ["logits", "value_norm"], backend="nnsight", progress=False)
+    reference = wb.capture(handle, PROSE[:2], ["resid_pre", "logits", "value_norm"], backend="torch", progress=False)
+    np.testing.assert_array_equal(first.resid_pre.values, reference.resid_pre.values)
+    np.testing.assert_array_equal(second.entropy.values, reference.entropy.values)

@@ -92,7 +92,7 @@ def test_ascii_tokens_decode_to_their_byte_span(smollm2):
 def test_provenance_attrs(tiny):
     run = wb.capture(tiny, "hello world", ["resid_pre"], progress=False)
     attrs = run.attrs
-    assert attrs["model"] == "tiny-random-llama" and attrs["backend"] == "nnsight"
+    assert attrs["model"] == "tiny-random-llama" and attrs["backend"] == "torch"
     assert attrs["dtype"] == "float32" and attrs["device"] == "cpu" and attrs["attn_implementation"] == "eager"
     assert attrs["probes"] == "resid_pre" and "torch" in attrs["package_versions"]
 

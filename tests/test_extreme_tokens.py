@@ -142,8 +142,9 @@ def test_massive_value_matches_hf_hidden_state(smollm2, smollm2_run):
     entries = et.massive_activations(smollm2_run)
     first = entries.isel(entry=0)
     i, layer, pos, dim = (int(first[k]) for k in ("sample", "layer", "pos", "dim"))
-    out, _, _ = hf_forward(smollm2, [PROSE[i]])
-    assert float(out.hidden_states[layer][0, pos, dim]) == float(first.value)
+    order = sorted(range(2), key=lambda j: -int(smollm2_run.n_tokens[j]))  # the batch the capture ran
+    out, _, _ = hf_forward(smollm2, [PROSE[j] for j in order])
+    assert float(out.hidden_states[layer][order.index(i), pos, dim]) == float(first.value)
 
 
 def test_streaming_needs_the_sink_tokens(smollm2):
@@ -179,4 +180,5 @@ def test_head_ablation_effects_shape_and_sanity(smollm2):
     with et.ablate_heads(smollm2, {2: [1]}, mode="zero"):
         nll = et._mean_nll(et.token_logprobs(smollm2, ids, mask), mask)
     expected = nll - float(effects.base_loss.sel(domain="code"))
-    assert float(effects.delta_loss.sel(mode="zero", domain="code", layer=2, head=1)) == pytest.approx(expected, abs=1e-6)
+    # the study batches all domains together, this check only the code texts: float32 sums differ by ~1e-6
+    assert float(effects.delta_loss.sel(mode="zero", domain="code", layer=2, head=1)) == pytest.approx(expected, abs=1e-5)

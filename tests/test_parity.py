@@ -48,7 +48,7 @@ def _check_exact_parity(handle, backend, texts):
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("backend", ["nnsight", "transformer_lens"])
+@pytest.mark.parametrize("backend", ["torch", "nnsight", "transformer_lens"])
 def test_smollm2_parity_with_hugging_face(smollm2, backend):
     run = _check_exact_parity(smollm2, backend, PROSE)
     assert run.attrs["backend"] == backend
@@ -58,7 +58,7 @@ def test_smollm2_parity_with_hugging_face(smollm2, backend):
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("backend", ["nnsight", "transformer_lens"])
+@pytest.mark.parametrize("backend", ["torch", "nnsight", "transformer_lens"])
 def test_gemma3_parity_with_hugging_face(gemma3, backend):
     run = _check_exact_parity(gemma3, backend, PROSE[:2])
     # Gemma 3's sandwich norms: the update is the post-norm output, still summing to resid_post
@@ -69,7 +69,8 @@ def test_gemma3_parity_with_hugging_face(gemma3, backend):
 @pytest.mark.real
 def test_backends_agree_exactly(smollm2):
     probes = ["resid_pre", "attn_received", "value_norm", "logits"]
-    a = wb.capture(smollm2, PROSE, probes, backend="nnsight", progress=False)
-    b = wb.capture(smollm2, PROSE, probes, backend="transformer_lens", progress=False)
-    for name in a.data_vars:
-        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    a = wb.capture(smollm2, PROSE, probes, backend="torch", progress=False)
+    for other in ("nnsight", "transformer_lens"):
+        b = wb.capture(smollm2, PROSE, probes, backend=other, progress=False)
+        for name in a.data_vars:
+            np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=f"{other} {name}")

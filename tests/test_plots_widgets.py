@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 import pytest
 
 import workbench as wb
-from workbench.analyses import residual_norms
+from workbench.analyses import residual_norm_peaks, residual_norms
 from workbench.gallery import ExportError, export_figure, write_residual_norm_gallery
 from workbench.plots import (
     COLUMN_WIDTH_PX,
@@ -33,7 +33,7 @@ def test_figures_show_the_analysis_values(run):
     np.testing.assert_allclose(heat.data[0].z, norms.isel(sample=1, pos=slice(0, n)).transpose("layer", "pos").values)
     bars = residual_norm_by_position(norms, sample=1, layer=1)
     np.testing.assert_allclose(bars.data[0].y, norms.isel(sample=1, pos=slice(0, n)).sel(layer=1).values)
-    profile = residual_norm_profile(norms, sample=1, layer=1)
+    profile = residual_norm_profile(residual_norm_peaks(run), sample=1, layer=1)
     np.testing.assert_allclose(profile.data[0].y, norms.isel(sample=1, pos=0).values)
 
 

@@ -276,9 +276,9 @@ def test_match_rates_hand_built():
     rates = match_rates(ds)
     assert rates.rate.sel(metric="word_match", domain="a").values.tolist() == pytest.approx([0, 2 / 3])
     assert rates.n.values.tolist() == [3, 1]
-    # Wilson interval for 0 of 3: [0, z^2 / (n + z^2)]
-    assert float(rates.high.sel(metric="prefix_match", domain="a", decoding="plain")) == pytest.approx(
-        1.96**2 / (3 + 1.96**2))
+    # Wilson interval for 0 of 3: [0, z^2 / (n + z^2)], z the 97.5% normal quantile
+    z = 1.959963984540054
+    assert float(rates.high.sel(metric="prefix_match", domain="a", decoding="plain")) == pytest.approx(z**2 / (3 + z**2))
     assert rates.mean_logprob.sel(domain="a").values.tolist() == pytest.approx([-3.0, -4 / 3])
     inside = match_rates(ds, subset="at_boundary")
     assert inside.n.values.tolist() == [0, 1] and np.isnan(inside.rate.sel(domain="a")).all()

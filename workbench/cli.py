@@ -36,9 +36,27 @@ def _user_errors():
 
 
 @app.command()
-def models() -> None:
+def models(
+    architectures: bool = typer.Option(False, "--architectures",
+                                       help="List the tested architectures and any probe each cannot give."),
+) -> None:
     """List the embedded models: installed or not, size, layers, d_model, heads, vocab."""
     from .models import list_models
+
+    if architectures:
+        from .tiny_models import TINY_PREFIX, architecture_table
+
+        table = Table(title="Architectures (site map from TransformerLens adapters; each tested against Hugging Face)")
+        for column in ("architecture", "HF class", "structure", "probes it cannot give"):
+            table.add_column(column)
+        for row in architecture_table():
+            gaps = row["unsupported_probes"]
+            table.add_row(row["architecture"], row["class"], row["structure"],
+                          "; ".join(f"{p} ({why})" for p, why in gaps.items()) or "none")
+        console.print(table)
+        console.print(f"Tiny random models of each: load_model('{TINY_PREFIX}<architecture>'). Other architectures "
+                      "with a TransformerLens adapter load too; load_model names any probe they cannot give.")
+        return
 
     table = Table(title="Models (any Hugging Face folder works too)")
     table.add_column("name", no_wrap=True)
@@ -61,7 +79,7 @@ def capture(
     corpus: str = typer.Option("pydoc", "--corpus", help="'pydoc' (bundled) or a .txt/.jsonl file."),
     probes: str = typer.Option(",".join(("resid_pre", "attn_received", "value_norm", "logits")), "--probes",
                                help="Comma-separated probe names (see workbench.PROBES)."),
-    backend: str = typer.Option("nnsight", "--backend", help="nnsight or transformer_lens."),
+    backend: str = typer.Option("torch", "--backend", help="torch (default), nnsight or transformer_lens."),
     limit: int = typer.Option(16, "--limit", help="Use at most this many samples of the corpus."),
     batch_size: int = typer.Option(8, "--batch-size"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Longest sample in tokens (default: model context)."),
@@ -379,7 +397,7 @@ def _write_byte_level_gallery(out: Path) -> list[Path]:
 def demo(
     model: Optional[str] = typer.Option(None, "--model", help="Default: the embedded smollm2-135m."),
     samples: int = typer.Option(8, "--samples", help="Paragraphs of the bundled corpus to capture."),
-    backend: str = typer.Option("nnsight", "--backend"),
+    backend: str = typer.Option("torch", "--backend", help="torch (default), nnsight or transformer_lens."),
 ) -> None:
     """Load the default model, capture the bundled corpus, save the run, write the gallery."""
     import workbench as wb

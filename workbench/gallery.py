@@ -63,7 +63,7 @@ def export_figure(
 
 def write_residual_norm_gallery(run, out_dir: str | Path, formats=FORMATS) -> list[Path]:
     """The residual-norm figures of the worked example, from a saved run."""
-    from .analyses import residual_norms
+    from .analyses import residual_norm_peaks, residual_norms
     from .plots import residual_norm_by_position, residual_norm_heatmap, residual_norm_profile
 
     norms = residual_norms(run).load()
@@ -71,7 +71,7 @@ def write_residual_norm_gallery(run, out_dir: str | Path, formats=FORMATS) -> li
     mid = norms.sizes["layer"] // 2
     figures = {
         "residual_norm_heatmap": (residual_norm_heatmap(norms, 0), "two"),
-        "residual_norm_profile": (residual_norm_profile(norms, 0), "one"),
+        "residual_norm_profile": (residual_norm_profile(residual_norm_peaks(run).load(), 0), "one"),
         "residual_norm_by_position": (residual_norm_by_position(norms, 0, mid), "two"),
     }
     written = []

@@ -92,3 +92,39 @@ def save_tiny_model(architecture: str, folder, seed: int = 0) -> None:
     handle = tiny_model(architecture, seed)
     handle.hf_model.save_pretrained(folder)
     handle.tokenizer.save_pretrained(folder)
+
+
+def architecture_table() -> list[dict]:
+    """One row per tested architecture: its Hugging Face class, the structure it exercises, and the
+    probes it cannot give (with why). Built from tiny models (small vocabulary, no tokenizer), ~2 s."""
+    from transformers import AutoModelForCausalLM
+
+    from .probes.catalog import unsupported_probes
+    from .probes.sites import SiteMap
+
+    rows = []
+    for arch in TINY_ARCHITECTURES:
+        config = tiny_config(arch, vocab_size=128, special_ids={"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2})
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        sm = SiteMap(model)
+        parts = sm._block_parts
+        structure = []
+        if sm.part_path(0, "attn", "qkv"):
+            structure.append("fused QKV")
+        if "Parallel" in type(sm.adapter.component_mapping["blocks"]).__name__:
+            structure.append("parallel attn+MLP")
+        if "ln1_post" in parts:
+            structure.append("post-norms")
+        if sm.n_kv_heads < sm.n_heads:
+            structure.append("multi-query" if sm.n_kv_heads == 1 else "grouped KV")
+        if "MoE" in type(parts["mlp"]).__name__:
+            structure.append("MoE MLP")
+        if "pos_embed" in sm.adapter.component_mapping:
+            structure.append("learned positions")
+        if getattr(config, "alibi", False) or arch == "bloom":
+            structure.append("ALiBi")
+        rows.append({"architecture": arch, "class": type(model).__name__, "structure": ", ".join(structure) or "pre-norm",
+                     "unsupported_probes": unsupported_probes(sm)})
+    return rows

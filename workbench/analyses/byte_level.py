@@ -79,6 +79,7 @@ import numpy as np
 import xarray as xr
 
 from ..models import ModelHandle
+from ..numerics import kl_divergence_arrays, logsumexp
 from ..probes.token_scoring import PrefixTreeScorer, ScoredSequence, last_token_logprobs
 from ..vocab_bytes import UnsupportedTokenizerError, VocabBytes, printable_byte, vocab_bytes
 
@@ -141,14 +142,6 @@ def _sample_bytes(next_distribution, prefix: bytes, n_bytes: int, seed: int, tem
             p = np.where(p > 0, p ** (1.0 / temperature), 0.0)
         out.append(int(rng.choice(256, p=p / p.sum())))
     return bytes(out)
-
-
-def _logsumexp(values) -> float:
-    values = [v for v in values if v != -math.inf]
-    if not values:
-        return -math.inf
-    top = max(values)
-    return top + math.log(sum(math.exp(v - top) for v in values))
 
 
 def start_context(handle: ModelHandle) -> list[int]:
@@ -351,7 +344,7 @@ class ByteLevelModel:
                     candidates.append((h.logp + math.log(qt), h, t))
             if hi - lo > len(exact):
                 survivors.append(_Tokenization(h.seq, h.pos, h.logp, h.q, h.p_special, lo, hi))
-        logp = _logsumexp(masses)
+        logp = logsumexp(masses)
         if logp == -math.inf:
             raise ImpossiblePrefixError(
                 f"{self.name}: no token sequence spells {x[-40:]!r}: byte 0x{byte:02X} at offset {n - 1} cannot "
@@ -383,7 +376,7 @@ class ByteLevelModel:
             del self._recent[key]
         pinned = [h.seq for st in self._recent.values() for h in st.alive if self._scorer.usable(h.seq)]
         self._scorer.commit([h.seq for h in alive] + pinned)
-        pruned_here = _logsumexp(pruned)
+        pruned_here = logsumexp(pruned)
         new = _State(
             prefix=x,
             alive=alive,
@@ -698,9 +691,7 @@ def kl_divergence(p: xr.DataArray, q: xr.DataArray):
     Dims: (..., byte) x (..., byte) -> (...) (a float when nothing is left).
     """
     p, q = xr.align(p, q, join="exact")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = xr.where(p > 0, p * (np.log(p) - np.log(q)), 0.0)
-    return _reduce(terms.sum("byte"))
+    return _reduce(xr.apply_ufunc(kl_divergence_arrays, p, q, input_core_dims=[["byte"], ["byte"]]))
 
 
 def bits_per_byte(model, text) -> float:

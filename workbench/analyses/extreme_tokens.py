@@ -18,6 +18,9 @@ import torch
 import xarray as xr
 
 from ..models import ModelHandle
+from ..numerics import entropy_from_probs, kl_from_logprobs
+from ..probes.hooks import forward
+from ..probes.sites import RESID_POST
 from ..probes.interventions import (
     ablate_heads,
     edit_residual,
@@ -79,6 +82,31 @@ def sink_rate(run: xr.Dataset, threshold: float = 0.3) -> xr.DataArray:
     rate = (received > threshold).where(received.notnull()).mean("head")
     rate.name = "sink_rate"
     return rate
+
+
+def domain_sink_scores(run: xr.Dataset, key_pos: int = 0, include_all: bool = True) -> xr.DataArray:
+    """Mean sink score of every head per input domain (and over all samples as domain ``"all"``).
+
+    Guo et al. (2024): a head is dormant on a domain when it parks its attention on the sink
+    there. ``score[d, l, h] = mean over samples of domain d of sink[s, l, h]`` (:func:`sink_scores`).
+    Dims: (sample, layer, head, key_pos) -> (domain, layer, head). Without a ``domain``
+    coordinate only ``"all"`` is returned.
+    """
+    sink = sink_scores(run, key_pos)
+    parts = []
+    if include_all or "domain" not in run.coords:
+        parts.append(sink.mean("sample").expand_dims(domain=["all"]))
+    if "domain" in run.coords:
+        by_domain = sink.groupby("domain").mean()
+        parts.append(by_domain.assign_coords(domain=by_domain["domain"].astype(str)))
+    out = xr.concat(parts, dim="domain")
+    out.name = "sink_score"
+    return out
+
+
+def received_by_key(run: xr.Dataset, sample: int, layer: int) -> xr.DataArray:
+    """Attention each key of one sample receives at one layer, mean over heads. Dims: -> (key_pos,)."""
+    return require(run, "attn_received").isel(sample=sample).sel(layer=layer).mean("head")
 
 
 def mean_attention_received(run: xr.Dataset, exclude_keys: tuple[int, ...] = ()) -> xr.DataArray:
@@ -328,10 +356,10 @@ def massive_activation_intervention(
     """
     ids, mask = _batch(handle, texts)
     valid_targets = mask[:, 1:].bool()
-    with torch.no_grad():
-        out = handle.hf_model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+    leaving = {}
+    out = forward(handle, ids, mask, reads=[(RESID_POST, layer)], on_site=lambda s, l, h: leaving.__setitem__("h", h.clone()))
     reference = torch.log_softmax(out.logits.float(), -1)
-    hidden = out.hidden_states[layer + 1]  # leaving `layer`
+    hidden = leaving["h"]
     dims_t = torch.tensor(dims)
     where = (hidden[..., dims_t].abs() > abs_threshold) & mask.bool()[..., None]  # (b, p, len(dims))
     if not where.any():
@@ -348,11 +376,11 @@ def massive_activation_intervention(
         return edit
 
     def score(edit) -> tuple[float, float]:
-        with edit_residual(handle, layer, edit), torch.no_grad():
-            logits = handle.hf_model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        with edit_residual(handle, layer, edit):
+            logits = forward(handle, ids, mask).logits
         edited = torch.log_softmax(logits.float(), -1)
         nll = -edited[:, :-1].gather(-1, ids[:, 1:, None])[..., 0][valid_targets].double().mean()
-        kl = (reference.exp() * (reference - edited)).sum(-1)[mask.bool()].double().mean()
+        kl = kl_from_logprobs(reference, edited)[mask.bool()].double().mean()
         return float(nll), float(kl)
 
     base_nll = _mean_nll(reference[:, :-1].gather(-1, ids[:, 1:, None])[..., 0], mask)
@@ -381,7 +409,7 @@ def attention_entropy(attentions, mask: torch.Tensor, layers) -> float:
     values = []
     for layer in layers:
         a = attentions[layer].double()  # (b, h, q, k)
-        ent = -(a * torch.log(a.clamp_min(1e-30))).sum(-1)  # (b, h, q)
+        ent = entropy_from_probs(a)  # (b, h, q)
         keep = mask.bool().clone()
         keep[:, 0] = False
         values.append(ent.permute(0, 2, 1)[keep].mean())

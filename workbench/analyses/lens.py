@@ -25,6 +25,7 @@ import torch
 import xarray as xr
 
 from ..models import ModelHandle
+from ..numerics import kl_from_logprobs
 from ..probes.lens import TunedLens, lens_logits
 from .common import require
 
@@ -69,7 +70,7 @@ def lens_statistics(
                 logq = torch.log_softmax(logits.float(), -1)
                 q = logq.exp()
                 out["entropy"][s, p, layer] = (-(q * logq).sum(-1)).cpu().numpy()
-                out["kl_to_final"][s, p, layer] = (final.exp() * (final - logq)).sum(-1).clamp_min(0).cpu().numpy()
+                out["kl_to_final"][s, p, layer] = kl_from_logprobs(final, logq).clamp_min(0).cpu().numpy()
                 ce = torch.full((len(s),), float("nan"))
                 ce[has_next] = -logq[has_next].gather(-1, nxt[has_next, None])[:, 0].cpu()
                 out["cross_entropy"][s, p, layer] = ce.numpy()

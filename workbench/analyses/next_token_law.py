@@ -80,7 +80,7 @@ def prediction_residuals(
     batch_size: int = 8,
     ridge: float = 0.0,
     seed: int = 0,
-    backend: str = "nnsight",
+    backend: str = "torch",
     progress: bool = True,
 ) -> xr.Dataset:
     """PR_l of every layer for each target, in-sample and held out (He & Su; definition in the module doc).
@@ -227,7 +227,7 @@ def future_token_probes(
     batch_size: int = 8,
     ridge: float = 1e-3,
     seed: int = 0,
-    backend: str = "nnsight",
+    backend: str = "torch",
     progress: bool = True,
 ) -> xr.Dataset:
     """Held-out accuracy of linear probes from layer-l features to the token k steps ahead, k = 1..horizon.

@@ -69,7 +69,8 @@ import xarray as xr
 from ..models import ModelHandle
 from ..probes.token_scoring import PrefixTreeScorer, ScoredSequence
 from ..vocab_bytes import VocabBytes, vocab_bytes
-from .byte_level import _logsumexp, start_context  # one log-sum-exp for both analyses
+from ..numerics import logsumexp, wilson_interval
+from .byte_level import start_context
 
 __all__ = [
     "Completion",
@@ -385,7 +386,7 @@ def _score(setup: _Prompt, scorer: PrefixTreeScorer, root: ScoredSequence, targe
         if not children:
             break
         children.sort(key=lambda c: -c[3])
-        bound = _logsumexp(covers + [c[3] for c in children])  # >= the final probability
+        bound = logsumexp(covers + [c[3] for c in children])  # >= the final probability
         floor = bound + math.log(prune) if prune > 0 else -math.inf
         kept = [c for c in children if c[3] >= floor][:max_nodes]
         pruned += [c[3] for c in children[len(kept) :]]
@@ -393,8 +394,8 @@ def _score(setup: _Prompt, scorer: PrefixTreeScorer, root: ScoredSequence, targe
         frontier = [(s, done, logw) for s, (_, _, done, logw) in zip(scored, kept)]
     return ContinuationScore(
         method=method,
-        logprob=_logsumexp(covers),
-        pruned_mass=math.exp(_logsumexp(pruned)),
+        logprob=logsumexp(covers),
+        pruned_mass=math.exp(logsumexp(pruned)),
         n_covers=len(covers),
         calls=scorer.calls - calls0,
         positions=scorer.positions - positions0,
@@ -701,15 +702,6 @@ def _describe(ds: xr.Dataset) -> None:
             ds[name].attrs["description"] = text
 
 
-def _wilson(successes: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval for a binomial proportion (95% by default)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = successes / n
-        centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
-        half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
-    return centre - half, centre + half
-
-
 def match_rates(results: xr.Dataset, *, subset: str = "all") -> xr.Dataset:
     """Match rates per domain and method, with 95% Wilson intervals.
 
@@ -744,7 +736,7 @@ def match_rates(results: xr.Dataset, *, subset: str = "all") -> xr.Dataset:
     n = np.broadcast_to(count[None, :, None], successes.shape).astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         rate = successes / n
-    low, high = _wilson(successes, n)
+    low, high = wilson_interval(successes, n)
     return xr.Dataset(
         {
             "rate": (("metric", "domain", "decoding"), rate),

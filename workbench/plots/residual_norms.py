@@ -35,12 +35,15 @@ def residual_norm_heatmap(norms: xr.DataArray, sample: int = 0, *, log_color: bo
     return fig
 
 
-def residual_norm_profile(norms: xr.DataArray, sample: int = 0, layer: int | None = None) -> go.Figure:
-    """Residual norm across layers of the first token vs the median token; optionally mark ``layer``."""
-    one = norms.isel(sample=sample)
+def residual_norm_profile(peaks: xr.Dataset, sample: int = 0, layer: int | None = None) -> go.Figure:
+    """Residual norm across layers of the first token vs the median token; optionally mark ``layer``.
+
+    ``peaks``: :func:`workbench.analyses.residual_norms.residual_norm_peaks` (``norm``, ``median_norm``).
+    """
+    one = peaks["norm"].isel(sample=sample)
     layers = one["layer"].values
     first = one.isel(pos=0).values
-    median = one.median("pos", skipna=True).values
+    median = peaks["median_norm"].isel(sample=sample).values
     fig = go.Figure(
         [
             go.Scatter(x=layers, y=first, mode="lines+markers", name=f"first token {str(one['token'].values[0])!r}"),

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from . import hooks
-from .sites import FINAL_NORM, LOGITS, PATTERN, UnsupportedSiteError, is_layer_site
+from .sites import FINAL_NORM, LOGITS, PATTERN, SITES, UnsupportedSiteError, is_layer_site
 
 OnSite = Callable[[str, "int | None", torch.Tensor], None]
 
@@ -54,36 +54,41 @@ def run_batch(backend: str, handle, input_ids: torch.Tensor, attention_mask: tor
 # --------------------------------------------------------------------------- nnsight
 
 
-def _execution_order(handle, slots: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """``(module path, "input"|"output")`` slots sorted by when a forward pass reaches them (cached)."""
+def _execution_order(handle) -> list[tuple[str, str]]:
+    """Every site's ``(module path, "input"|"output")`` slot, in the order a forward pass reaches them.
+
+    Recorded once per site map with plain hooks on a two-token forward, *before* nnsight wraps the
+    model (a forward outside a trace would advance nnsight's per-module call counters).
+    """
     sm = hooks.site_map(handle)
-    cache = sm.__dict__.setdefault("_nnsight_order", {})
-    key = tuple(sorted(set(slots)))
-    if key not in cache:
+    if "_nnsight_order" not in sm.__dict__:
+        slots = {}
+        for site, layer in hooks.expand([s for s in SITES if s not in sm.unsupported], sm.n_layers):
+            spec = sm.spec(site, layer)
+            slots[(spec.path, spec.io)] = spec.module
         seen: list = []
         handles = []
-        for path, io in key:
-            module = handle.hf_model.get_submodule(path) if path else handle.hf_model
-
-            def mark(*_, slot=(path, io)):
+        for slot, module in slots.items():
+            def mark(*_, slot=slot):
                 if slot not in seen:
                     seen.append(slot)
 
-            handles.append(module.register_forward_hook(mark) if io == "output" else module.register_forward_pre_hook(mark))
+            handles.append(module.register_forward_hook(mark) if slot[1] == "output" else module.register_forward_pre_hook(mark))
         try:
             with torch.no_grad():
                 handle.hf_model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=handle.device), use_cache=False)
         finally:
             for h in handles:
                 h.remove()
-        cache[key] = seen
-    return cache[key]
+        sm.__dict__["_nnsight_order"] = seen
+    return sm.__dict__["_nnsight_order"]
 
 
 def _run_nnsight(handle, input_ids, attention_mask, reads, on_site) -> None:
     from nnsight import NNsight
 
     sm = hooks.site_map(handle)
+    order = _execution_order(handle)
     envelope = handle.__dict__.get("_nnsight_model")
     if envelope is None or envelope._module is not handle.hf_model:
         envelope = NNsight(handle.hf_model)
@@ -97,7 +102,7 @@ def _run_nnsight(handle, input_ids, attention_mask, reads, on_site) -> None:
         kwargs["output_attentions"] = True
     batch_shape = tuple(input_ids.shape)
     with torch.no_grad(), envelope.trace(input_ids=input_ids, attention_mask=attention_mask, **kwargs):
-        for path, io in _execution_order(handle, list(by_slot)):
+        for path, io in [slot for slot in order if slot in by_slot]:
             envoy = envelope.get(path) if path else envelope
             if io == "output":
                 value = envoy.output
@@ -107,7 +112,7 @@ def _run_nnsight(handle, input_ids, attention_mask, reads, on_site) -> None:
                 if io == "output":
                     raw = value if isinstance(value, torch.Tensor) or spec.path == "" else value[spec.index]
                 else:
-                    raw = args[spec.index] if len(args) > spec.index else kw[spec.kwarg]
+                    raw = args[spec.index] if 0 <= spec.index < len(args) else kw.get(spec.kwarg)
                 x = spec.to_site(raw) if spec.to_site else raw
                 if x is None:
                     raise UnsupportedSiteError(f"{site} (layer {layer}) produced no tensor: load the model with "

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from ..numerics import entropy_from_logprobs
+
 from . import sites as S
 
 
@@ -105,7 +107,7 @@ def logit_summaries(
     nats. Dims (b, p, vocab) -> (b, p) and (b, p, k).
     """
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    entropy = entropy_from_logprobs(logprobs)
     nxt = torch.full(input_ids.shape, float("nan"), dtype=logprobs.dtype, device=logprobs.device)
     nxt[:, :-1] = logprobs[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     if valid is not None:  # the token after the last real one is padding

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .sites import FINAL_NORM, LOGITS, PATTERN, SiteMap, SiteSpec, UnsupportedSiteError, is_layer_site
+from .sites import FINAL_NORM, LOGITS, MASK, PATTERN, SiteMap, SiteSpec, UnsupportedSiteError, is_layer_site
 
 OnSite = Callable[[str, "int | None", torch.Tensor], None]
 Edit = Callable[[torch.Tensor], torch.Tensor]
@@ -77,11 +77,12 @@ def _apply(items, get, put, on_site, fired, batch_shape):
     for site, layer, spec, read, edit in items:
         raw = get(spec)
         value = spec.to_site(raw) if spec.to_site else raw
-        if batch_shape is not None and value is not None and value.dim() == 2 and site != PATTERN:
+        if batch_shape is not None and value is not None and value.dim() == 2 and site not in (PATTERN, MASK):
             value = value.view(*batch_shape, -1)  # OPT runs its MLP on (b * p, d)
         if value is None:
-            raise UnsupportedSiteError(f"{site} (layer {layer}) produced no tensor: for attention patterns, "
-                                       "load the model with attn_implementation='eager'.")
+            raise UnsupportedSiteError(f"{site} (layer {layer}) produced no tensor: load the model with "
+                                       "attn_implementation='eager' (eager attention returns its probabilities "
+                                       "and receives a full additive mask).")
         fired.add((site, layer))
         if read and on_site is not None:
             on_site(site, layer, value)
@@ -116,11 +117,11 @@ def _input_hook(items, on_site, fired, batch_shape):
 
         def get(spec: SiteSpec):
             a, kw = box
-            return a[spec.index] if len(a) > spec.index else kw[spec.kwarg]
+            return a[spec.index] if 0 <= spec.index < len(a) else kw.get(spec.kwarg)
 
         def put(spec: SiteSpec, value):
             a, kw = box
-            if len(a) > spec.index:
+            if 0 <= spec.index < len(a):
                 box[0] = (*a[: spec.index], value, *a[spec.index + 1 :])
             else:
                 box[1] = {**kw, spec.kwarg: value}

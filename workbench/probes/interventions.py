@@ -1,28 +1,33 @@
-"""Interventions: forward passes with a component of the model changed.
+"""Interventions: forward passes with a component of the model changed, expressed on sites.
 
-Like the capture backends, this is hook code and lives with the probes. Each
-intervention is a context manager over a :class:`~workbench.models.ModelHandle`'s
-Hugging Face model; :func:`token_logprobs` runs the forward pass whose outputs the
-analyses compare. Hooks are always removed on exit, also on error.
+Every intervention is a set of edits on the site map's sites (:mod:`workbench.probes.sites`),
+placed by the same hook engine that runs captures (:func:`workbench.probes.hooks.hooked`). Each
+function checks its arguments at once and returns a context manager; inside it, any forward pass
+(:func:`token_logprobs`, a capture, generation) runs with the change. Hooks are removed on
+exit, also on error.
 
-- :func:`ablate_heads`: a head's output replaced by zero, or by the value of the sink
-  token (its attention moved entirely onto key 0).
-- :func:`scale_first_token_attention`: every query's attention to key 0 multiplied by
-  ``s`` and the row renormalised (ZeroTuning), in chosen layers.
+- :func:`ablate_heads`: a head's output (``hook_z``) replaced by zero, or by the value of the
+  sink token (its attention moved entirely onto key 0).
+- :func:`scale_first_token_attention`: every query's attention to key 0 multiplied by ``s`` and
+  the row renormalised (ZeroTuning), by editing ``hook_mask``.
 - :func:`edit_residual`: the residual stream leaving a layer passed through a function.
-- :func:`sliding_window_mask`: an attention mask keeping the first ``n_sink`` keys plus
-  a recent window (StreamingLLM), passed to :func:`token_logprobs`.
+- :func:`patch_residual`: the residual entering (or leaving) a layer replaced by given values.
+- :func:`delete_layers` / :func:`swap_layers`: whole blocks skipped or run in swapped order
+  ("The Remarkable Robustness of LLMs: Stages of Inference?").
+- :func:`sliding_window_mask`: an attention mask keeping the first ``n_sink`` keys plus a
+  recent window (StreamingLLM), passed to :func:`token_logprobs`.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
 from ..models import ModelHandle
+from . import hooks
+from .sites import MASK, RESID_POST, RESID_PRE, V, Z
 
 
 def _check_layer(handle: ModelHandle, layer: int) -> None:
@@ -35,17 +40,8 @@ def _check_head(handle: ModelHandle, head: int) -> None:
         raise IndexError(f"head {head} is out of range: {handle.name} has heads 0..{handle.n_heads - 1}.")
 
 
-@contextmanager
-def _hooks(handles) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def ablate_heads(handle: ModelHandle, heads: dict[int, list[int]], mode: str = "zero"):
-    """Replace the outputs of ``heads`` ({layer: [head, ...]}) before W_O.
+    """Replace the outputs of ``heads`` ({layer: [head, ...]}) before W_O (site ``hook_z``).
 
     ``mode="zero"``: the head writes nothing. ``mode="sink"``: the head attends only to
     the first token, so every query's head output is the first token's value vector
@@ -53,61 +49,52 @@ def ablate_heads(handle: ModelHandle, heads: dict[int, list[int]], mode: str = "
     """
     if mode not in ("zero", "sink"):
         raise ValueError(f"mode must be 'zero' or 'sink', got {mode!r}.")
-    d_h, group = handle.head_dim, handle.n_heads // handle.n_kv_heads
-    hooks, stash = [], {}
     for layer, layer_heads in heads.items():
         _check_layer(handle, layer)
         for h in layer_heads:
             _check_head(handle, h)
-        attn = handle.hf_model.model.layers[layer].self_attn
-        if mode == "sink":
+    group = handle.n_heads // handle.n_kv_heads
+    values: dict[int, torch.Tensor] = {}  # layer -> (b, p, kv_head, d_h), read just before hook_z
 
-            def keep_values(module, args, output, layer=layer):
-                stash[layer] = output  # (b, p, kv * d_h)
-
-            hooks.append(attn.v_proj.register_forward_hook(keep_values))
-
-        def replace(module, args, layer=layer, layer_heads=tuple(layer_heads)):
-            x = args[0].clone()  # (b, p, head * d_h): the heads' outputs, concatenated
+    def replace(layer, layer_heads):
+        def edit(z):  # (b, p, head, d_h)
+            z = z.clone()
             for h in layer_heads:
-                if mode == "zero":
-                    x[..., h * d_h : (h + 1) * d_h] = 0
-                else:
-                    kv = h // group
-                    x[..., h * d_h : (h + 1) * d_h] = stash[layer][:, :1, kv * d_h : (kv + 1) * d_h]
-            return (x, *args[1:])
+                z[:, :, h] = 0 if mode == "zero" else values[layer][:, :1, h // group]
+            return z
 
-        hooks.append(attn.o_proj.register_forward_pre_hook(replace))
-    return _hooks(hooks)
+        return edit
+
+    reads = [(V, layer) for layer in heads] if mode == "sink" else []
+    edits = {(Z, layer): replace(layer, tuple(hs)) for layer, hs in heads.items()}
+    return hooks.hooked(handle, reads, lambda s, layer, v: values.__setitem__(layer, v), edits)
 
 
 def scale_first_token_attention(handle: ModelHandle, layers, scale: float):
     """Multiply the attention every query pays the first token by ``scale`` and renormalise.
 
     Implemented exactly by adding log(scale) to key 0's column of the additive attention
-    mask before the softmax: softmax(z + log s e_0) = (s a_0, a_1, ...) / (s a_0 + 1 - a_0).
+    mask (site ``hook_mask``) before the softmax: softmax(z + log s e_0) = (s a_0, a_1, ...) / (s a_0 + 1 - a_0).
     ZeroTuning ("initial-token attention") tunes this scale per layer or head.
     """
     if scale < 0:
         raise ValueError(f"scale must be >= 0, got {scale}.")
-    if handle.attn_implementation != "eager":
-        raise RuntimeError("scaling attention needs eager attention: load_model(..., attn_implementation='eager').")
-    hooks = []
+    layers = list(layers)
     for layer in layers:
         _check_layer(handle, layer)
+    if handle.attn_implementation != "eager":
+        raise RuntimeError("scaling attention needs eager attention: load_model(..., attn_implementation='eager').")
 
-        def shift(module, args, kwargs):
-            mask = kwargs.get("attention_mask")
-            if mask is None:
-                raise RuntimeError("no attention mask reached the attention module; cannot rescale key 0.")
-            bias = math.log(scale) if scale > 0 else torch.finfo(mask.dtype).min
-            mask = mask.clone()
-            mask[..., 1:, 0] = mask[..., 1:, 0] + bias  # query 0 sees only key 0: leave it
-            kwargs["attention_mask"] = mask
-            return args, kwargs
+    def shift(mask):
+        if mask is None or not mask.is_floating_point():
+            raise RuntimeError(f"{handle.architecture} passes no additive float attention mask to its attention; "
+                               "first-token scaling cannot be applied to it.")
+        bias = math.log(scale) if scale > 0 else torch.finfo(mask.dtype).min
+        mask = mask.clone()
+        mask[..., 1:, 0] = mask[..., 1:, 0] + bias  # query 0 sees only key 0: leave it
+        return mask
 
-        hooks.append(handle.hf_model.model.layers[layer].self_attn.register_forward_pre_hook(shift, with_kwargs=True))
-    return _hooks(hooks)
+    return hooks.hooked(handle, edits={(MASK, layer): shift for layer in layers})
 
 
 def edit_residual(handle: ModelHandle, layer: int, edit):
@@ -117,13 +104,48 @@ def edit_residual(handle: ModelHandle, layer: int, edit):
     their mean; the analysis supplies ``edit``.
     """
     _check_layer(handle, layer)
+    return hooks.hooked(handle, edits={(RESID_POST, layer): lambda h: edit(h.clone())})
 
-    def hook(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        hidden = edit(hidden.clone())
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    return _hooks([handle.hf_model.model.layers[layer].register_forward_hook(hook)])
+def patch_residual(handle: ModelHandle, layer: int, values: torch.Tensor, *, site: str = RESID_PRE):
+    """Replace the residual entering ``layer`` (``site=RESID_PRE``) or leaving it (``RESID_POST``) by ``values`` (b, p, d_model)."""
+    _check_layer(handle, layer)
+    if site not in (RESID_PRE, RESID_POST):
+        raise ValueError(f"site must be {RESID_PRE!r} or {RESID_POST!r}, got {site!r}.")
+
+    def patch(h):
+        if values.shape != h.shape:
+            raise ValueError(f"patch values have shape {tuple(values.shape)}; the residual here is {tuple(h.shape)}.")
+        return values.to(h.device, h.dtype)
+
+    return hooks.hooked(handle, edits={(site, layer): patch})
+
+
+def delete_layers(handle: ModelHandle, layers):
+    """Skip whole blocks: each listed block passes its input through unchanged (resid_post = resid_pre)."""
+    layers = sorted(set(layers))
+    for layer in layers:
+        _check_layer(handle, layer)
+    entering: dict[int, torch.Tensor] = {}
+    return hooks.hooked(handle, [(RESID_PRE, l) for l in layers], lambda s, l, h: entering.__setitem__(l, h),
+                        {(RESID_POST, l): (lambda h, l=l: entering[l]) for l in layers})
+
+
+@contextmanager
+def swap_layers(handle: ModelHandle, layer: int):
+    """Run block ``layer + 1`` before block ``layer`` (each keeps its own weights and attention type).
+
+    The blocks are swapped in the model's block list for the duration and put back on exit.
+    """
+    _check_layer(handle, layer)
+    _check_layer(handle, layer + 1)
+    blocks = handle.hf_model.get_submodule(handle.sites.blocks_path)
+    first, second = blocks[layer], blocks[layer + 1]
+    blocks[layer], blocks[layer + 1] = second, first
+    try:
+        yield
+    finally:
+        blocks[layer], blocks[layer + 1] = first, second
 
 
 def sliding_window_mask(n: int, window: int, n_sink: int = 4, dtype=torch.float32) -> torch.Tensor:
@@ -153,13 +175,7 @@ def token_logprobs(
 
     ``attention_mask``: (b, p) padding mask or a full additive (b, 1, p, p) mask.
     """
-    with torch.no_grad():
-        out = handle.hf_model(
-            input_ids=input_ids.to(handle.device),
-            attention_mask=None if attention_mask is None else attention_mask.to(handle.device),
-            output_attentions=output_attentions,
-            use_cache=False,
-        )
+    out = hooks.forward(handle, input_ids, attention_mask, output_attentions=output_attentions)
     logprobs = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
     target = logprobs.gather(-1, input_ids[:, 1:, None].to(logprobs.device))[..., 0]
     return (target, out.attentions) if output_attentions else target
@@ -167,10 +183,4 @@ def token_logprobs(
 
 def next_token_distributions(handle: ModelHandle, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
     """Log-probabilities over the vocabulary at every position, (b, p, vocab), float32."""
-    with torch.no_grad():
-        out = handle.hf_model(
-            input_ids=input_ids.to(handle.device),
-            attention_mask=None if attention_mask is None else attention_mask.to(handle.device),
-            use_cache=False,
-        )
-    return torch.log_softmax(out.logits.float(), dim=-1)
+    return torch.log_softmax(hooks.forward(handle, input_ids, attention_mask).logits.float(), dim=-1)

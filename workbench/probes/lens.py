@@ -24,17 +24,14 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ..models import ModelHandle
+from ..numerics import kl_from_logprobs
 from .backends import run_batch
+from .sites import RESID_POST
 
 
 def lens_logits(handle: ModelHandle, states: torch.Tensor) -> torch.Tensor:
-    """``W_U final_norm(states)`` exactly as the model computes its output (Gemma's soft-capping included)."""
-    model = handle.hf_model
-    logits = model.lm_head(model.model.norm(states.to(handle.device, handle.dtype)))
-    cap = getattr(handle.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    """``W_U final_norm(states)`` exactly as the model computes its output (soft-caps and logit scales included)."""
+    return handle.sites.unembed(states.to(handle.device, handle.dtype))
 
 
 @dataclass
@@ -129,7 +126,7 @@ def collect_layer_states(handle: ModelHandle, windows: list[list[int]], max_toke
             out[base : base + len(rows), layer] = tensor[rows, cols].float().cpu()
 
         with torch.no_grad():
-            run_batch("nnsight", handle, ids.to(handle.device), mask.to(handle.device), {"resid_post"}, on_site)
+            run_batch("torch", handle, ids.to(handle.device), mask.to(handle.device), {RESID_POST}, on_site)
         row += len(picks)
         bar.update(len(picks))
     bar.close()
@@ -161,7 +158,7 @@ def _mean_kl(handle: ModelHandle, lens: TunedLens, states: torch.Tensor, chunk: 
             final = torch.log_softmax(lens_logits(handle, batch[:, -1]).float(), -1)
             for layer in range(batch.shape[1] - 1):
                 logq = torch.log_softmax(lens.logits(handle, layer, batch[:, layer]).float(), -1)
-                total += float((final.exp() * (final - logq)).sum(-1).sum())
+                total += float(kl_from_logprobs(final, logq).sum())
     return total / (len(states) * (states.shape[1] - 1))
 
 
@@ -222,7 +219,7 @@ def train_tuned_lens(
         h = batch[:, trained]  # (t, L-1, d)
         translated = h + torch.einsum("tld,led->tle", h, weight.to(h.device)) + bias.to(h.device)
         logq = torch.log_softmax(lens_logits(handle, translated).float(), -1)  # (t, L-1, V)
-        kl = (final.exp()[:, None] * (final[:, None] - logq)).sum(-1).mean(0)  # (L-1,)
+        kl = kl_from_logprobs(final[:, None], logq).mean(0)  # (L-1,)
         loss = kl.sum()
         opt.zero_grad()
         loss.backward()

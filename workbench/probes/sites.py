@@ -17,6 +17,7 @@ hook_embed                             (b, p, d_model)        token embedding (b
 blocks.{l}.hook_resid_pre              (b, p, d_model)        residual entering block l (HF ``hidden_states[l]``)
 blocks.{l}.attn.hook_q / hook_k        (b, p, head, d_h)      query / key projections (before rotary)
 blocks.{l}.attn.hook_v                 (b, p, kv_head, d_h)   value projections
+blocks.{l}.attn.hook_mask              (b, 1, q, k)           additive mask entering the attention (editable)
 blocks.{l}.attn.hook_pattern           (b, head, q, k)        attention probabilities (eager attention)
 blocks.{l}.attn.hook_z                 (b, p, head, d_h)      each head's output before W_O (``sum_k A v``)
 blocks.{l}.hook_attn_out               (b, p, d_model)        what attention adds to the residual
@@ -54,6 +55,7 @@ SITES: dict[str, tuple[str, str]] = {
     "blocks.{l}.attn.hook_q": ("(b, p, head, d_h)", "query projections (before rotary)"),
     "blocks.{l}.attn.hook_k": ("(b, p, kv_head, d_h)", "key projections (before rotary)"),
     "blocks.{l}.attn.hook_v": ("(b, p, kv_head, d_h)", "value projections"),
+    "blocks.{l}.attn.hook_mask": ("(b, 1, q, k)", "additive attention mask entering the attention (edit: re-weight keys)"),
     "blocks.{l}.attn.hook_pattern": ("(b, head, q, k)", "attention probabilities"),
     "blocks.{l}.attn.hook_z": ("(b, p, head, d_h)", "each head's output before W_O"),
     "blocks.{l}.hook_attn_out": ("(b, p, d_model)", "what attention adds to the residual"),
@@ -69,6 +71,7 @@ ATTN_OUT = "blocks.{l}.hook_attn_out"
 MLP_OUT = "blocks.{l}.hook_mlp_out"
 Q, K, V = "blocks.{l}.attn.hook_q", "blocks.{l}.attn.hook_k", "blocks.{l}.attn.hook_v"
 PATTERN = "blocks.{l}.attn.hook_pattern"
+MASK = "blocks.{l}.attn.hook_mask"
 Z = "blocks.{l}.attn.hook_z"
 EMBED = "hook_embed"
 FINAL_NORM = "ln_final.hook_normalized"
@@ -99,7 +102,7 @@ class SiteSpec:
     path: str
     module: torch.nn.Module
     io: str  # "input" | "output"
-    index: int = 0
+    index: int = 0  # -1: an input passed by keyword only
     kwarg: str | None = None  # input passed by keyword under this name, when not positional
     to_site: Callable[[torch.Tensor], torch.Tensor] | None = None
     from_site: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (edited, raw) -> raw
@@ -214,7 +217,11 @@ class SiteMap:
             return self._update_spec(site, layer)
         if site == PATTERN:
             path = self.part_path(layer, "attn")
-            return self._spec(path, "output", site, index=1)
+            # the probabilities are returned after use: editing them would change nothing, so they are read-only
+            return self._spec(path, "output", site, index=1, editable=False)
+        if site == MASK:
+            return self._spec(self.part_path(layer, "attn"), "input", site, index=-1, kwarg="attention_mask",
+                              from_site=lambda y, raw: y)
         if site == Z:
             path = self.part_path(layer, "attn", "o")
             if path is None:
@@ -227,10 +234,13 @@ class SiteMap:
             return self._qkv_spec(site, layer)
         raise AssertionError(site)
 
-    def _spec(self, path, io, site, **kw) -> SiteSpec:
+    def _spec(self, path, io, site, editable: bool = True, **kw) -> SiteSpec:
+        """A spec; a plain read (no ``to_site``) of a tensor the model goes on to use is editable as is."""
         module = self._module(path)
         if module is None:
             raise UnsupportedSiteError(f"{self.architecture}: no module for {site} (path {path!r})")
+        if editable and "to_site" not in kw and "from_site" not in kw:
+            kw["from_site"] = lambda y, raw: y
         return SiteSpec(path, module, io, **kw)
 
     def _update_spec(self, site: str, layer: int) -> SiteSpec:
@@ -260,7 +270,8 @@ class SiteMap:
         if fused is None:
             raise UnsupportedSiteError(f"{self.architecture}: the adapter names no {which} or fused qkv projection")
         rows = self._fused_rows(layer)["qkv".index(which)]
-        return self._spec(fused, "output", site, to_site=lambda x: x[..., rows.to(x.device)].view(*x.shape[:-1], -1, d_h))
+        return self._spec(fused, "output", site, to_site=lambda x: x[..., rows.to(x.device)].view(*x.shape[:-1], -1, d_h),
+                          from_site=lambda y, raw: raw.index_copy(-1, rows.to(raw.device), y.flatten(-2).to(raw.dtype)))
 
     @functools.cache
     def _fused_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..models import ModelHandle
 from .backends import run_batch
+from .sites import FINAL_NORM, RESID_POST
 
 
 @dataclass
@@ -41,16 +42,37 @@ class FeatureBatch:
 
 
 def fresh_norm(handle: ModelHandle) -> torch.nn.Module:
-    """A newly initialised (unit-weight) norm of the same type as the model's final norm."""
-    final = handle.hf_model.model.norm
-    eps = getattr(handle.config, "rms_norm_eps", None) or getattr(handle.config, "layer_norm_eps", 1e-6)
-    try:
-        norm = type(final)(handle.d_model, eps=eps)
-    except TypeError as err:
+    """A newly initialised (unit-weight) norm of the same type as the model's final norm.
+
+    Built by the norm class's own constructor (``(dim, eps=...)``, else ``(dim)`` with the
+    final norm's epsilon copied), else a copy of the final norm with ``reset_parameters()``.
+    """
+    final = handle.sites.ln_final
+    if final is None:
+        raise NotImplementedError(f"{handle.name} ({handle.architecture}) has no final norm: the next-token-law "
+                                  "features need a fresh norm of the model's own type.")
+    eps = next((getattr(final, a) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(final, a)), None)
+    eps = eps or getattr(handle.config, "rms_norm_eps", None) or getattr(handle.config, "layer_norm_eps", None) or 1e-6
+    norm = None
+    for make in (lambda: type(final)(handle.d_model, eps=eps), lambda: type(final)(handle.d_model)):
+        try:
+            norm = make()
+            break
+        except TypeError:
+            continue
+    if norm is None and hasattr(final, "reset_parameters"):
+        import copy
+
+        norm = copy.deepcopy(final)
+        norm.reset_parameters()
+    if norm is None:
         raise NotImplementedError(
-            f"cannot build a fresh {type(final).__name__} for {handle.name}: its constructor is not (dim, eps=...). "
-            "The next-token-law features need a unit-weight norm of the model's own type."
-        ) from err
+            f"cannot build a fresh {type(final).__name__} for {handle.name}: its constructor takes neither (dim, eps=...) "
+            "nor (dim) and it has no reset_parameters(). The next-token-law features need a unit-weight norm of the model's own type."
+        )
+    for attr in ("eps", "variance_epsilon", "epsilon"):
+        if hasattr(final, attr) and hasattr(norm, attr):
+            setattr(norm, attr, getattr(final, attr))
     return norm.to(device=handle.device, dtype=handle.dtype).eval()
 
 
@@ -100,7 +122,7 @@ def stream_layer_features(
     *,
     horizon: int = 1,
     batch_size: int = 8,
-    backend: str = "nnsight",
+    backend: str = "torch",
     progress: bool = True,
     desc: str = "features",
 ) -> int:
@@ -127,16 +149,16 @@ def stream_layer_features(
         valid_dev = valid.to(handle.device)
 
         def on_site(site, layer, tensor):
-            if site == "resid_post" and layer != last:
+            if site == RESID_POST and layer != last:
                 feats = norm(tensor)
-            elif site == "final_norm":
+            elif site == FINAL_NORM:
                 feats, layer = tensor, last
             else:
                 return
             on_batch(FeatureBatch(layer, feats[valid_dev].float(), targets, positions, window_idx))
 
         with torch.no_grad():
-            run_batch(backend, handle, input_ids, valid_dev.long(), {"resid_post", "final_norm"}, on_site)
+            run_batch(backend, handle, input_ids, valid_dev.long(), {RESID_POST, FINAL_NORM}, on_site)
         bar.update(int(valid.sum()))
     bar.close()
     return total

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..models import ModelHandle
+from ..numerics import log_softmax
 
 
 class StaleSequenceError(RuntimeError):
@@ -111,7 +112,7 @@ class PrefixTreeScorer:
             out = self.handle.hf_model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.calls += 1
         self.positions += len(ids)
-        logprobs = _log_softmax(out.logits[0, -1]).cpu().numpy()
+        logprobs = log_softmax(out.logits[0, -1]).cpu().numpy()
         keys = [layer.keys[0] for layer in cache.layers]
         values = [layer.values[0] for layer in cache.layers]
         return ScoredSequence(ids, logprobs, keys, values, _base=0, _session=self._session)
@@ -160,7 +161,7 @@ class PrefixTreeScorer:
             )
         self.calls += 1
         self.positions += b
-        logprobs = _log_softmax(out.logits[:, -1]).cpu().numpy()
+        logprobs = log_softmax(out.logits[:, -1]).cpu().numpy()
         results = []
         for i, (seq, tok) in enumerate(requests):
             skip = trunk - seq._base
@@ -213,7 +214,7 @@ class PrefixTreeScorer:
             out = self.handle.hf_model(input_ids=tokens, position_ids=positions[:, None], use_cache=False)
         self.calls += 1
         self.positions += b
-        logprobs = _log_softmax(out.logits[:, -1]).cpu().numpy()
+        logprobs = log_softmax(out.logits[:, -1]).cpu().numpy()
         results = []
         for i, (seq, tok) in enumerate(requests):
             skip = trunk - seq._base
@@ -381,11 +382,6 @@ def _shared_trunk_attention(handle: ModelHandle, batch: _TreeBatch):
         _ACTIVE.batch = None
 
 
-def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Log-softmax in float32, or in the model's own precision when that is finer (float64 test models)."""
-    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-
-
 def _common_prefix_length(sequences) -> int:
     first = sequences[0]
     n = min(len(s) for s in sequences)
@@ -403,7 +399,7 @@ def last_token_logprobs(handle: ModelHandle, ids) -> np.ndarray:
         raise ValueError("ids is empty: the model needs at least one token to condition on (e.g. BOS).")
     with torch.no_grad():
         out = handle.hf_model(input_ids=torch.tensor([ids], device=handle.device), use_cache=False, logits_to_keep=1)
-    return _log_softmax(out.logits[0, -1]).cpu().numpy()
+    return log_softmax(out.logits[0, -1]).cpu().numpy()
 
 
 def sequence_logprobs(handle: ModelHandle, ids) -> np.ndarray:
@@ -414,5 +410,5 @@ def sequence_logprobs(handle: ModelHandle, ids) -> np.ndarray:
     x = torch.tensor([ids], device=handle.device)
     with torch.no_grad():
         out = handle.hf_model(input_ids=x, use_cache=False)
-    logprobs = _log_softmax(out.logits[0, :-1])
+    logprobs = log_softmax(out.logits[0, :-1])
     return logprobs.gather(-1, x[0, 1:, None])[:, 0].cpu().numpy()

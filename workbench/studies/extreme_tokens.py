@@ -146,7 +146,7 @@ def write_figures(folder: str | Path, out_dir: str | Path, formats=("svg", "png"
     study = load_study(folder)
     run = study["run"].load()
     out_dir = Path(out_dir)
-    sink = et.sink_scores(run).groupby("domain").mean()
+    sink = et.domain_sink_scores(run, include_all=False)
     late = int(run.sizes["layer"] * 2 // 3)
     one = run.isel(sample=0).sel(layer=late)
     max_abs = et.max_abs_activation(run)

@@ -9,7 +9,7 @@ import numpy as np
 import plotly.graph_objects as go
 import xarray as xr
 
-from ..analyses.extreme_tokens import sink_scores
+from ..analyses.extreme_tokens import domain_sink_scores, received_by_key
 from ..gallery import export_figure
 from .base import Explorer
 
@@ -29,8 +29,7 @@ class ExtremeTokenExplorer(Explorer):
             raise ValueError("the explorer needs attention patterns: capture the 'attn_pattern' probe "
                              "or pass pattern_source=lambda sample, layer: ...")
         self.run = run
-        self.sink = sink_scores(run).load()
-        self.received = run["attn_received"].load()
+        self.sink = domain_sink_scores(run).load()
         self._pattern_source = pattern_source
         self._patterns: dict[tuple[int, int], np.ndarray] = {}
         domains = ["all"] + (sorted(set(map(str, run["domain"].values))) if "domain" in run.coords else [])
@@ -104,12 +103,11 @@ class ExtremeTokenExplorer(Explorer):
         sample, layer, head = self.prompt.value, self.layer.value, self.head.value
         if sample is None:
             return
-        samples = self._samples()
-        grid = self.sink.isel(sample=samples).sel(layer=layer).mean("sample").values[None, :]
+        grid = self.sink.sel(domain=self.domain.value, layer=layer).values[None, :]
         n = int(self.run["n_tokens"].values[sample])
         tokens = [f"{p}:{str(t)!r}" for p, t in enumerate(self.run["token"].values[sample][:n])]
         pattern = self.pattern_for(sample, layer)[head]
-        received = self.received.isel(sample=sample).sel(layer=layer).mean("head").values[:n]
+        received = received_by_key(self.run, sample, layer).values[:n]
         keys = np.arange(n)
         if self.exclude_sink.value:
             received, keys, bar_tokens = received[1:], keys[1:], tokens[1:]

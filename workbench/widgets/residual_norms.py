@@ -8,7 +8,7 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 import xarray as xr
 
-from ..analyses import residual_norms
+from ..analyses import residual_norm_peaks
 from ..gallery import export_figure
 from ..plots import residual_norm_by_position, residual_norm_profile
 from .base import Explorer
@@ -23,7 +23,8 @@ class ResidualNormExplorer(Explorer):
     """
 
     def __init__(self, run: xr.Dataset, variable: str = "resid_pre"):
-        self.norms = residual_norms(run, variable).load()
+        self.peaks = residual_norm_peaks(run, variable).load()
+        self.norms = self.peaks["norm"]
         n_layers = self.norms.sizes["layer"]
         texts = [str(t) for t in run["text"].values]
         self.prompt = widgets.Dropdown(
@@ -47,7 +48,7 @@ class ResidualNormExplorer(Explorer):
         return residual_norm_by_position(self.norms, self.prompt.value, self.layer.value)
 
     def _profile_figure(self) -> go.Figure:
-        return residual_norm_profile(self.norms, self.prompt.value, self.layer.value)
+        return residual_norm_profile(self.peaks, self.prompt.value, self.layer.value)
 
     def _redraw(self, _change=None) -> None:
         for target, source in ((self.bars, self._bars_figure()), (self.profile, self._profile_figure())):
