@@ -15,11 +15,13 @@ processes used meanwhile (from /proc/stat); a call is "quiet" under ``--quiet`` 
 rounds go on until every method has ``--repeats`` quiet calls (or ``--max-rounds``), and
 medians are over the quiet calls.
 
-  plain (eager)      ``hf_model(input_ids=ids)`` under ``torch.no_grad()``: the reference
-  plain (sdpa)       the same with sdpa attention (info: probing attention needs eager)
-  plain, no lm_head  ``hf_model.model(input_ids=ids)`` (info: capture without the logits
-                     probe runs only the base model and skips the unembedding)
-  capture nnsight    ``wb.capture(..., probes=PROBES, backend="nnsight")``
+  plain (fair)       the reference: the forward pass capture itself runs, without the probes --
+                     ``hf_model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)``
+                     under ``torch.no_grad()`` (no unembedding: PROBES has no logits probe)
+  plain, with head   ``hf_model(input_ids=ids, attention_mask=mask, use_cache=False)`` (info)
+  plain (sdpa)       the fair plain forward with sdpa attention (info: probing attention needs eager)
+  capture torch      ``wb.capture(..., probes=PROBES)`` (default backend: PyTorch hooks via the site map)
+  capture nnsight    ``wb.capture(..., backend="nnsight")``
   capture TL         ``wb.capture(..., backend="transformer_lens")``
   TL run_with_cache  ``bridge.run_with_cache(ids)`` (full cache, every hook)
   nnsight bare       ``NNsight(hf_model).trace(input_ids=ids)`` keeping each layer's input and
@@ -33,8 +35,11 @@ method is fed. Reported: median wall seconds of the quiet calls (and min, max), 
 ratio to the eager plain forward, the ratio of the minima over all calls (contention
 only ever slows a call down), and the peak RSS growth of one more call of each, made
 after the timings (sampled every 5 ms, with glibc's mmap threshold fixed so freed
-buffers leave the RSS). The last line printed is ``capture/plain ratio: X`` (median
-capture nnsight / median plain eager).
+buffers leave the RSS). Before it, the same ratio on tiny random GPT-2 and Qwen2 models
+(``--tiny-tokens`` tokens a row), so that a regression on another architecture shows. The
+last line printed is ``capture/plain ratio: X``: the minimum over the interleaved calls of
+capture (torch backend) over the minimum of the fair plain forward (contention only ever
+slows a call down, so the minima are the cleanest comparison of the same work).
 ``--profile`` adds, before that line, stage timings and a cProfile of one capture.
 """
 
@@ -59,6 +64,8 @@ import torch
 import workbench as wb
 
 PROBES = ["resid_pre", "resid_post", "attn_received", "value_norm"]
+REFERENCE = "plain forward (capture's work)"
+HEADLINE = "wb.capture torch"
 
 
 # --------------------------------------------------------------------------- inputs
@@ -131,23 +138,25 @@ class PeakRSS:
 def build_methods(model, ids: torch.Tensor, texts: list[str], batch: int):
     hf = model.hf_model
     n_layers = model.n_layers
-    b, p = ids.shape
+    mask = torch.ones_like(ids)
 
-    def plain_eager():
+    def plain_fair():
         with torch.no_grad():
-            return hf(input_ids=ids)
+            return hf.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
 
-    def plain_base():
+    def plain_head():
         with torch.no_grad():
-            return hf.model(input_ids=ids)
+            return hf(input_ids=ids, attention_mask=mask, use_cache=False)
 
     def plain_sdpa():
         hf.set_attn_implementation("sdpa")
         try:
-            with torch.no_grad():
-                return hf(input_ids=ids)
+            return plain_fair()
         finally:
             hf.set_attn_implementation("eager")
+
+    def capture_torch():
+        return wb.capture(model, texts, probes=PROBES, batch_size=batch, progress=False)
 
     def capture_nnsight():
         return wb.capture(model, texts, probes=PROBES, backend="nnsight", batch_size=batch, progress=False)
@@ -185,9 +194,10 @@ def build_methods(model, ids: torch.Tensor, texts: list[str], batch: int):
         return resid, values, received, post
 
     return {
-        "plain HF forward (eager)": plain_eager,
-        "plain HF forward (sdpa, info)": plain_sdpa,
-        "plain, no lm_head (info)": plain_base,
+        REFERENCE: plain_fair,
+        "plain, with lm_head (info)": plain_head,
+        "plain fair (sdpa, info)": plain_sdpa,
+        HEADLINE: capture_torch,
         "wb.capture nnsight": capture_nnsight,
         "wb.capture transformer_lens": capture_tl,
         "TL bridge.run_with_cache": tl_run_with_cache,
@@ -259,7 +269,7 @@ _LIBC = None
 
 
 def profile_capture(model, ids: torch.Tensor, texts: list[str], batch: int) -> None:
-    """Where an nnsight capture's time goes: the forward it runs, the trace, the rest.
+    """Where a capture's time goes: the forward it runs, the hooks, the rest.
 
     Uses only capture's public entry point and ``run_batch`` (the backend contract), so it
     keeps working while capture's internals change; the rest is a cProfile of one capture.
@@ -278,17 +288,17 @@ def profile_capture(model, ids: torch.Tensor, texts: list[str], batch: int) -> N
         with torch.no_grad():
             return hf.model(input_ids=ids, attention_mask=mask, use_cache=False)
 
-    def trace_noop():
-        return run_batch("nnsight", model, ids, mask, sites, lambda site, layer, tensor: None)
+    def hooks_noop():
+        return run_batch("torch", model, ids, mask, sites, lambda site, layer, tensor: None)
 
     def whole():
-        return wb.capture(model, texts, probes=PROBES, backend="nnsight", batch_size=batch, progress=False)
+        return wb.capture(model, texts, probes=PROBES, batch_size=batch, progress=False)
 
     stages = {
         "HF forward, capture's flags (mask, no KV cache)": forward_capture_flags,
         "HF base model (no lm_head), capture's flags": base_capture_flags,
-        "run_batch nnsight, capture's sites, no-op on_site": trace_noop,
-        "whole wb.capture nnsight": whole,
+        "run_batch torch, capture's sites, no-op on_site": hooks_noop,
+        "whole wb.capture torch": whole,
     }
     print("\nprofile: stages, each timed twice in turn: s (others' CPU share)")
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in stages}
@@ -309,7 +319,7 @@ def profile_capture(model, ids: torch.Tensor, texts: list[str], batch: int) -> N
     buf = io.StringIO()
     stats = pstats.Stats(prof, stream=buf)
     stats.sort_stats("tottime").print_stats(20)
-    print("\nprofile: cProfile of one nnsight capture, top 20 by own time")
+    print("\nprofile: cProfile of one capture, top 20 by own time")
     print("\n".join(line for line in buf.getvalue().splitlines()[3:] if line.strip()))
     buf = io.StringIO()
     stats.stream = buf
@@ -328,7 +338,8 @@ def main() -> None:
     parser.add_argument("--max-rounds", type=int, default=0, help="stop after this many rounds even if not enough calls were quiet (default 3 x repeats)")
     parser.add_argument("--batch", type=int, default=8, help="sequences per forward (default 8)")
     parser.add_argument("--tokens", type=int, default=512, help="tokens per sequence (default 512)")
-    parser.add_argument("--profile", action="store_true", help="also break one nnsight capture down by stage")
+    parser.add_argument("--profile", action="store_true", help="also break one capture down by stage")
+    parser.add_argument("--tiny-tokens", type=int, default=256, help="tokens a row for the tiny gpt2 / qwen2 ratios (0: skip)")
     args = parser.parse_args()
 
     warnings.filterwarnings("ignore")
@@ -345,7 +356,7 @@ def main() -> None:
     methods = build_methods(model, ids, texts, args.batch)
 
     # warm-up round; check that capture saw exactly the ids every other method is fed
-    ds = methods["wb.capture nnsight"]()
+    ds = methods[HEADLINE]()
     seen = torch.from_numpy(ds["token_id"].values)
     if seen.shape != ids.shape or not torch.equal(seen, ids):
         raise SystemExit("capture tokenised the texts differently from the ids fed to the other methods")
@@ -390,8 +401,8 @@ def main() -> None:
         q = quiet(name)
         return q if len(q) >= args.repeats else walls[name]
 
-    ref = statistics.median(kept("plain HF forward (eager)"))
-    ref_min = min(walls["plain HF forward (eager)"])
+    ref = statistics.median(kept(REFERENCE))
+    ref_min = min(walls[REFERENCE])
     print()
     print(
         f"{rounds} rounds; medians over calls during which other processes used < {args.quiet:.0%} of the "
@@ -409,9 +420,26 @@ def main() -> None:
             f"{name:<30} {med:9.3f} {low:7.3f} {max(times):7.3f} {len(quiet(name)):>3}/{len(walls[name]):<2}"
             f"{med / ref:8.3f}{mark:1} {low / ref_min:11.3f} {mems[name] / 2**20:14.0f}"
         )
-    print(f"capture/plain ratio of the minima: {min(walls['wb.capture nnsight']) / ref_min:.3f}")
-    ratio = statistics.median(kept("wb.capture nnsight")) / ref
-    print(f"capture/plain ratio: {ratio:.3f}")
+    print(f"capture/plain ratio of the medians: {statistics.median(kept(HEADLINE)) / ref:.3f}")
+    if args.tiny_tokens:
+        for arch in ("gpt2", "qwen2"):
+            print(f"tiny {arch}: capture/plain ratio of the minima: {tiny_ratio(arch, args.batch, args.tiny_tokens):.3f}")
+    print(f"capture/plain ratio: {min(walls[HEADLINE]) / ref_min:.3f}")
+
+
+def tiny_ratio(arch: str, batch: int, tokens: int, rounds: int = 15) -> float:
+    """Minimum capture time over minimum fair plain forward, interleaved, on a tiny random model."""
+    model = wb.load_model(f"tiny-random-{arch}")
+    ids, texts, _ = make_inputs(model.tokenizer, batch, tokens)
+    methods = build_methods(model, ids, texts, batch)
+    pair = {name: methods[name] for name in (REFERENCE, HEADLINE)}
+    for fn in pair.values():
+        fn()
+    walls = {name: [] for name in pair}
+    for _ in range(rounds):
+        for name, fn in pair.items():
+            walls[name].append(timed(fn)[0])
+    return min(walls[HEADLINE]) / min(walls[REFERENCE])
 
 
 if __name__ == "__main__":

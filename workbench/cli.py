@@ -111,286 +111,89 @@ def gallery(
     run: Path = typer.Option(DEMO_RUN, "--run", help="A saved run with the resid_pre probe."),
     out: Path = typer.Option(GALLERY_DIR, "--out", help="Folder for the figures."),
 ) -> None:
-    """Regenerate the gallery figures (SVG, PDF, PNG) from a saved run."""
+    """Regenerate every figure (SVG, PDF, PNG), page and table from saved runs (seconds to a few minutes).
+
+    Residual norms from --run; each study's figures and page from its saved results under runs/;
+    then the gallery index (GALLERY/README.md) and the README's study tables.
+    """
     import workbench as wb
 
     from .gallery import write_residual_norm_gallery
+    from .studies.registry import STUDIES
 
     try:
         if not run.exists():
             raise FileNotFoundError(f"no run at {run}; `workbench demo` writes {DEMO_RUN}.")
         written = write_residual_norm_gallery(wb.open_run(run), out)
-        studies = sorted(p.name for p in EXTREME_TOKENS_DIR.glob("*") if (p / "run.zarr").exists())
-        if studies:
-            written += _write_extreme_token_gallery(studies, out)
-        laws = sorted(p.name for p in NEXT_TOKEN_LAW_DIR.glob("*") if (p / "pr.nc").exists())
-        if laws:
-            written += _write_next_token_law_gallery(laws, out)
-        if TOKENIZATION_BIAS_DIR.exists():
-            written += _write_tokenization_bias_gallery(out)
-        aligned = sorted(p.name for p in TOKEN_ALIGNMENT_DIR.glob("*") if (p / "results.nc").exists())
-        if aligned:
-            written += _write_token_alignment_gallery(aligned, out)
-        if (BYTE_LEVEL_DIR / "ensemble.nc").exists():
-            written += _write_byte_level_gallery(out)
+        for study in STUDIES.values():
+            saved = study.saved_models()
+            if saved:
+                files, table = study.write_gallery(saved if study.per_model else None, out)
+                written += files
     except _user_errors() as err:
         _fail(err)
-    written.append(_write_index(out))
+    written += _write_index(out)
     for path in written:
         console.print(f"  {path}")
 
 
-EXTREME_TOKENS_DIR = Path("runs/extreme_tokens")
-NEXT_TOKEN_LAW_DIR = Path("runs/next_token_law")
-TOKENIZATION_BIAS_DIR = Path("runs/tokenization_bias")
-TOKEN_ALIGNMENT_DIR = Path("runs/token_alignment")
-BYTE_LEVEL_DIR = Path("runs/byte_level")
-
-
-def _write_index(out: Path) -> Path:
+def _write_index(out: Path) -> list[Path]:
+    """The gallery index and, when writing the repository's own gallery, the README's study tables."""
     from .gallery import write_gallery_index
+    from .studies.registry import sync_readme_tables
 
-    return write_gallery_index(out)
-
-
-@app.command("extreme-tokens")
-def extreme_tokens(
-    models: list[str] = typer.Option(["smollm2-135m", "gemma3-270m"], "--model", help="Repeat for several models."),
-    layers: Optional[str] = typer.Option(None, "--ablation-layers", help="e.g. '0-5' or '2,7'; default all layers."),
-    recompute: bool = typer.Option(False, "--recompute", help="Recompute and replace saved results."),
-    out: Path = typer.Option(GALLERY_DIR, "--out", help="Gallery folder for figures and the table."),
-) -> None:
-    """Attention sinks, value drains, residual peaks, massive activations, active/dormant heads: per model.
-
-    Results are saved under runs/extreme_tokens/MODEL and reused unless --recompute; the
-    figures go to GALLERY/extreme_tokens/MODEL and the table to GALLERY/extreme_tokens.md.
-    """
-    import workbench as wb
-
-    from .studies import extreme_tokens as study
-
-    try:
-        chosen = _parse_layers(layers)
-        for name in models:
-            folder = EXTREME_TOKENS_DIR / name
-            if folder.exists() and not recompute:
-                console.print(f"{name}: using saved results in {folder} (--recompute to redo)")
-                continue
-            study.run_study(wb.load_model(name), folder, ablation_layers=chosen, overwrite=recompute)
-        written = _write_extreme_token_gallery(models, out)
-    except _user_errors() as err:
-        _fail(err)
-    _write_index(out)
-    console.print(f"{len(written)} figures under {out / 'extreme_tokens'}; table in {out / 'extreme_tokens.md'}")
-
-
-def _parse_layers(spec: Optional[str]):
-    if not spec:
-        return None
-    layers = []
-    for part in spec.split(","):
-        if "-" in part:
-            a, b = part.split("-")
-            layers += list(range(int(a), int(b) + 1))
-        else:
-            layers.append(int(part))
-    return layers
-
-
-def _write_extreme_token_gallery(models: list[str], out: Path) -> list[Path]:
-    from .studies import extreme_tokens as study
-    from .studies.tables import markdown_table
-
-    written, rows = [], []
-    for name in models:
-        folder = EXTREME_TOKENS_DIR / name
-        if not (folder / "run.zarr").exists():
-            raise FileNotFoundError(f"no saved extreme-token study for {name}; run `workbench extreme-tokens --model {name}`.")
-        written += study.write_figures(folder, out / "extreme_tokens" / name)
-        rows.append(study.summary(folder))
-    table = markdown_table(rows)
-    figures = "\n".join(f"- {name}: " + ", ".join(f"[{p.stem}](extreme_tokens/{name}/{p.name})"
-                                                   for p in sorted((out / "extreme_tokens" / name).glob("*.svg")))
-                        for name in models)
-    (out / "extreme_tokens.md").write_text(
-        "# Extreme-token phenomena in the embedded models\n\n"
-        "Produced by `workbench extreme-tokens` from the bundled domain samples (prose, code, math, repeated);\n"
-        "regenerate the figures from saved results with `workbench gallery`.\n\n"
-        f"{table}\n\n## Figures\n\n{figures}\n"
-    )
-    console.print(table)
+    written = [write_gallery_index(out)]
+    readme = Path("README.md")
+    if out.resolve() == GALLERY_DIR.resolve() and readme.exists() and sync_readme_tables(readme, out):
+        written.append(readme)
     return written
 
 
-@app.command("next-token-law")
-def next_token_law(
-    models: list[str] = typer.Option(["smollm2-135m", "gemma3-270m"], "--model", help="Repeat for several models."),
-    tokens: int = typer.Option(50_000, "--tokens", help="Corpus tokens for the PR law (20% held out)."),
-    probe_tokens: int = typer.Option(30_000, "--probe-tokens", help="Corpus tokens for the future-token probes."),
-    lens_tokens: int = typer.Option(4096, "--lens-tokens", help="Tokens whose states train the tuned lens."),
-    lens_steps: int = typer.Option(20, "--lens-steps", help="KL steps after the least-squares start."),
-    recompute: bool = typer.Option(False, "--recompute", help="Recompute and replace saved results."),
-    out: Path = typer.Option(GALLERY_DIR, "--out", help="Gallery folder for figures and the table."),
-) -> None:
-    """He & Su's next-token law, future-token probes, logit and tuned lens: per model.
+def _study_command(study):
+    """A ``workbench <study>`` command made from its registry entry: its options, --recompute, --out."""
+    import inspect
 
-    Results are saved under runs/next_token_law/MODEL (the tuned lens as tuned_lens.nc) and
-    reused unless --recompute; figures go to GALLERY/next_token_law, the table to
-    GALLERY/next_token_law.md.
-    """
-    import workbench as wb
+    def command(**kwargs) -> None:
+        recompute, out = kwargs.pop("recompute"), kwargs.pop("out")
+        models = kwargs.pop("models", None)
+        try:
+            study.run_missing(models, kwargs, recompute, say=console.print)
+            written, table = study.write_gallery(models, out)
+        except _user_errors() as err:
+            _fail(err)
+        _write_index(out)
+        console.print(table)
+        console.print(f"{len(written)} files written; page {out / study.page}")
 
-    from .studies import next_token_law as study
-
-    try:
-        for name in models:
-            folder = NEXT_TOKEN_LAW_DIR / name
-            if folder.exists() and not recompute:
-                console.print(f"{name}: using saved results in {folder} (--recompute to redo)")
-                continue
-            study.run_study(wb.load_model(name), folder, tokens=tokens, probe_tokens=probe_tokens,
-                            lens_tokens=lens_tokens, lens_steps=lens_steps, overwrite=recompute)
-        written = _write_next_token_law_gallery(models, out)
-    except _user_errors() as err:
-        _fail(err)
-    _write_index(out)
-    console.print(f"{len(written)} figures under {out / 'next_token_law'}; table in {out / 'next_token_law.md'}")
-
-
-def _write_next_token_law_gallery(models: list[str], out: Path) -> list[Path]:
-    from .studies import next_token_law as study
-    from .studies.tables import markdown_table
-
-    folders = {name: NEXT_TOKEN_LAW_DIR / name for name in models}
-    for name, folder in folders.items():
-        if not (folder / "pr.nc").exists():
-            raise FileNotFoundError(f"no saved next-token-law study for {name}; run `workbench next-token-law --model {name}`.")
-    written = study.write_figures(folders, out / "next_token_law")
-    table = markdown_table([study.summary(folder) for folder in folders.values()])
-    figures = "\n".join(f"- [{p.parent.name}/{p.stem}](next_token_law/{p.relative_to(out / 'next_token_law')})"
-                        for p in sorted((out / "next_token_law").rglob("*.svg")))
-    (out / "next_token_law.md").write_text(
-        "# Next-token laws across layers in the embedded models\n\n"
-        "Produced by `workbench next-token-law` on the bundled pydoc corpus (He & Su's prediction residual PR_l,\n"
-        "future-token probes, logit and tuned lens); regenerate the figures from saved results with `workbench gallery`.\n\n"
-        f"{table}\n\n## Figures\n\n{figures}\n"
-    )
-    console.print(table)
-    return written
+    params = []
+    if study.per_model:
+        params.append(inspect.Parameter("models", inspect.Parameter.KEYWORD_ONLY, annotation=list[str],
+                                        default=typer.Option(list(study.default_models), "--model",
+                                                             help="Repeat for several models.")))
+    for option in study.options:
+        params.append(inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, annotation=option.type,
+                                        default=typer.Option(option.default, option.flag, help=option.help)))
+    params += [
+        inspect.Parameter("recompute", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--recompute/--no-recompute",
+                                               help="Recompute and replace saved results.")),
+        inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+                          default=typer.Option(GALLERY_DIR, "--out", help="Gallery folder for figures and the table.")),
+    ]
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = study.help
+    command.__name__ = study.name.replace("-", "_")
+    return command
 
 
-@app.command("tokenization-bias")
-def tokenization_bias(
-    recompute: bool = typer.Option(False, "--recompute", help="Retrain and replace saved results."),
-    out: Path = typer.Option(GALLERY_DIR, "--out", help="Gallery folder for figures and the table."),
-) -> None:
-    """Tokenization bias on a known Markov chain (Phan et al., 2024): MPE and BPE toy models, naive vs exact.
+def _register_studies() -> None:
+    from .studies.registry import STUDIES
 
-    Results (and checkpoints) are saved under runs/tokenization_bias and reused unless
-    --recompute; figures and summary.md go to GALLERY/tokenization_bias.
-    """
-    from .studies import markov_chain as study
-
-    try:
-        if TOKENIZATION_BIAS_DIR.exists() and not recompute:
-            console.print(f"using saved results in {TOKENIZATION_BIAS_DIR} (--recompute to redo)")
-        else:
-            study.run_study(TOKENIZATION_BIAS_DIR, overwrite=recompute)
-        written = _write_tokenization_bias_gallery(out)
-    except _user_errors() as err:
-        _fail(err)
-    _write_index(out)
-    console.print(f"{len(written)} files under {out / 'tokenization_bias'}")
+    for study in STUDIES.values():
+        app.command(study.name)(_study_command(study))
 
 
-def _write_tokenization_bias_gallery(out: Path) -> list[Path]:
-    from .studies import markov_chain as study
-
-    results = study.load_study(TOKENIZATION_BIAS_DIR)
-    written = study.write_figures(results, out / "tokenization_bias")
-    written.append(study.write_summary(results, out / "tokenization_bias" / "summary.md"))
-    console.print(study.summary_table(results))
-    return written
-
-
-@app.command("token-alignment")
-def token_alignment(
-    models: list[str] = typer.Option(["smollm2-135m"], "--model", help="Repeat for several models."),
-    prompts: int = typer.Option(40, "--prompts", help="Random cuts per domain (prose, code)."),
-    back_offs: str = typer.Option("1,2", "--back-offs", help="Back-offs compared with plain, e.g. 1,2."),
-    seed: int = typer.Option(0, "--seed"),
-    recompute: bool = typer.Option(False, "--recompute", help="Recompute and replace saved results."),
-    out: Path = typer.Option(GALLERY_DIR, "--out", help="Gallery folder for figures and the table."),
-) -> None:
-    """Token alignment (Athiwaratkun et al., 2024): greedy completions of cut prose and code, plain vs aligned.
-
-    Results are saved under runs/token_alignment/MODEL and reused unless --recompute; figures and
-    token_alignment.md go to GALLERY/tokenization_bias.
-    """
-    import workbench as wb
-
-    from .studies import token_alignment as study
-
-    try:
-        config = study.StudyConfig(n_prompts=prompts, seed=seed,
-                                   back_offs=tuple(int(k) for k in back_offs.split(",") if k.strip()))
-        for name in models:
-            folder = TOKEN_ALIGNMENT_DIR / name
-            if (folder / study.RESULTS_FILE).exists() and not recompute:
-                console.print(f"{name}: using saved results in {folder} (--recompute to redo)")
-                continue
-            study.run_study(wb.load_model(name), folder, config, overwrite=recompute)
-        written = _write_token_alignment_gallery(models, out)
-    except _user_errors() as err:
-        _fail(err)
-    _write_index(out)
-    console.print(f"{len(written)} files under {out / 'tokenization_bias'}")
-
-
-def _write_token_alignment_gallery(models: list[str], out: Path) -> list[Path]:
-    from .studies import token_alignment as study
-
-    folders = [TOKEN_ALIGNMENT_DIR / name for name in models]
-    written = []
-    for folder in folders:
-        written += study.write_figures(folder, out / "tokenization_bias")
-    written.append(study.write_summary(folders, out / "tokenization_bias" / "token_alignment.md"))
-    for folder in folders:
-        console.print(study.summary_table(folder))
-    return written
-
-
-@app.command("byte-level")
-def byte_level(
-    recompute: bool = typer.Option(False, "--recompute", help="Recompute and replace saved results."),
-    out: Path = typer.Option(GALLERY_DIR, "--out", help="Gallery folder for figures and the table."),
-) -> None:
-    """Exact byte-level probabilities on real text (Phan et al., 2024): bias along a paragraph, SmolLM2 + Gemma ensemble.
-
-    Results are saved under runs/byte_level and reused unless --recompute; figures and
-    byte_level.md go to GALLERY/tokenization_bias.
-    """
-    from .studies import byte_level as study
-
-    try:
-        if (BYTE_LEVEL_DIR / study.ENSEMBLE_FILE).exists() and not recompute:
-            console.print(f"using saved results in {BYTE_LEVEL_DIR} (--recompute to redo)")
-        else:
-            study.run_study(BYTE_LEVEL_DIR, overwrite=True)
-        written = _write_byte_level_gallery(out)
-    except _user_errors() as err:
-        _fail(err)
-    _write_index(out)
-    console.print(f"{len(written)} files under {out / 'tokenization_bias'}")
-
-
-def _write_byte_level_gallery(out: Path) -> list[Path]:
-    from .studies import byte_level as study
-
-    written = study.write_figures(BYTE_LEVEL_DIR, out / "tokenization_bias")
-    written.append(study.write_summary(BYTE_LEVEL_DIR, out / "tokenization_bias" / "byte_level.md"))
-    console.print(study.summary(BYTE_LEVEL_DIR))
-    return written
+_register_studies()
 
 
 @app.command()

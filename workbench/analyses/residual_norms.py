@@ -42,7 +42,8 @@ def residual_norm_peaks(run: xr.Dataset, variable: str = "resid_pre") -> xr.Data
     norms = residual_norms(run, variable)
     median = norms.median("pos", skipna=True)
     ratio = norms / median
-    peak_pos = ratio.fillna(-1.0).argmax("pos").reset_coords(drop=True)
+    # (sample, layer) indices: computed now, so a lazy (dask-backed) run can be indexed by them
+    peak_pos = ratio.fillna(-1.0).argmax("pos").reset_coords(drop=True).compute()
     at_peak = ratio.isel(pos=peak_pos)
     return xr.Dataset(
         {

@@ -1,0 +1,325 @@
+"""The study registry: one entry per study, from which the CLI, the gallery and the README tables are made.
+
+Each :class:`Study` says what the study is called, which options it takes, where its results
+are saved, how to run it and how to redraw its figures and its gallery page from saved results.
+``workbench <study>`` commands are generated from these entries (:func:`workbench.cli`),
+``workbench gallery`` walks them, ``gallery/README.md`` indexes their pages in this order, and
+:func:`sync_readme_tables` copies each page's table into the README between markers, so the
+README's numbers are always the gallery's (tested). Adding a phenomenon: an analysis module, a
+plot module, one entry here, tests and a notebook.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+RUNS = Path("runs")
+
+# Where the numbers come from, for every table of a study on the embedded models.
+EMBEDDED_WEIGHTS_NOTE = ("Weights: the embedded 4-bit GGUF files (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M), "
+                         "dequantised to float32 by transformers.")
+
+
+@dataclass(frozen=True)
+class Option:
+    """A study option: its keyword, CLI flag, type, default and help."""
+
+    name: str
+    flag: str
+    type: Any
+    default: Any
+    help: str
+
+
+@dataclass(frozen=True)
+class Study:
+    """A study: options, runner, where it saves, and the page its figures and table go to."""
+
+    name: str  # the CLI command
+    title: str  # the gallery index section
+    help: str  # CLI help: first line a summary; says what it writes where
+    folder: Path  # saved results (per model: one sub-folder per model)
+    page: str  # gallery page, relative to the gallery folder
+    saved_file: str  # a file that exists once a (model's) study is saved
+    run: Callable  # (model name or None, folder, options dict, overwrite) -> None
+    write: Callable  # (folders, out) -> (files written, table markdown)
+    default_models: tuple[str, ...] = ()  # empty: the study is not per model
+    options: tuple[Option, ...] = ()
+    weights_note: bool = True  # the study runs the embedded models
+
+    @property
+    def per_model(self) -> bool:
+        return bool(self.default_models)
+
+    def folders(self, models=None) -> dict[str, Path]:
+        if not self.per_model:
+            return {"": self.folder}
+        return {m: self.folder / m for m in (models or self.default_models)}
+
+    def is_saved(self, folder: Path) -> bool:
+        return (folder / self.saved_file).exists()
+
+    def saved_models(self) -> list[str]:
+        """Per-model studies: the models with saved results (a study not per model: [""] if saved)."""
+        if not self.per_model:
+            return [""] if self.is_saved(self.folder) else []
+        return sorted(p.name for p in self.folder.glob("*") if self.is_saved(p))
+
+    def run_missing(self, models, options: dict, recompute: bool, say: Callable[[str], None] = print) -> None:
+        """Run the study for every model without saved results (all of them with ``recompute``)."""
+        for model, folder in self.folders(models).items():
+            if self.is_saved(folder) and not recompute:
+                say(f"{model or self.name}: using saved results in {folder} (--recompute to redo)")
+                continue
+            self.run(model or None, folder, options, recompute)
+
+    def write_gallery(self, models, out: Path) -> tuple[list[Path], str]:
+        """Figures and the page from saved results; returns the files written and the page's table."""
+        folders = self.folders(models)
+        for model, folder in folders.items():
+            if not self.is_saved(folder):
+                raise FileNotFoundError(f"no saved {self.name} study{' for ' + model if model else ''} in {folder}; "
+                                        f"run `workbench {self.name}{' --model ' + model if model else ''}`.")
+        return self.write(folders, Path(out))
+
+
+# --------------------------------------------------------------------------- the entries
+
+
+def _load(name):
+    import workbench as wb
+
+    return wb.load_model(name)
+
+
+def _parse_layers(spec: Optional[str]):
+    """'0-5' or '2,7' -> [0, 1, ..., 5] / [2, 7]; None -> None (all layers)."""
+    if not spec:
+        return None
+    layers = []
+    for part in spec.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            layers += list(range(int(a), int(b) + 1))
+        else:
+            layers.append(int(part))
+    return layers
+
+
+def _page(path: Path, title: str, intro: str, table: str, rest: str = "", note: bool = True) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = f"\n{EMBEDDED_WEIGHTS_NOTE}\n" if note else ""
+    path.write_text(f"# {title}\n\n{intro}\n\n{table}\n{weights}{rest}", encoding="utf-8")
+    return table
+
+
+def _run_extreme_tokens(model, folder, options, overwrite):
+    from . import extreme_tokens as study
+
+    study.run_study(_load(model), folder, ablation_layers=_parse_layers(options.get("ablation_layers")), overwrite=overwrite)
+
+
+def _write_extreme_tokens(folders: dict[str, Path], out: Path):
+    from . import extreme_tokens as study
+    from .tables import markdown_table
+
+    written = []
+    for name, folder in folders.items():
+        written += study.write_figures(folder, out / "extreme_tokens" / name)
+    table = markdown_table([study.summary(f) for f in folders.values()])
+    figures = "\n".join(f"- {name}: " + ", ".join(f"[{p.stem}](extreme_tokens/{name}/{p.name})"
+                                                   for p in sorted((out / "extreme_tokens" / name).glob("*.svg")))
+                        for name in folders)
+    _page(out / "extreme_tokens.md", "Extreme-token phenomena in the embedded models",
+          "Produced by `workbench extreme-tokens` from the bundled domain samples (prose, code, math, repeated);\n"
+          "regenerate the figures from saved results with `workbench gallery`.", table, f"\n## Figures\n\n{figures}\n")
+    return written, table
+
+
+def _run_next_token_law(model, folder, options, overwrite):
+    from . import next_token_law as study
+
+    study.run_study(_load(model), folder, tokens=options["tokens"], probe_tokens=options["probe_tokens"],
+                    lens_tokens=options["lens_tokens"], lens_steps=options["lens_steps"], overwrite=overwrite)
+
+
+def _write_next_token_law(folders: dict[str, Path], out: Path):
+    from . import next_token_law as study
+    from .tables import markdown_table
+
+    written = study.write_figures(folders, out / "next_token_law")
+    table = markdown_table([study.summary(folder) for folder in folders.values()])
+    figures = "\n".join(f"- [{p.parent.name}/{p.stem}](next_token_law/{p.relative_to(out / 'next_token_law')})"
+                        for p in sorted((out / "next_token_law").rglob("*.svg")))
+    _page(out / "next_token_law.md", "Next-token laws across layers in the embedded models",
+          "Produced by `workbench next-token-law` on the bundled pydoc corpus (He & Su's prediction residual PR_l,\n"
+          "future-token probes, logit and tuned lens); regenerate the figures from saved results with `workbench gallery`.",
+          table, f"\n## Figures\n\n{figures}\n")
+    return written, table
+
+
+def _run_tokenization_bias(model, folder, options, overwrite):
+    from . import markov_chain as study
+
+    study.run_study(folder, overwrite=overwrite)
+
+
+def _write_tokenization_bias(folders: dict[str, Path], out: Path):
+    from . import markov_chain as study
+
+    results = study.load_study(folders[""])
+    written = study.write_figures(results, out / "tokenization_bias")
+    setup, table = study.summary_table(results).split("\n\n", 1)
+    _page(out / "tokenization_bias" / "summary.md", "Tokenization bias on a Markov chain", setup, table.strip(),
+          note=False)
+    written.append(out / "tokenization_bias" / "summary.md")
+    return written, table.strip()
+
+
+def _run_byte_level(model, folder, options, overwrite):
+    from . import byte_level as study
+
+    study.run_study(folder, overwrite=True)
+
+
+def _write_byte_level(folders: dict[str, Path], out: Path):
+    from . import byte_level as study
+
+    folder = folders[""]
+    written = study.write_figures(folder, out / "tokenization_bias")
+    page = study.write_summary(folder, out / "tokenization_bias" / "byte_level.md")
+    text = page.read_text(encoding="utf-8")
+    page.write_text(text.rstrip("\n") + f"\n\n{EMBEDDED_WEIGHTS_NOTE}\n", encoding="utf-8")
+    written.append(page)
+    return written, first_table(text)
+
+
+def _run_token_alignment(model, folder, options, overwrite):
+    from . import token_alignment as study
+
+    config = study.StudyConfig(n_prompts=options["prompts"], seed=options["seed"],
+                               back_offs=tuple(int(k) for k in options["back_offs"].split(",") if k.strip()))
+    study.run_study(_load(model), folder, config, overwrite=overwrite)
+
+
+def _write_token_alignment(folders: dict[str, Path], out: Path):
+    from . import token_alignment as study
+
+    written = []
+    for folder in folders.values():
+        written += study.write_figures(folder, out / "tokenization_bias")
+    page = study.write_summary(list(folders.values()), out / "tokenization_bias" / "token_alignment.md")
+    text = page.read_text(encoding="utf-8")
+    page.write_text(text.rstrip("\n") + f"\n\n{EMBEDDED_WEIGHTS_NOTE}\n", encoding="utf-8")
+    written.append(page)
+    return written, first_table(text)
+
+
+_MODELS = ("smollm2-135m", "gemma3-270m")
+
+STUDIES: dict[str, Study] = {
+    s.name: s
+    for s in [
+        Study(
+            "extreme-tokens", "Extreme-token phenomena",
+            "Attention sinks, value drains, residual peaks, massive activations, active/dormant heads: per model.\n\n"
+            "Results are saved under runs/extreme_tokens/MODEL and reused unless --recompute; the figures go to "
+            "GALLERY/extreme_tokens/MODEL and the table to GALLERY/extreme_tokens.md. About 30 min per model on 2 CPU cores.",
+            RUNS / "extreme_tokens", "extreme_tokens.md", "run.zarr", _run_extreme_tokens, _write_extreme_tokens,
+            default_models=_MODELS,
+            options=(Option("ablation_layers", "--ablation-layers", Optional[str], None,
+                            "e.g. '0-5' or '2,7'; default all layers."),),
+        ),
+        Study(
+            "next-token-law", "Next-token laws across layers",
+            "He & Su's next-token law, future-token probes, logit and tuned lens: per model.\n\n"
+            "Results are saved under runs/next_token_law/MODEL (the tuned lens as tuned_lens.nc) and reused unless "
+            "--recompute; figures go to GALLERY/next_token_law, the table to GALLERY/next_token_law.md. "
+            "About 25 min per model on 2 CPU cores.",
+            RUNS / "next_token_law", "next_token_law.md", "pr.nc", _run_next_token_law, _write_next_token_law,
+            default_models=_MODELS,
+            options=(
+                Option("tokens", "--tokens", int, 50_000, "Corpus tokens for the PR law (20% held out)."),
+                Option("probe_tokens", "--probe-tokens", int, 30_000, "Corpus tokens for the future-token probes."),
+                Option("lens_tokens", "--lens-tokens", int, 4096, "Tokens whose states train the tuned lens."),
+                Option("lens_steps", "--lens-steps", int, 20, "KL steps after the least-squares start."),
+            ),
+        ),
+        Study(
+            "tokenization-bias", "Tokenization bias: the Markov-chain ground truth",
+            "Tokenization bias on a known Markov chain (Phan et al., 2024): MPE and BPE toy models, naive vs exact.\n\n"
+            "Results (and checkpoints) are saved under runs/tokenization_bias and reused unless --recompute; figures "
+            "and summary.md go to GALLERY/tokenization_bias. About 10 min on 2 CPU cores.",
+            RUNS / "tokenization_bias", "tokenization_bias/summary.md", "results.nc", _run_tokenization_bias,
+            _write_tokenization_bias, weights_note=False,
+        ),
+        Study(
+            "byte-level", "Exact byte-level probabilities and ensembles",
+            "Exact byte-level probabilities on real text (Phan et al., 2024): bias along a paragraph, SmolLM2 + Gemma "
+            "ensemble.\n\nResults are saved under runs/byte_level and reused unless --recompute; figures and "
+            "byte_level.md go to GALLERY/tokenization_bias. About 20 min on 2 CPU cores.",
+            RUNS / "byte_level", "tokenization_bias/byte_level.md", "ensemble.nc", _run_byte_level, _write_byte_level,
+        ),
+        Study(
+            "token-alignment", "Token alignment",
+            "Token alignment (Athiwaratkun et al., 2024): greedy completions of cut prose and code, plain vs aligned.\n\n"
+            "Results are saved under runs/token_alignment/MODEL and reused unless --recompute; figures and "
+            "token_alignment.md go to GALLERY/tokenization_bias. About 15 min per model on 2 CPU cores.",
+            RUNS / "token_alignment", "tokenization_bias/token_alignment.md", "results.nc", _run_token_alignment,
+            _write_token_alignment, default_models=("smollm2-135m",),
+            options=(
+                Option("prompts", "--prompts", int, 40, "Random cuts per domain (prose, code)."),
+                Option("back_offs", "--back-offs", str, "1,2", "Back-offs compared with plain, e.g. 1,2."),
+                Option("seed", "--seed", int, 0, "Seed of the random cuts."),
+            ),
+        ),
+    ]
+}
+
+
+# --------------------------------------------------------------------------- README tables
+
+_BLOCK = re.compile(r"(<!-- study-table: (?P<name>[a-z-]+) -->\n)(?P<body>.*?)(<!-- /study-table -->)", re.S)
+
+
+def first_table(markdown: str) -> str:
+    """The first markdown table (consecutive lines starting with '|') of a page."""
+    lines, table = markdown.splitlines(), []
+    for line in lines:
+        if line.startswith("|"):
+            table.append(line)
+        elif table:
+            break
+    return "\n".join(table)
+
+
+def readme_block(study: Study, gallery_dir: Path) -> str | None:
+    """What the README shows for ``study``: its page's first table (and the weights note), or None if no page."""
+    page = Path(gallery_dir) / study.page
+    if not page.exists():
+        return None
+    table = first_table(page.read_text(encoding="utf-8"))
+    return table + (f"\n\n{EMBEDDED_WEIGHTS_NOTE}" if study.weights_note else "") + "\n"
+
+
+def sync_readme_tables(readme: Path, gallery_dir: Path) -> bool:
+    """Rewrite every ``<!-- study-table: NAME -->`` block of ``readme`` from the gallery pages; True if changed."""
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+
+    def replace(match):
+        block = readme_block(STUDIES[match["name"]], gallery_dir)
+        return match.group(0) if block is None else match.group(1) + block + match.group(4)
+
+    new = _BLOCK.sub(replace, text)
+    if new != text:
+        readme.write_text(new, encoding="utf-8")
+    return new != text
+
+
+def readme_tables(readme: Path) -> dict[str, str]:
+    """The study tables the README shows, by study name."""
+    return {m["name"]: m["body"] for m in _BLOCK.finditer(Path(readme).read_text(encoding="utf-8"))}
