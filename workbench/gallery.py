@@ -80,30 +80,22 @@ def write_residual_norm_gallery(run, out_dir: str | Path, formats=FORMATS) -> li
     return written
 
 
-# The sections of the gallery index, in reading order: (markdown file under the gallery, title).
-INDEX_SECTIONS = (
-    ("extreme_tokens.md", "Extreme-token phenomena"),
-    ("next_token_law.md", "Next-token laws across layers"),
-    ("tokenization_bias/summary.md", "Tokenization bias: the Markov-chain ground truth"),
-    ("tokenization_bias/byte_level.md", "Exact byte-level probabilities and ensembles"),
-    ("tokenization_bias/token_alignment.md", "Token alignment"),
-)
-
-
 def write_gallery_index(out_dir: str | Path) -> Path:
-    """``README.md`` of the gallery: every study's table (copied from its own page) with a link to it."""
+    """``README.md`` of the gallery: every registered study's table (copied from its own page) with a link to it."""
+    from .studies.registry import STUDIES
+
     out_dir = Path(out_dir)
+    commands = ", ".join(f"`workbench {name}`" for name in STUDIES)
     parts = [
         "# Gallery\n",
         "Figures for papers (SVG/PDF/PNG at one- or two-column width) and the result tables, all made by",
-        "commands from saved runs: `workbench demo`, `workbench extreme-tokens`, `workbench next-token-law`,",
-        "`workbench tokenization-bias`, `workbench byte-level`, `workbench token-alignment`; `workbench gallery`",
+        f"commands from saved runs: `workbench demo`, {commands}; `workbench gallery`",
         "redraws every figure and this index from what is saved under `runs/`.\n",
         "## Residual norms (worked example)\n",
         "[heatmap](residual_norm_heatmap.svg), [profile](residual_norm_profile.svg), "
         "[by position](residual_norm_by_position.svg)\n",
     ]
-    for name, title in INDEX_SECTIONS:
+    for name, title in ((study.page, study.title) for study in STUDIES.values()):
         page = out_dir / name
         if not page.exists():
             continue

@@ -66,7 +66,8 @@ class Study:
         """Per-model studies: the models with saved results (a study not per model: [""] if saved)."""
         if not self.per_model:
             return [""] if self.is_saved(self.folder) else []
-        return sorted(p.name for p in self.folder.glob("*") if self.is_saved(p))
+        saved = {p.name for p in self.folder.glob("*") if self.is_saved(p)}
+        return [m for m in self.default_models if m in saved] + sorted(saved - set(self.default_models))
 
     def run_missing(self, models, options: dict, recompute: bool, say: Callable[[str], None] = print) -> None:
         """Run the study for every model without saved results (all of them with ``recompute``)."""

@@ -1,0 +1,65 @@
+"""The study registry drives the CLI, the gallery index and the README tables."""
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from workbench.cli import app
+from workbench.gallery import write_gallery_index
+from workbench.studies.registry import (
+    EMBEDDED_WEIGHTS_NOTE,
+    STUDIES,
+    first_table,
+    readme_tables,
+    sync_readme_tables,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_tables_equal_the_gallery_pages():
+    shown = readme_tables(ROOT / "README.md")
+    assert set(shown) == {"extreme-tokens", "next-token-law", "tokenization-bias", "byte-level"}
+    for name, block in shown.items():
+        page = (ROOT / "gallery" / STUDIES[name].page).read_text(encoding="utf-8")
+        table = first_table(page)
+        assert table and block.startswith(table + "\n"), name
+        assert (EMBEDDED_WEIGHTS_NOTE in block) == STUDIES[name].weights_note, name
+
+
+def test_sync_replaces_a_block_from_its_page(tmp_path):
+    gallery = tmp_path / "gallery"
+    (gallery / "tokenization_bias").mkdir(parents=True)
+    (gallery / "tokenization_bias" / "summary.md").write_text("# T\n\nset-up\n\n| | a |\n|---|---|\n| x | 1 |\n\nmore\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- study-table: tokenization-bias -->\n| old |\n<!-- /study-table -->\nafter\n")
+    assert sync_readme_tables(readme, gallery)
+    assert readme.read_text() == ("intro\n<!-- study-table: tokenization-bias -->\n| | a |\n|---|---|\n| x | 1 |\n"
+                                  "<!-- /study-table -->\nafter\n")
+    assert not sync_readme_tables(readme, gallery)  # nothing left to change
+
+
+def test_every_study_is_a_command_with_its_options():
+    runner = CliRunner()
+    for name, study in STUDIES.items():
+        result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        for flag in [o.flag for o in study.options] + ["--recompute", "--out"] + (["--model"] if study.per_model else []):
+            assert flag in result.output, (name, flag)
+
+
+def test_gallery_index_has_every_saved_study_page(tmp_path):
+    for study in STUDIES.values():
+        page = tmp_path / study.page
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(f"# {study.title}\n\n| | m |\n|---|---|\n| {study.name} | 1 |\n")
+    index = write_gallery_index(tmp_path).read_text()
+    for study in STUDIES.values():
+        assert f"## {study.title}" in index and f"| {study.name} | 1 |" in index
+        assert f"`workbench {study.name}`" in index
+
+
+def test_missing_saved_study_says_which_command_makes_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["gallery"])
+    assert result.exit_code == 1 and "workbench demo" in result.output
