@@ -8,7 +8,9 @@ Run from the repository root:
 On SmolLM2-135M (eager attention, float32), the same ``--samples`` texts of exactly
 ``--tokens`` tokens (real text, no padding) go through, round-robin, in batches of 8:
 
-  plain forward   ``hf_model(input_ids=batch)`` for every batch, under ``torch.no_grad()``
+  plain forward   the forward pass capture runs, without the reductions: ``hf_model.base_model(
+                  input_ids=batch, attention_mask=mask, use_cache=False)`` for every batch, under
+                  ``torch.no_grad()`` (no unembedding: the reductions need no logits)
   reductions      ``wb.capture(texts, ["resid_norm", "attn_received", "value_norm"])``:
                   per-layer residual norms (residual peaks), attention received per key
                   (sink scores) and value norms (value drains), reduced inside the hooks
@@ -51,7 +53,8 @@ def main() -> None:
     def plain():
         with torch.no_grad():
             for start in range(0, len(ids), args.batch):
-                model.hf_model(input_ids=ids[start : start + args.batch])
+                batch = ids[start : start + args.batch]
+                model.hf_model.base_model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
 
     def reductions():
         return wb.capture(model, texts, PROBES, batch_size=args.batch, progress=False)

@@ -11,7 +11,16 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.analyses import byte_bias, byte_level, next_token_law, token_alignment, tokenization_bias
+from workbench.analyses import (
+    byte_baselines,
+    byte_bias,
+    byte_ensemble,
+    byte_level,
+    next_token_law,
+    token_alignment,
+    token_alignment_evaluation,
+    tokenization_bias,
+)
 from workbench.analyses import extreme_tokens as et
 from workbench.analyses.lens import lens_statistics, lens_summary
 from workbench.corpus import paragraphs
@@ -89,11 +98,11 @@ def test_byte_level_analyses(handle):
     stream = model.stream("Hi cat", progress=False)
     chain = float(stream.logprob.sum())  # sum_i log P(byte i | bytes < i)
     assert abs(chain - model.prefix_logprob("Hi cat")) < 1e-4 * abs(chain)
-    for baseline in (byte_level.naive_next_byte_distribution, byte_level.token_healing_next_byte_distribution):
+    for baseline in (byte_baselines.naive_next_byte_distribution, byte_baselines.token_healing_next_byte_distribution):
         assert abs(float(baseline(handle, "The ca").sum()) - 1) < 1e-6
-    assert byte_level.bits_per_byte(model, "Hi cat") == pytest.approx(-model.prefix_logprob("Hi cat") / np.log(2) / 6,
+    assert byte_ensemble.bits_per_byte(model, "Hi cat") == pytest.approx(-model.prefix_logprob("Hi cat") / np.log(2) / 6,
                                                                        rel=1e-3)
-    same = byte_level.ByteLevelEnsemble([model, byte_level.ByteLevelModel(handle, max_hypotheses=8)])
+    same = byte_ensemble.ByteLevelEnsemble([model, byte_level.ByteLevelModel(handle, max_hypotheses=8)])
     np.testing.assert_allclose(same.next_byte_distribution("Hi"), model.next_byte_distribution("Hi"), atol=1e-9)
     ends = byte_bias.canonical_token_ends(handle, "Hi cat")
     assert (np.diff(ends) > 0).all() and ends[-1] == len(b"Hi cat")
@@ -120,7 +129,7 @@ def test_token_alignment_analyses(handle):
     assert "".join(aligned.tokens).encode() == aligned.dropped + aligned.data  # re-spells what it backed off
     score = token_alignment.continuation_logprob(handle, prompt, "t", back_off=1)
     assert np.isfinite(score.logprob) and score.logprob <= 0
-    cuts = token_alignment.sample_cuts(paragraphs()[:3], n_prompts=2, seed=0)
+    cuts = token_alignment_evaluation.sample_cuts(paragraphs()[:3], n_prompts=2, seed=0)
     assert len(cuts) == 2
 
 
@@ -143,3 +152,14 @@ def test_layer_interventions(handle):
         patched = token_logprobs(handle, ids)
     with delete_layers(handle, [0]):
         torch.testing.assert_close(patched, token_logprobs(handle, ids), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text"])
+def test_naive_stream_reuses_the_cache_and_equals_one_call_per_cut(arch):
+    handle = wb.load_model(f"tiny-random-{arch}")
+    text = "The cat sat on the mat, then the dog."  # longer than the tiny Gemma's sliding window of 4 tokens
+    stream = byte_baselines.naive_next_byte_stream(handle, text)
+    for cut in range(0, len(text), 5):
+        one = byte_baselines.naive_next_byte_distribution(handle, text[:cut])
+        np.testing.assert_allclose(stream.probability.sel(cut=cut), one, rtol=1e-4, atol=1e-7)
+    assert int(stream.tokens_run.sum()) < sum(len(handle.tokenizer(text[:c])["input_ids"]) for c in range(len(text)))

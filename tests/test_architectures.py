@@ -1,6 +1,6 @@
 """Every probe on every tiny architecture equals Hugging Face's own outputs, on every backend.
 
-Tiny randomly initialised models (``workbench.tiny_models``) carry each family's structure:
+Tiny randomly initialised models (``workbench.models.tiny``) carry each family's structure:
 fused QKV, parallel blocks, sandwich norms, grouped / multi-query KV heads, ALiBi, MoE MLPs,
 learned positions. Independent references: HF ``output_hidden_states`` (residual stream and
 final norm), ``output_attentions`` (patterns), ``.logits``; the update identity
@@ -16,7 +16,7 @@ import workbench as wb
 from workbench.probes import hooks
 from workbench.probes import sites as S
 from workbench.probes.catalog import logit_summaries
-from workbench.tiny_models import TINY_ARCHITECTURES, save_tiny_model
+from workbench.models.tiny import TINY_ARCHITECTURES, save_tiny_model
 
 from .conftest import PROSE, hf_forward
 

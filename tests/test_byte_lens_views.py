@@ -22,13 +22,13 @@ from workbench.analyses.byte_bias import (
     prompt_cut_invariance,
     weight_grid,
 )
-from workbench.analyses.byte_level import (
-    ByteLevelEnsemble,
-    ByteLevelModel,
+from workbench.analyses.byte_baselines import (
     naive_next_byte_distribution,
     token_healing_next_byte_distribution,
 )
-from workbench.markov_chain import single_thread
+from workbench.analyses.byte_ensemble import ByteLevelEnsemble
+from workbench.analyses.byte_level import ByteLevelModel
+from workbench.threads import single_thread
 from workbench.models import ModelHandle
 from workbench.plots import (
     bias_along_text_figure,
@@ -68,7 +68,7 @@ def _handle(vocab: dict, merges: list, name: str, seed: int) -> ModelHandle:
 
 
 def test_token_healing_when_the_last_token_is_the_longest_in_the_vocabulary():
-    from workbench.analyses.byte_level import token_healing_next_byte_distribution
+    from workbench.analyses.byte_baselines import token_healing_next_byte_distribution
 
     handle = _handle({"<eos>": 0, "a": 1, "b": 2, "ab": 3}, [("a", "b")], "longest-llama", 5)
     healed = token_healing_next_byte_distribution(handle, "ab")  # "ab" is the longest token: nothing extends it

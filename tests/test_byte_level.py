@@ -13,17 +13,14 @@ import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workbench.analyses.byte_level import (
-    ByteLevelEnsemble,
-    ByteLevelModel,
-    ImpossiblePrefixError,
-    bits_per_byte,
+from workbench.analyses.byte_baselines import (
     kl_divergence,
     naive_next_byte_distribution,
-    start_context,
     token_healing_next_byte_distribution,
     total_variation,
 )
+from workbench.analyses.byte_ensemble import ByteLevelEnsemble, bits_per_byte
+from workbench.analyses.byte_level import ByteLevelModel, ImpossiblePrefixError, start_context
 from workbench.models import ModelHandle
 from workbench.probes.token_scoring import (
     PrefixTreeScorer,
@@ -31,7 +28,7 @@ from workbench.probes.token_scoring import (
     last_token_logprobs,
     sequence_logprobs,
 )
-from workbench.vocab_bytes import UnsupportedTokenizerError, gpt2_bytes_to_unicode, vocab_bytes
+from workbench.tokenization.vocab_bytes import UnsupportedTokenizerError, gpt2_bytes_to_unicode, vocab_bytes
 
 # --------------------------------------------------------------------------- a tiny world we can enumerate
 

@@ -15,18 +15,18 @@ from tokenizers import Tokenizer, models
 
 import workbench as wb
 from workbench.analyses import tokenization_bias as tb
-from workbench.markov_chain import (
+from workbench.models.markov_chain import (
     MPE_TOKENS,
     MarkovChain,
     TrainingConfig,
     bpe_tokenizer,
     encode_corpus,
     mpe_tokenizer,
-    single_thread,
     tokenizer_tokens,
     train_toy_model,
 )
 from workbench.models import ModelHandle
+from workbench.threads import single_thread
 from workbench.plots.tokenization_bias import error_vs_steps, transition_heatmaps
 from workbench.runs import RunExistsError
 from workbench.studies import markov_chain as study
@@ -109,7 +109,7 @@ def test_mpe_equals_direct_greedy_and_wordpiece(text):
 
 
 def test_bpe_tokenizer_learns_multi_character_tokens_and_round_trips():
-    from workbench.vocab_bytes import vocab_bytes
+    from workbench.tokenization.vocab_bytes import vocab_bytes
 
     corpus = MarkovChain.random(seed=1).sample(300, 32, seed=0)
     tok = bpe_tokenizer(corpus, n_merges=5)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.models import _cache_root
+from workbench.models.loading import _cache_root
 
 
 def test_unknown_model_names_the_model_and_the_choices():

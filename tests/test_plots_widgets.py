@@ -8,7 +8,8 @@ import pytest
 
 import workbench as wb
 from workbench.analyses import residual_norm_peaks, residual_norms
-from workbench.gallery import ExportError, export_figure, write_residual_norm_gallery
+from workbench.gallery import write_residual_norm_gallery
+from workbench.plots.export import ExportError, export_figure
 from workbench.plots import (
     COLUMN_WIDTH_PX,
     publication_layout,
@@ -84,7 +85,7 @@ def test_gallery_regenerates_from_a_saved_run(run, tmp_path):
 def test_export_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="svg"):
         export_figure(go.Figure(), tmp_path / "x", formats=("gif",))
-    monkeypatch.setattr("workbench.gallery.find_chromium", lambda: None)
+    monkeypatch.setattr("workbench.plots.export.find_chromium", lambda: None)
     with pytest.raises(ExportError, match="apt-get install chromium"):
         export_figure(go.Figure(), tmp_path / "x")
 

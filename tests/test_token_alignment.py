@@ -11,19 +11,16 @@ import pytest
 import torch
 
 from workbench.analyses.byte_level import ByteLevelModel, start_context
-from workbench.analyses.token_alignment import (
-    _allowed_ids,
-    aligned_completion,
-    continuation_logprob,
+from workbench.analyses.token_alignment import _allowed_ids, aligned_completion, continuation_logprob, plain_completion
+from workbench.analyses.token_alignment_evaluation import (
     match_rates,
     next_word,
-    plain_completion,
     sample_cuts,
     token_alignment_evaluation,
 )
-from workbench.markov_chain import single_thread
+from workbench.threads import single_thread
 from workbench.plots.token_alignment import match_rate_bars
-from workbench.vocab_bytes import vocab_bytes
+from workbench.tokenization.vocab_bytes import vocab_bytes
 
 PROMPTS = [
     "The quick brown fo",

@@ -26,7 +26,7 @@ def _fail(err: Exception) -> None:
 
 def _user_errors():
     from .analyses import MissingProbeError
-    from .gallery import ExportError
+    from .plots.export import ExportError
     from .models import ModelNotAvailableError
     from .runs import RunExistsError
     from .schema import InvalidRunError
@@ -44,7 +44,7 @@ def models(
     from .models import list_models
 
     if architectures:
-        from .tiny_models import TINY_PREFIX, architecture_table
+        from .models.tiny import TINY_PREFIX, architecture_table
 
         table = Table(title="Architectures (site map from TransformerLens adapters; each tested against Hugging Face)")
         for column in ("architecture", "HF class", "structure", "probes it cannot give"):

@@ -7,8 +7,8 @@ Byte-Level Probabilities from Tokenized Language Models for FIM-Tasks and Model 
 computed by :class:`~workbench.analyses.byte_level.ByteLevelModel`; the two baselines it is
 compared with, the naive distribution (prompt with ``encode(x)``, collapse the next token
 onto its first byte) and token healing (back off the last token, constrain the next one to
-its bytes), by :func:`~workbench.analyses.byte_level.naive_next_byte_distribution` and
-:func:`~workbench.analyses.byte_level.token_healing_next_byte_distribution`. This module
+its bytes), by :func:`~workbench.analyses.byte_baselines.naive_next_byte_distribution` and
+:func:`~workbench.analyses.byte_baselines.token_healing_next_byte_distribution`. This module
 applies them along real text and across models; it defines no new estimate.
 
 - :func:`compare_next_byte`: the three distributions at one cut, with their distances.
@@ -20,7 +20,7 @@ applies them along real text and across models; it defines no new estimate.
   place the prompt could end: the exact reading does not depend on the cut, the naive
   token-level one does.
 - :func:`ensemble_bits_per_byte`: bits per byte of each model, and of their mixture in byte
-  space (:class:`~workbench.analyses.byte_level.ByteLevelEnsemble`), on held-out text.
+  space (:class:`~workbench.analyses.byte_ensemble.ByteLevelEnsemble`), on held-out text.
 
 Pure functions: model handles (or :class:`ByteLevelModel` objects) and texts in, labelled
 Datasets out; no files, no plots.
@@ -39,17 +39,15 @@ import xarray as xr
 
 from ..models import ModelHandle
 from ..probes.token_scoring import sequence_logprobs
-from ..vocab_bytes import printable_byte, vocab_bytes
-from .byte_level import (
-    BYTE_CHARS,
-    BYTES,
-    ByteLevelEnsemble,
-    ByteLevelModel,
+from ..tokenization.vocab_bytes import printable_byte, vocab_bytes
+from .byte_baselines import (
     kl_divergence,
     naive_next_byte_distribution,
     token_healing_next_byte_distribution,
     total_variation,
 )
+from .byte_ensemble import ByteLevelEnsemble
+from .byte_level import BYTE_CHARS, BYTES, ByteLevelModel
 
 __all__ = [
     "BASELINES",

@@ -79,22 +79,11 @@ import numpy as np
 import xarray as xr
 
 from ..models import ModelHandle
-from ..numerics import kl_divergence_arrays, logsumexp
-from ..probes.token_scoring import PrefixTreeScorer, ScoredSequence, last_token_logprobs
-from ..vocab_bytes import UnsupportedTokenizerError, VocabBytes, printable_byte, vocab_bytes
+from ..numerics import logsumexp
+from ..probes.token_scoring import PrefixTreeScorer, ScoredSequence
+from ..tokenization.vocab_bytes import UnsupportedTokenizerError, VocabBytes, printable_byte, vocab_bytes
 
-__all__ = [
-    "ByteLevelEnsemble",
-    "ByteLevelModel",
-    "ImpossiblePrefixError",
-    "UnsupportedTokenizerError",
-    "bits_per_byte",
-    "kl_divergence",
-    "naive_next_byte_distribution",
-    "start_context",
-    "token_healing_next_byte_distribution",
-    "total_variation",
-]
+__all__ = ["ByteLevelModel", "ImpossiblePrefixError", "UnsupportedTokenizerError", "start_context"]
 
 BYTES = np.arange(256)
 BYTE_CHARS = [printable_byte(b) for b in range(256)]
@@ -109,7 +98,7 @@ class ImpossiblePrefixError(ValueError):
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_bytes(prefix) -> bytes:
+def as_bytes(prefix) -> bytes:
     if isinstance(prefix, str):
         return prefix.encode("utf-8")
     if isinstance(prefix, (bytes, bytearray, memoryview)):
@@ -117,7 +106,7 @@ def _as_bytes(prefix) -> bytes:
     raise TypeError(f"prefix must be str or bytes, got {type(prefix).__name__}.")
 
 
-def _distribution(values: np.ndarray, name: str, attrs: dict) -> xr.DataArray:
+def byte_distribution(values: np.ndarray, name: str, attrs: dict) -> xr.DataArray:
     """A (byte,) DataArray with the byte value and a readable character as coordinates."""
     return xr.DataArray(
         np.asarray(values, dtype=np.float64),
@@ -128,7 +117,7 @@ def _distribution(values: np.ndarray, name: str, attrs: dict) -> xr.DataArray:
     )
 
 
-def _sample_bytes(next_distribution, prefix: bytes, n_bytes: int, seed: int, temperature: float) -> bytes:
+def sample_bytes(next_distribution, prefix: bytes, n_bytes: int, seed: int, temperature: float) -> bytes:
     """Draw ``n_bytes`` bytes one at a time from ``next_distribution(bytes) -> (256,) probabilities``."""
     if n_bytes < 0:
         raise ValueError(f"n_bytes must be >= 0, got {n_bytes}.")
@@ -163,7 +152,7 @@ def start_context(handle: ModelHandle) -> list[int]:
     )
 
 
-def _byte_token_probs(logprobs: np.ndarray, vocab: VocabBytes) -> tuple[np.ndarray, float]:
+def byte_token_probs(logprobs: np.ndarray, vocab: VocabBytes) -> tuple[np.ndarray, float]:
     """Next-token probabilities over the byte tokens in sorted-bytes order, renormalised; and the special mass."""
     p = np.exp(logprobs.astype(np.float64))
     ids = vocab.sorted_ids
@@ -175,7 +164,7 @@ def _byte_token_probs(logprobs: np.ndarray, vocab: VocabBytes) -> tuple[np.ndarr
     return q / total, max(0.0, (everything - total) / everything)
 
 
-def _encode_bytes(handle: ModelHandle, vocab: VocabBytes, data: bytes) -> list[int]:
+def encode_bytes(handle: ModelHandle, vocab: VocabBytes, data: bytes) -> list[int]:
     """The tokenizer's encoding of ``data``; bytes that are not valid UTF-8 become single-byte tokens.
 
     Special-token strings in the text (a literal ``<|endoftext|>``) are encoded as text: special
@@ -294,7 +283,7 @@ class ByteLevelModel:
     # ------------------------------------------------------------------ state machine
 
     def _new_tokenization(self, seq: ScoredSequence, pos: int, logp: float) -> _Tokenization:
-        q, p_special = _byte_token_probs(seq.logprobs, self.vocab)
+        q, p_special = byte_token_probs(seq.logprobs, self.vocab)
         return _Tokenization(seq, pos, logp, q, p_special, 0, self.vocab.n_byte_tokens)
 
     def _root(self) -> _State:
@@ -448,9 +437,9 @@ class ByteLevelModel:
         attrs: ``p_end_of_text`` (not part of the 256), ``impossible_bytes``, ``prefix_logprob``,
         pruning figures.
         """
-        state = self._state_for(_as_bytes(prefix))
+        state = self._state_for(as_bytes(prefix))
         num, _ = self._next_byte(state)
-        return _distribution(num / num.sum(), "next_byte_probability", self._attrs(state))
+        return byte_distribution(num / num.sum(), "next_byte_probability", self._attrs(state))
 
     def prefix_logprob(self, prefix) -> float:
         """``log P(x)`` (nats): the probability that the text starts with ``x``, ``log sum_{t in cover(x)} P(t)``.
@@ -458,7 +447,7 @@ class ByteLevelModel:
         Summed over the covers of the tokenizations followed (all of them with ``prune=0`` and
         ``max_hypotheses=None``); :meth:`covers` lists them. Dims: prefix -> scalar.
         """
-        return self._state_for(_as_bytes(prefix)).logp
+        return self._state_for(as_bytes(prefix)).logp
 
     def covers(self, prefix) -> list[tuple[tuple[int, ...], tuple[str, ...], float]]:
         """The cover encodings of ``prefix`` that are summed, most probable first.
@@ -468,7 +457,7 @@ class ByteLevelModel:
         probabilities add up to ``exp(prefix_logprob(prefix))``. The empty prefix has one cover,
         the empty sequence.
         """
-        state = self._state_for(_as_bytes(prefix))
+        state = self._state_for(as_bytes(prefix))
         if not state.prefix:
             return [((), (), 0.0)]
         out = []
@@ -495,8 +484,8 @@ class ByteLevelModel:
 
     def iter_stream(self, text):
         """Yield the exact next-byte distribution (a (byte,) DataArray) at each cut point 0..len(text)-1, reusing state."""
-        for _, state, num, _, _ in self._walk(_as_bytes(text)):
-            yield _distribution(num / num.sum(), "next_byte_probability", self._attrs(state))
+        for _, state, num, _, _ in self._walk(as_bytes(text)):
+            yield byte_distribution(num / num.sum(), "next_byte_probability", self._attrs(state))
 
     def stream(self, text, progress: bool | None = None) -> xr.Dataset:
         """Walk the cut point along ``text`` byte by byte: the exact next-byte distribution at every position.
@@ -510,7 +499,7 @@ class ByteLevelModel:
         ``calls`` (model calls made, cumulative, once the distribution at pos is known).
         Chain rule: ``logprob.sum() == prefix_logprob[-1] - log1p(-pruned_fraction).sum()``.
         """
-        data = _as_bytes(text)
+        data = as_bytes(text)
         if not data:
             raise ValueError(
                 "stream() needs a non-empty text; for the first-byte distribution use next_byte_distribution('')."
@@ -578,221 +567,6 @@ class ByteLevelModel:
             num, _ = self._next_byte(self._state_for(data, remember=False))
             return num / num.sum()
 
-        data = _as_bytes(prefix)
+        data = as_bytes(prefix)
         self._state_for(data)  # remembered: sampling again from the same prefix starts here
-        return _sample_bytes(next_distribution, data, n_bytes, seed, temperature)
-
-
-# --------------------------------------------------------------------------- baselines
-
-
-def _context(handle: ModelHandle, context_ids) -> list[int]:
-    return list(context_ids) if context_ids is not None else start_context(handle)
-
-
-def _baseline_attrs(handle, method, data, context, p_special, possible, **extra) -> dict:
-    return {
-        "method": method,
-        "model": handle.name,
-        "prefix": data.decode("utf-8", errors="backslashreplace"),
-        "prefix_bytes": len(data),
-        "context_ids": list(context),
-        "p_end_of_text": float(p_special),
-        "impossible_bytes": [int(b) for b in np.flatnonzero(~possible)],
-        "note": "bytes in impossible_bytes have probability 0: no token of this vocabulary continues the prefix "
-        "with them under this method",
-        **extra,
-    }
-
-
-def naive_next_byte_distribution(handle: ModelHandle, prefix, context_ids=None) -> xr.DataArray:
-    """The biased baseline: encode the prefix, take the next-token distribution, collapse it onto first bytes.
-
-    Phan et al., "Exact Byte-Level Probabilities from Tokenized Language Models for FIM-Tasks and
-    Model Ensembles" (the tokenization bias this shows):
-    ``P_naive(b | x) = sum_{t : bytes(t)[0] = b} q(t | context, encode(x))`` with ``q`` the next-token
-    distribution renormalised over byte tokens (as in :class:`ByteLevelModel`). Bytes of an
-    incomplete UTF-8 character at the end are encoded as single-byte tokens. One model call.
-    Dims: -> (byte,).
-    """
-    data = _as_bytes(prefix)
-    vocab = vocab_bytes(handle.tokenizer)
-    context = _context(handle, context_ids)
-    ids = context + _encode_bytes(handle, vocab, data)
-    q, p_special = _byte_token_probs(last_token_logprobs(handle, ids), vocab)
-    values = np.bincount(vocab.byte_matrix[0], weights=q, minlength=256)
-    attrs = _baseline_attrs(handle, "naive", data, context, p_special, vocab.producible_first_bytes(),
-                            n_prompt_tokens=len(ids) - len(context))
-    return _distribution(values / values.sum(), "next_byte_probability", attrs)
-
-
-def token_healing_next_byte_distribution(handle: ModelHandle, prefix, context_ids=None) -> xr.DataArray:
-    """Token healing: back off the prefix's last token and constrain the next token to start with its bytes.
-
-    "Token Alignment via Character Matching for Subword Completion" / Guidance's token healing,
-    as compared in Phan et al., "Exact Byte-Level Probabilities from Tokenized Language Models
-    for FIM-Tasks and Model Ensembles". With ``encode(x) = e_1..e_k`` and ``r = bytes(e_k)``, the
-    first generated token is drawn from ``q(. | context, e_<k)`` restricted to tokens whose bytes
-    start with ``r``; the next byte is that token's byte after ``r``, or, if the token is ``e_k``
-    itself, the first byte of the token after it (the naive distribution):
-
-        P_heal(b | x) = [ sum_{t : bytes(t) = r b ...} q(t | e_<k) + q(e_k | e_<k) P_naive(b | x) ]
-                        / sum_{t : bytes(t) starts with r, t != other tokens spelling exactly r} q(t | e_<k)
-
-    Two model calls (one when the prefix is empty: then it is the naive distribution). Dims: -> (byte,).
-    """
-    data = _as_bytes(prefix)
-    vocab = vocab_bytes(handle.tokenizer)
-    context = _context(handle, context_ids)
-    encoded = _encode_bytes(handle, vocab, data)
-    naive = naive_next_byte_distribution(handle, data, context)
-    if not encoded:
-        naive.attrs["method"] = "token_healing"
-        return naive
-    last = encoded[-1]
-    r = vocab.token_bytes[last]
-    q, p_special = _byte_token_probs(last_token_logprobs(handle, context + encoded[:-1]), vocab)
-    lo, hi = vocab.prefix_range(r)
-    n_exact = len(vocab.tokens_equal_to(r))
-    longer_ids = slice(lo + n_exact, hi)  # tokens strictly longer than r that start with it
-    possible = np.zeros(256, dtype=bool)
-    if len(r) < vocab.byte_matrix.shape[0]:
-        longer = np.bincount(vocab.byte_matrix[len(r), longer_ids], weights=q[longer_ids], minlength=256)
-        possible[np.unique(vocab.byte_matrix[len(r), longer_ids])] = True
-    else:  # r is as long as the longest token: nothing extends it
-        longer = np.zeros(256)
-    q_last = q[vocab.rank[last]]
-    values = longer + q_last * naive.values
-    if q_last > 0:
-        possible |= np.asarray(naive.values > 0) | vocab.producible_first_bytes()
-    attrs = _baseline_attrs(handle, "token_healing", data, context, p_special, possible,
-                            backed_off_token=vocab.token_string(last), p_backed_off_token=float(q_last / (values.sum())))
-    return _distribution(values / values.sum(), "next_byte_probability", attrs)
-
-
-# --------------------------------------------------------------------------- comparing distributions
-
-
-def _reduce(result):
-    return float(result) if result.ndim == 0 else result
-
-
-def total_variation(p: xr.DataArray, q: xr.DataArray):
-    """Total variation distance between next-byte distributions, ``TV = 1/2 sum_b |p(b) - q(b)|``.
-
-    Dims: (..., byte) x (..., byte) -> (...) (a float when nothing is left).
-    """
-    return _reduce(0.5 * abs(p - q).sum("byte"))
-
-
-def kl_divergence(p: xr.DataArray, q: xr.DataArray):
-    """Kullback-Leibler divergence ``KL(p || q) = sum_b p(b) log(p(b) / q(b))`` in nats (inf where q = 0 < p).
-
-    Dims: (..., byte) x (..., byte) -> (...) (a float when nothing is left).
-    """
-    p, q = xr.align(p, q, join="exact")
-    return _reduce(xr.apply_ufunc(kl_divergence_arrays, p, q, input_core_dims=[["byte"], ["byte"]]))
-
-
-def bits_per_byte(model, text) -> float:
-    """Bits per byte of ``text`` under a byte-level model or ensemble: ``-sum_i log2 P(x_i | x_<i) / n``.
-
-    Dims: text of n bytes -> scalar.
-    """
-    data = _as_bytes(text)
-    if not data:
-        raise ValueError("bits_per_byte needs a non-empty text.")
-    ds = model.stream(data)
-    return float(-ds["logprob"].sum() / (len(data) * math.log(2)))
-
-
-# --------------------------------------------------------------------------- ensembles
-
-
-class ByteLevelEnsemble:
-    """Several byte-level models, possibly with different vocabularies, mixed in byte space.
-
-    Phan et al., "Exact Byte-Level Probabilities from Tokenized Language Models for FIM-Tasks
-    and Model Ensembles": once each model is an exact byte-level model, models with different
-    tokenizers share one output space, the 256 bytes, and can be averaged at every step:
-    ``P_ens(b | x) = sum_k w_k P_k(b | x)`` (weights normalised to 1; equal by default).
-    Dims: -> (byte,) per prefix; :meth:`stream` -> (pos, byte) and (member, pos, byte).
-    """
-
-    def __init__(self, models, weights=None):
-        self.models = list(models)
-        if not self.models:
-            raise ValueError("ByteLevelEnsemble needs at least one ByteLevelModel.")
-        for m in self.models:
-            if not isinstance(m, ByteLevelModel):
-                raise TypeError(f"ByteLevelEnsemble takes ByteLevelModel objects, got {type(m).__name__}.")
-        w = np.ones(len(self.models)) if weights is None else np.asarray(weights, dtype=np.float64)
-        if w.shape != (len(self.models),) or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(
-                f"weights must be {len(self.models)} non-negative numbers with a positive sum, got {weights!r}."
-            )
-        self.weights = w / w.sum()
-        self.members = [f"{i}:{m.name}" for i, m in enumerate(self.models)]
-
-    @property
-    def name(self) -> str:
-        return "ensemble(" + ", ".join(m.name for m in self.models) + ")"
-
-    @property
-    def calls(self) -> int:
-        """Model forward passes of all members."""
-        return sum(m.calls for m in self.models)
-
-    def next_byte_distribution(self, prefix) -> xr.DataArray:
-        """``P_ens(b | prefix) = sum_k w_k P_k(b | prefix)``, a (byte,) DataArray summing to 1."""
-        dists = [m.next_byte_distribution(prefix) for m in self.models]
-        values = sum(w * d.values for w, d in zip(self.weights, dists))
-        attrs = {
-            "method": "ensemble",
-            "model": self.name,
-            "members": self.members,
-            "weights": [float(w) for w in self.weights],
-            "prefix": dists[0].attrs["prefix"],
-            "impossible_bytes": [int(b) for b in np.flatnonzero(values == 0)],
-        }
-        return _distribution(values, "next_byte_probability", attrs)
-
-    def stream(self, text, progress: bool | None = None) -> xr.Dataset:
-        """The mixture's next-byte distribution at every cut point of ``text`` (see :meth:`ByteLevelModel.stream`)."""
-        data = _as_bytes(text)
-        runs = [m.stream(data, progress=progress) for m in self.models]
-        member_prob = np.stack([r["probability"].values for r in runs])
-        probs = np.tensordot(self.weights, member_prob, axes=1)
-        n = len(data)
-        with np.errstate(divide="ignore"):
-            logprob = np.log(probs[np.arange(n), np.frombuffer(data, dtype=np.uint8)])
-        calls = sum(r.attrs["calls"] for r in runs)
-        ds = xr.Dataset(
-            {
-                "probability": (("pos", "byte"), probs),
-                "logprob": ("pos", logprob),
-                "member_probability": (("member", "pos", "byte"), member_prob),
-                "member_logprob": (("member", "pos"), np.stack([r["logprob"].values for r in runs])),
-            },
-            coords={"member": self.members, "weight": ("member", self.weights), **{k: runs[0].coords[k] for k in
-                    ("pos", "byte", "char", "target", "target_char")}},
-            attrs={
-                "method": "ensemble",
-                "model": self.name,
-                "text": runs[0].attrs["text"],
-                "n_bytes": n,
-                "calls": calls,
-                "calls_per_byte": calls / n,
-            },
-        )
-        return ds
-
-    def prefix_logprob(self, prefix) -> float:
-        """``log P_ens(x) = sum_i log P_ens(x_i | x_<i)`` (the mixture defines its own byte process)."""
-        data = _as_bytes(prefix)
-        return 0.0 if not data else float(self.stream(data)["logprob"].sum())
-
-    def sample(self, prefix=b"", n_bytes: int = 32, seed: int = 0, temperature: float = 1.0) -> bytes:
-        """Draw ``n_bytes`` bytes after ``prefix`` from the mixture's next-byte distribution (seeded)."""
-        return _sample_bytes(lambda data: self.next_byte_distribution(data).values, _as_bytes(prefix), n_bytes, seed,
-                             temperature)
+        return sample_bytes(next_distribution, data, n_bytes, seed, temperature)

@@ -38,9 +38,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-from ..markov_chain import MarkovChain
+from ..models.markov_chain import MarkovChain
 from ..models import ModelHandle
-from .byte_level import ByteLevelModel, naive_next_byte_distribution
+from .byte_baselines import naive_next_byte_distribution
+from .byte_level import ByteLevelModel
 
 ESTIMATES = ("true", "exact", "naive", "naive_limit")
 
@@ -82,7 +83,7 @@ def naive_transitions(handle: ModelHandle, contexts: Sequence[str], alphabet: Se
 
     "Understanding and Mitigating Tokenization Bias in Language Models" (Phan et al., 2024):
     ``P_naive(c | x) ∝ sum_{t in V, t[0] = c} p(t | <s> encode(x))``, renormalised over
-    ``alphabet`` (through :func:`workbench.analyses.byte_level.naive_next_byte_distribution`).
+    ``alphabet`` (through :func:`workbench.analyses.byte_baselines.naive_next_byte_distribution`).
     Dims: -> probability (context, next_char), outside_mass (context).
     """
     alphabet = _check_alphabet(alphabet)

@@ -1,6 +1,12 @@
 """Plots: plotly figures from analysis results. No metric is computed here."""
 
-from .byte_level import bias_along_text_figure, bits_per_byte_figure, covers_table, next_byte_bars, prompt_cut_figure
+from .byte_level import (
+    bias_along_text_figure,
+    bits_per_byte_figure,
+    covers_table,
+    next_byte_bars,
+    prompt_cut_figure,
+)
 from .extreme_tokens import (
     condition_bars,
     head_state_map,

@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 import xarray as xr
 from plotly.subplots import make_subplots
 
-from ..vocab_bytes import printable_byte
+from ..tokenization.vocab_bytes import printable_byte
 from .tokenization_bias import ESTIMATE_COLORS
 
 COLORS = {"exact": ESTIMATE_COLORS["exact"], "naive": ESTIMATE_COLORS["naive"], "token_healing": "#2ca02c"}

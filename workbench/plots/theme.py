@@ -8,25 +8,40 @@ common two-column paper templates (ACL, NeurIPS two-column, IEEE).
 from __future__ import annotations
 
 import plotly.graph_objects as go
+import plotly.io as pio
 
 COLUMN_WIDTH_PX = {"one": 252, "two": 504}  # 3.5 in and 7.0 in at 72 px/in
 FONT = dict(family="Helvetica, Arial, sans-serif", size=9, color="#222")
+TEMPLATE = "workbench_publication"
 
-
-def publication_layout(fig: go.Figure, *, columns: str = "one", height: int | None = None) -> go.Figure:
-    """Apply the theme in place and return the figure (sized for ``columns``: "one" or "two")."""
-    if columns not in COLUMN_WIDTH_PX:
-        raise ValueError(f"columns must be 'one' or 'two', got {columns!r}.")
-    width = COLUMN_WIDTH_PX[columns]
-    fig.update_layout(
-        template="simple_white",
-        width=width,
-        height=height or round(width * (0.75 if columns == "one" else 0.45)),
+# Registered once with plotly: any figure can use it (``template="simple_white+workbench_publication"``);
+# publication_layout adds the size for one or two columns.
+pio.templates[TEMPLATE] = go.layout.Template(
+    layout=dict(
         font=FONT,
         title_font_size=10,
         margin=dict(l=44, r=8, t=26, b=36),
         legend=dict(font_size=8, bgcolor="rgba(255,255,255,0.6)"),
+        xaxis=dict(ticks="outside", ticklen=3, title_standoff=4),
+        yaxis=dict(ticks="outside", ticklen=3, title_standoff=4),
     )
+)
+
+
+def publication_layout(fig: go.Figure, *, columns: str = "one", height: int | None = None) -> go.Figure:
+    """Apply the theme (the registered ``workbench_publication`` template over ``simple_white``) in place,
+    sized for ``columns`` ("one" or "two"), and return the figure."""
+    if columns not in COLUMN_WIDTH_PX:
+        raise ValueError(f"columns must be 'one' or 'two', got {columns!r}.")
+    width = COLUMN_WIDTH_PX[columns]
+    fig.update_layout(
+        template=f"simple_white+{TEMPLATE}",
+        width=width,
+        height=height or round(width * (0.75 if columns == "one" else 0.45)),
+    )
+    # a figure's own margins, fonts and axis styles win over a template: set the theme's explicitly too
+    template = pio.templates[TEMPLATE].layout
+    fig.update_layout(font=FONT, title_font_size=10, margin=template.margin, legend=template.legend)
     if fig.layout.annotations:  # subplot titles: theme-sized, with room under the figure title
         fig.update_annotations(font_size=9)
         fig.update_layout(margin_t=40)

@@ -1,4 +1,4 @@
-"""Figures of token alignment (from :func:`workbench.analyses.token_alignment.match_rates`).
+"""Figures of token alignment (from :func:`workbench.analyses.token_alignment_evaluation.match_rates`).
 
 "Token Alignment via Character Matching for Subword Completion" (Athiwaratkun et al., 2024):
 match rates of greedy completions with and without alignment, per domain. No metric is

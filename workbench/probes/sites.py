@@ -363,7 +363,7 @@ def _adapter(hf_model):
             bridge_config = build_bridge_config_from_hf(config, arch, getattr(config, "_name_or_path", "") or arch, torch.float32)
             adapter = ArchitectureAdapterFactory.select_architecture_adapter(bridge_config)
     except Exception as err:
-        from ..tiny_models import TINY_ARCHITECTURES
+        from ..models.tiny import TINY_ARCHITECTURES
 
         raise UnsupportedArchitectureError(
             f"{type(hf_model).__name__} ({config.model_type}) is not supported: TransformerLens has no architecture "

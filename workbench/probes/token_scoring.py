@@ -412,3 +412,33 @@ def sequence_logprobs(handle: ModelHandle, ids) -> np.ndarray:
         out = handle.hf_model(input_ids=x, use_cache=False)
     logprobs = log_softmax(out.logits[0, :-1])
     return logprobs.gather(-1, x[0, 1:, None])[:, 0].cpu().numpy()
+
+
+def successive_last_token_logprobs(handle: ModelHandle, sequences):
+    """Log-probabilities ``(vocab,)`` of the token after each of ``sequences`` in turn, reusing the KV cache.
+
+    For each sequence, the cached keys and values of the longest prefix it shares with the one
+    before are kept and only its new tokens run (one forward pass each): the cheapest exact way
+    to ask the naive question at every cut of a text, whose encodings differ only near the end.
+    Where the cache cannot be cut back (sliding-window layers past their window), the sequence is
+    run from scratch. Yields ``(logprobs, tokens_run)``.
+    """
+    from transformers import DynamicCache
+
+    cache, cached = DynamicCache(), []
+    for seq in sequences:
+        ids = [int(t) for t in seq]
+        if not ids:
+            raise ValueError("a sequence is empty: the model needs at least one token to condition on (e.g. BOS).")
+        keep = min(_common_prefix_length([ids, cached]) if cached else 0, len(ids) - 1)
+        if keep < len(cached):
+            try:
+                cache.crop(keep - len(cached))  # a negative count: tokens to remove
+            except (RuntimeError, ValueError):
+                cache, keep = DynamicCache(), 0
+        new = torch.tensor([ids[keep:]], device=handle.device)
+        with torch.no_grad():
+            out = handle.hf_model(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                                  position_ids=torch.arange(keep, len(ids), device=handle.device)[None])
+        cached = ids
+        yield log_softmax(out.logits[0, -1]).cpu().numpy(), len(ids) - keep

@@ -34,8 +34,8 @@ from ..analyses.byte_bias import (
 )
 from ..analyses.byte_level import ByteLevelModel
 from ..corpus import paragraphs
-from ..gallery import export_figure
-from ..markov_chain import single_thread
+from ..plots.export import export_figure
+from ..threads import single_thread
 from ..plots.byte_level import (
     bias_along_text_figure,
     bits_per_byte_figure,

@@ -17,7 +17,7 @@ from ..analyses import extreme_tokens as et
 from ..analyses.residual_norms import residual_norms
 from ..capture import capture
 from ..corpus import domain_samples, load_corpus
-from ..gallery import export_figure
+from ..plots.export import export_figure
 from ..models import ModelHandle
 from ..plots import (
     condition_bars,

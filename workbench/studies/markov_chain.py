@@ -25,8 +25,8 @@ import numpy as np
 import xarray as xr
 
 from ..analyses.tokenization_bias import checkpoint_sweep
-from ..gallery import export_figure
-from ..markov_chain import (
+from ..plots.export import export_figure
+from ..models.markov_chain import (
     ALPHABET,
     MPE_TOKENS,
     MarkovChain,

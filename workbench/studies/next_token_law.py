@@ -25,7 +25,7 @@ from ..analyses.linear_readout import UnstableFitWarning
 from ..analyses.next_token_law import future_token_probes, law_fit, prediction_residuals
 from ..capture import capture
 from ..corpus import load_corpus, paragraphs
-from ..gallery import export_figure
+from ..plots.export import export_figure
 from ..models import ModelHandle
 from ..plots.next_token_law import (
     contribution_figure,

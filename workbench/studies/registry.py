@@ -12,7 +12,7 @@ plot module, one entry here, tests and a notebook.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 

@@ -6,7 +6,7 @@ characters (prose: paragraphs of the bundled pydoc corpus; code: the CPython fun
 ``workbench.corpus.domain_samples()["code"]``), complete each prompt greedily as encoded
 (``plain``) and with token alignment (``aligned-k``: back off ``k`` tokens, re-spell them under
 the character constraint), and score each against the true text
-(:func:`workbench.analyses.token_alignment.token_alignment_evaluation`).
+(:func:`workbench.analyses.token_alignment_evaluation.token_alignment_evaluation`).
 
 ``run_study(handle, folder)`` saves ``folder/results.nc``; ``summary``, ``write_summary`` and
 ``write_figures`` work from the saved file alone.
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import xarray as xr
 
-from ..analyses.token_alignment import match_rates, token_alignment_evaluation
+from ..analyses.token_alignment_evaluation import match_rates, token_alignment_evaluation
 from ..corpus import domain_samples, paragraphs
-from ..gallery import export_figure
-from ..markov_chain import single_thread
+from ..plots.export import export_figure
+from ..threads import single_thread
 from ..models import ModelHandle
 from ..plots.token_alignment import match_rate_bars
 from ..runs import RunExistsError, open_result, save_result
@@ -58,7 +58,7 @@ def run_study(handle: ModelHandle, folder: str | Path, config: StudyConfig = Stu
     """Run the evaluation for ``handle`` and save it as ``folder/results.nc``; return the folder.
 
     Torch runs on one CPU thread meanwhile (one-token forward passes of a small model are
-    dominated by per-operation overhead; see :func:`workbench.markov_chain.single_thread`).
+    dominated by per-operation overhead; see :func:`workbench.threads.single_thread`).
     """
     folder = Path(folder)
     path = folder / RESULTS_FILE

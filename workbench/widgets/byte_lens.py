@@ -11,7 +11,7 @@ import xarray as xr
 
 from ..analyses.byte_bias import compare_next_byte, cover_encodings
 from ..analyses.byte_level import ByteLevelModel
-from ..gallery import export_figure
+from ..plots.export import export_figure
 from ..models import ModelHandle
 from ..plots.byte_level import covers_table, next_byte_bars
 from .base import Explorer

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import xarray as xr
 
 from ..analyses.extreme_tokens import domain_sink_scores, received_by_key
-from ..gallery import export_figure
+from ..plots.export import export_figure
 from .base import Explorer
 
 

@@ -9,7 +9,7 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 import xarray as xr
 
-from ..gallery import export_figure
+from ..plots.export import export_figure
 from ..plots.next_token_law import LENS_METRICS, as_decoder, lens_heatmap, lens_top_k_figure
 from .base import Explorer
 

@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 import xarray as xr
 
 from ..analyses import residual_norm_peaks
-from ..gallery import export_figure
+from ..plots.export import export_figure
 from ..plots import residual_norm_by_position, residual_norm_profile
 from .base import Explorer
 

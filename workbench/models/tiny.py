@@ -72,7 +72,7 @@ def tiny_model(architecture: str = "llama", seed: int = 0):
     """A seeded, randomly initialised 2-layer ``architecture`` model behind a :class:`ModelHandle`."""
     from transformers import AutoModelForCausalLM
 
-    from .models import ModelHandle, _tiny_tokenizer
+    from .loading import ModelHandle, _tiny_tokenizer
 
     tokenizer = _tiny_tokenizer()
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -99,8 +99,8 @@ def architecture_table() -> list[dict]:
     probes it cannot give (with why). Built from tiny models (small vocabulary, no tokenizer), ~2 s."""
     from transformers import AutoModelForCausalLM
 
-    from .probes.catalog import unsupported_probes
-    from .probes.sites import SiteMap
+    from ..probes.catalog import unsupported_probes
+    from ..probes.sites import SiteMap
 
     rows = []
     for arch in TINY_ARCHITECTURES:

@@ -82,7 +82,7 @@ class ModelHandle:
     @property
     def sites(self):
         """The :class:`~workbench.probes.sites.SiteMap`: where every probe site lives in this model."""
-        from .probes.hooks import site_map
+        from ..probes.hooks import site_map
 
         return site_map(self)
 
@@ -283,7 +283,7 @@ def load_model(
         raise ModelNotAvailableError(f"model name {name!r} is empty; pass None for the default ({DEFAULT_MODEL}).")
     name = name or DEFAULT_MODEL
     torch_dtype = DTYPES[dtype]
-    from .tiny_models import TINY_PREFIX, tiny_model
+    from .tiny import TINY_PREFIX, tiny_model
 
     if name == TINY_MODEL:
         handle = _tiny_random_llama()

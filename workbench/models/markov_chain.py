@@ -31,7 +31,6 @@ errors live in :mod:`workbench.analyses.tokenization_bias`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import itertools
@@ -44,7 +43,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .models import ModelHandle
+from ..threads import single_thread
+from .loading import ModelHandle
 
 ALPHABET = ("A", "B")
 BOS, EOS = "<s>", "</s>"
@@ -303,22 +303,6 @@ def encode_corpus(tokenizer, corpus: Sequence[str]) -> tuple[torch.Tensor, torch
         input_ids[row, : len(ids)] = torch.tensor(ids)
         labels[row, : len(ids)] = torch.tensor(ids)
     return input_ids, labels
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Run torch on one CPU thread inside the block, then restore the previous setting.
-
-    A model this small is dominated by per-operation overhead: more intra-op threads only
-    add synchronisation, and on a shared 2-core machine under load a forward pass measured
-    30x slower with 2 threads than with 1 (1 ms vs 30 ms).
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _learning_rate(step: int, config: TrainingConfig) -> float:

@@ -1,0 +1,1 @@
+"""Tokenization: what tokens are as bytes (:mod:`.vocab_bytes`), for byte-level probabilities and diagnostics."""
