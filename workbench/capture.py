@@ -166,7 +166,8 @@ class _RunBuffers:
     """The run's arrays, allocated on first write, filled batch by batch in place.
 
     Each batch writes its rows directly (one copy from the hook's tensor); padding
-    positions are then overwritten with NaN (floats) or -1 (integers).
+    positions are then overwritten with NaN (floats) or -1 (integers). Arrays start
+    uninitialised: together the two cover every entry.
     """
 
     def __init__(self, n_samples: int, width: int, n_layers: int, variable_dims: dict[str, tuple[str, ...]]):
@@ -186,9 +187,9 @@ class _RunBuffers:
                 else:
                     shape.append(next(it))
             integer = np.issubdtype(value.dtype, np.integer)
-            self.arrays[name] = np.full(
-                [self.n_samples, *shape], -1 if integer else np.nan, dtype=np.int64 if integer else np.float32
-            )
+            # Uninitialised on purpose: every batch writes its rows in full and mask_padding fills the rest of
+            # each row (positions past its length), so a fill here would only cost one more pass over the memory.
+            self.arrays[name] = np.empty([self.n_samples, *shape], dtype=np.int64 if integer else np.float32)
         return self.arrays[name]
 
     def writer(self, rows: list[int]):

@@ -285,9 +285,7 @@ def load_model(
     torch_dtype = DTYPES[dtype]
     from .tiny import TINY_PREFIX, tiny_model
 
-    if name == TINY_MODEL:
-        handle = _tiny_random_llama()
-    elif name.startswith(TINY_PREFIX):
+    if name.startswith(TINY_PREFIX):  # tiny-random-llama and every other tiny architecture
         handle = tiny_model(name.removeprefix(TINY_PREFIX))
     elif (embedded := _resolve_embedded(name)) is not None:
         handle = _load_embedded(embedded)
@@ -298,7 +296,7 @@ def load_model(
     elif "/" in name and allow_download:
         handle = _load_pretrained(name, name, trust_remote_code, local_only=False)
     else:
-        known = ", ".join([*EMBEDDED, TINY_MODEL])
+        known = ", ".join([*EMBEDDED, TINY_MODEL, "tiny-random-<architecture>"])
         hint = (
             "To load a Hugging Face hub id, pass allow_download=True (needs a network), "
             "or download it and pass the local folder."
@@ -397,33 +395,6 @@ def _load_pretrained(path_or_id: str, name: str, trust_remote_code: bool, local_
     digest = hashlib.sha256(b"".join(_sha256(w).encode() for w in weights)).hexdigest() if weights else "unknown"
     return ModelHandle(
         name=name, hf_model=hf_model, tokenizer=tokenizer, source=path_or_id, file_hash=digest, hub_id=path_or_id
-    )
-
-
-def _tiny_random_llama(seed: int = 0) -> ModelHandle:
-    """A 2-layer Llama with SmolLM2's tokenizer when present, random weights, seeded."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config._attn_implementation = "eager"
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        hf_model = LlamaForCausalLM(config)
-    return ModelHandle(
-        name=TINY_MODEL, hf_model=hf_model, tokenizer=tokenizer, source=f"random init, seed {seed}", file_hash=f"seed-{seed}"
     )
 
 

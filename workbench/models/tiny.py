@@ -26,7 +26,7 @@ TINY_ARCHITECTURES: dict[str, dict] = {
     "bloom": {},
     "falcon": {"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True, "alibi": False},
     "gpt_bigcode": {"multi_query": True},
-    "llama": {},
+    "llama": {"tie_word_embeddings": True},
     "mistral": {"sliding_window": 4},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen2": {},

@@ -40,7 +40,6 @@ reason, and asking for it raises :class:`UnsupportedSiteError` before any forwar
 
 from __future__ import annotations
 
-import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -273,10 +272,15 @@ class SiteMap:
         return self._spec(fused, "output", site, to_site=lambda x: x[..., rows.to(x.device)].view(*x.shape[:-1], -1, d_h),
                           from_site=lambda y, raw: raw.index_copy(-1, rows.to(raw.device), y.flatten(-2).to(raw.dtype)))
 
-    @functools.cache
     def _fused_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Output features of the fused QKV projection that form Q, K and V, found by running the
-        adapter's own ``split_qkv_matrix`` on a copy whose weights hold their row numbers."""
+        adapter's own ``split_qkv_matrix`` on a copy whose weights hold their row numbers (cached per layer)."""
+        cache = self.__dict__.setdefault("_rows", {})
+        if layer not in cache:
+            cache[layer] = self._split_rows(layer)
+        return cache[layer]
+
+    def _split_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn_bridge = self._block_parts["attn"]
         attn = self._module(self.part_path(layer, "attn"))
         qkv_name = attn_bridge.submodules["qkv"].name
