@@ -81,7 +81,7 @@ def test_head_outputs_are_pattern_times_values(tiny_models, arch):
     torch.testing.assert_close(torch.einsum("bhqk,bkhd->bqhd", pattern, v), z, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "bloom", "falcon", "phi3", "qwen2", "gemma2", "olmo2", "granite"])
+@pytest.mark.parametrize("arch", list(TINY_ARCHITECTURES))
 def test_backends_agree(tiny_models, arch):
     handle = tiny_models(arch)
     runs = {b: wb.capture(handle, TEXTS, ALL_PROBES, backend=b, progress=False) for b in wb.probes.BACKENDS}
