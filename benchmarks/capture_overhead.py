@@ -135,14 +135,25 @@ class PeakRSS:
 # --------------------------------------------------------------------------- methods
 
 
-def build_methods(model, ids: torch.Tensor, texts: list[str], batch: int):
-    hf = model.hf_model
-    n_layers = model.n_layers
+def reference_and_capture(model, ids: torch.Tensor, texts: list[str], batch: int):
+    """The fair plain forward (what capture runs, without the probes) and the capture itself."""
     mask = torch.ones_like(ids)
 
     def plain_fair():
         with torch.no_grad():
-            return hf.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+            return model.hf_model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    def capture_torch():
+        return wb.capture(model, texts, probes=PROBES, batch_size=batch, progress=False)
+
+    return plain_fair, capture_torch
+
+
+def build_methods(model, ids: torch.Tensor, texts: list[str], batch: int):
+    hf = model.hf_model
+    n_layers = model.n_layers
+    mask = torch.ones_like(ids)
+    plain_fair, capture_torch = reference_and_capture(model, ids, texts, batch)
 
     def plain_head():
         with torch.no_grad():
@@ -154,9 +165,6 @@ def build_methods(model, ids: torch.Tensor, texts: list[str], batch: int):
             return plain_fair()
         finally:
             hf.set_attn_implementation("eager")
-
-    def capture_torch():
-        return wb.capture(model, texts, probes=PROBES, batch_size=batch, progress=False)
 
     def capture_nnsight():
         return wb.capture(model, texts, probes=PROBES, backend="nnsight", batch_size=batch, progress=False)
@@ -431,8 +439,7 @@ def tiny_ratio(arch: str, batch: int, tokens: int, rounds: int = 15) -> float:
     """Minimum capture time over minimum fair plain forward, interleaved, on a tiny random model."""
     model = wb.load_model(f"tiny-random-{arch}")
     ids, texts, _ = make_inputs(model.tokenizer, batch, tokens)
-    methods = build_methods(model, ids, texts, batch)
-    pair = {name: methods[name] for name in (REFERENCE, HEADLINE)}
+    pair = dict(zip((REFERENCE, HEADLINE), reference_and_capture(model, ids, texts, batch)))
     for fn in pair.values():
         fn()
     walls = {name: [] for name in pair}

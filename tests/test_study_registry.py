@@ -63,3 +63,22 @@ def test_missing_saved_study_says_which_command_makes_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["gallery"])
     assert result.exit_code == 1 and "workbench demo" in result.output
+
+
+def test_text_writes_replace_whole_files(tmp_path, monkeypatch):
+    from workbench import runs
+
+    target = tmp_path / "page.md"
+    runs.write_text_atomic(target, "old\n")
+    runs.write_text_atomic(target, "new\n")
+    assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["page.md"]
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runs.os, "replace", broken_replace)
+    try:
+        runs.write_text_atomic(target, "half\n")
+    except OSError:
+        pass
+    assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["page.md"]  # old kept, no temp left

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .plots.export import FORMATS, export_figure
+from .runs import write_text_atomic
 
 def write_residual_norm_gallery(run, out_dir: str | Path, formats=FORMATS) -> list[Path]:
     """The residual-norm figures of the worked example, from a saved run."""
@@ -54,5 +55,5 @@ def write_gallery_index(out_dir: str | Path) -> Path:
             text = text.replace("](", f"]({prefix}/").replace(f"]({prefix}/http", "](http")
         parts += [f"## {title}\n", f"From [{name}]({name}).\n", text.replace("\n## ", "\n### "), ""]
     path = out_dir / "README.md"
-    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(parts) + "\n")
     return path

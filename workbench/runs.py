@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -64,6 +65,22 @@ def open_result(path: str | Path) -> xr.Dataset:
             return ds.load()
     except Exception as err:  # damaged or foreign file
         raise InvalidRunError(f"{path} could not be read as a result ({type(err).__name__}: {err}).") from err
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file through a temporary file in the same folder and a rename: a reader (or an
+    interrupted write) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def _atomic_write(ds: xr.Dataset, path: Path, fmt: str, overwrite: bool) -> Path:

@@ -1,6 +1,6 @@
 """Probes: where things live inside a model (the site map), the one way to hook them, and what a capture stores."""
 
-from .backends import BACKENDS, UnsupportedModelError, check_backend, run_batch
+from .backends import BACKENDS, check_backend, run_batch
 from .catalog import (
     DEFAULT_PROBES,
     PROBES,
@@ -25,7 +25,6 @@ __all__ = [
     "SiteMap",
     "UnknownProbeError",
     "UnsupportedArchitectureError",
-    "UnsupportedModelError",
     "UnsupportedSiteError",
     "check_backend",
     "check_probes_supported",

@@ -23,14 +23,11 @@ from typing import Callable
 import torch
 
 from . import hooks
-from .sites import FINAL_NORM, LOGITS, PATTERN, SITES, UnsupportedSiteError, is_layer_site
+from .sites import FINAL_NORM, LOGITS, SITES, is_layer_site
 
 OnSite = Callable[[str, "int | None", torch.Tensor], None]
 
 BACKENDS = ("torch", "nnsight", "transformer_lens")
-
-UnsupportedModelError = UnsupportedSiteError  # the name earlier versions raised
-
 
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
@@ -93,33 +90,19 @@ def _run_nnsight(handle, input_ids, attention_mask, reads, on_site) -> None:
     if envelope is None or envelope._module is not handle.hf_model:
         envelope = NNsight(handle.hf_model)
         handle.__dict__["_nnsight_model"] = envelope
-    specs = [(site, layer, sm.spec(site, layer)) for site, layer in reads]
     by_slot: dict[tuple[str, str], list] = {}
-    for item in specs:
-        by_slot.setdefault((item[2].path, item[2].io), []).append(item)
-    kwargs = {"use_cache": False}
-    if any(site == PATTERN for site, _ in reads) and sm.attention_flag_needed:
-        kwargs["output_attentions"] = True
+    for site, layer in reads:
+        spec = sm.spec(site, layer)
+        by_slot.setdefault((spec.path, spec.io), []).append((site, layer, spec))
+    kwargs = hooks.forward_kwargs(sm, {site for site, _ in reads})
     batch_shape = tuple(input_ids.shape)
     with torch.no_grad(), envelope.trace(input_ids=input_ids, attention_mask=attention_mask, **kwargs):
         for path, io in [slot for slot in order if slot in by_slot]:
             envoy = envelope.get(path) if path else envelope
-            if io == "output":
-                value = envoy.output
-            else:
-                args, kw = envoy.inputs
+            output, args, kw = (envoy.output, (), None) if io == "output" else (None, *envoy.inputs)
             for site, layer, spec in by_slot[(path, io)]:
-                if io == "output":
-                    raw = value if isinstance(value, torch.Tensor) or spec.path == "" else value[spec.index]
-                else:
-                    raw = args[spec.index] if 0 <= spec.index < len(args) else kw.get(spec.kwarg)
-                x = spec.to_site(raw) if spec.to_site else raw
-                if x is None:
-                    raise UnsupportedSiteError(f"{site} (layer {layer}) produced no tensor: load the model with "
-                                               "attn_implementation='eager'.")
-                if x.dim() == 2 and site != PATTERN:
-                    x = x.view(*batch_shape, -1)
-                on_site(site, layer, x)
+                raw = hooks.raw_value(spec, output=output, args=args, kwargs=kw)
+                on_site(site, layer, hooks.site_value(site, layer, spec, raw, batch_shape))
 
 
 # --------------------------------------------------------------------------- TransformerLens

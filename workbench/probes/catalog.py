@@ -45,12 +45,15 @@ class Probe:
     description: str
     variables: tuple[Variable, ...]
     reduce: Callable[[torch.Tensor, BatchContext, int | None], dict[str, torch.Tensor]]
-    needs_attention_probs: bool = False
     extra_sites: tuple[str, ...] = ()  # sites whose modules (weights) the reduction also needs
 
     @property
     def sites(self) -> tuple[str, ...]:
         return (self.site, *self.extra_sites)
+
+    @property
+    def needs_attention_probs(self) -> bool:
+        return self.site == S.PATTERN
 
     @property
     def per_layer(self) -> bool:
@@ -171,12 +174,12 @@ PROBES: dict[str, Probe] = {
         Probe(
             "attn_pattern", S.PATTERN, "full attention probabilities (memory: sample x layer x head x pos^2)",
             (Variable("attn_pattern", ("sample", "layer", "head", "pos", "key_pos"), "attention probability"),),
-            _identity("attn_pattern"), needs_attention_probs=True,
+            _identity("attn_pattern"),
         ),
         Probe(
             "attn_received", S.PATTERN, "mean attention each key receives from later queries (sink mass)",
             (Variable("attn_received", ("sample", "layer", "head", "key_pos"), "mean attention from later queries"),),
-            _reduce_attn_received, needs_attention_probs=True,
+            _reduce_attn_received,
         ),
         Probe(
             "value_norm", S.V, "norm of each head's value vector after W_O, ||v_j W_O^h||",

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .sites import FINAL_NORM, LOGITS, MASK, PATTERN, SiteMap, SiteSpec, UnsupportedSiteError, is_layer_site
+from .sites import LOGITS, MASK, PATTERN, SiteMap, SiteSpec, UnsupportedSiteError, is_layer_site
 
 OnSite = Callable[[str, "int | None", torch.Tensor], None]
 Edit = Callable[[torch.Tensor], torch.Tensor]
@@ -73,39 +73,54 @@ def hooked(handle, reads: Iterable[SiteKey] = (), on_site: OnSite | None = None,
             h.remove()
 
 
-def _apply(items, get, put, on_site, fired, batch_shape):
+def raw_value(spec: SiteSpec, output=None, args=(), kwargs=None):
+    """The tensor a spec names in a module's output, or in its call's positional / keyword inputs."""
+    if spec.io == "output":
+        return output if isinstance(output, torch.Tensor) or spec.path == "" else output[spec.index]
+    return args[spec.index] if 0 <= spec.index < len(args) else (kwargs or {}).get(spec.kwarg)
+
+
+def site_value(site: str, layer, spec: SiteSpec, raw, batch_shape=None) -> torch.Tensor:
+    """A raw tensor in the site's shape (every backend reads sites through this)."""
+    value = spec.to_site(raw) if spec.to_site and raw is not None else raw
+    if value is None:
+        raise UnsupportedSiteError(f"{site} (layer {layer}) produced no tensor: load the model with "
+                                   "attn_implementation='eager' (eager attention returns its probabilities "
+                                   "and receives a full additive mask).")
+    if batch_shape is not None and value.dim() == 2 and site not in (PATTERN, MASK):
+        value = value.view(*batch_shape, -1)  # OPT runs its MLP on (b * p, d)
+    return value
+
+
+def forward_kwargs(sm: SiteMap, sites, **model_kwargs) -> dict:
+    """The flags a forward pass reading ``sites`` needs: no KV cache, and ``output_attentions`` for the
+    older models (Bloom, Falcon) that compute attention probabilities only when asked."""
+    if PATTERN in sites and sm.attention_flag_needed:
+        model_kwargs.setdefault("output_attentions", True)
+    model_kwargs.setdefault("use_cache", False)
+    return model_kwargs
+
+
+def _apply(items, raw, put, on_site, fired, batch_shape):
     for site, layer, spec, read, edit in items:
-        raw = get(spec)
-        value = spec.to_site(raw) if spec.to_site else raw
-        if batch_shape is not None and value is not None and value.dim() == 2 and site not in (PATTERN, MASK):
-            value = value.view(*batch_shape, -1)  # OPT runs its MLP on (b * p, d)
-        if value is None:
-            raise UnsupportedSiteError(f"{site} (layer {layer}) produced no tensor: load the model with "
-                                       "attn_implementation='eager' (eager attention returns its probabilities "
-                                       "and receives a full additive mask).")
+        before = raw(spec)
+        value = site_value(site, layer, spec, before, batch_shape)
         fired.add((site, layer))
         if read and on_site is not None:
             on_site(site, layer, value)
         if edit is not None:
-            put(spec, spec.from_site(edit(value), raw).reshape(raw.shape))
+            put(spec, spec.from_site(edit(value), before).reshape(before.shape))
 
 
 def _output_hook(items, on_site, fired, batch_shape):
     def hook(module, args, output):
         box = [output]
 
-        def get(spec: SiteSpec):
-            out = box[0]
-            return out if isinstance(out, torch.Tensor) or spec.index is None or spec.path == "" else out[spec.index]
-
         def put(spec: SiteSpec, value):
             out = box[0]
-            if isinstance(out, torch.Tensor):
-                box[0] = value
-            else:
-                box[0] = (*out[: spec.index], value, *out[spec.index + 1 :])
+            box[0] = value if isinstance(out, torch.Tensor) else (*out[: spec.index], value, *out[spec.index + 1 :])
 
-        _apply(items, get, put, on_site, fired, batch_shape)
+        _apply(items, lambda spec: raw_value(spec, output=box[0]), put, on_site, fired, batch_shape)
         return box[0] if box[0] is not output else None
 
     return hook
@@ -115,10 +130,6 @@ def _input_hook(items, on_site, fired, batch_shape):
     def hook(module, args, kwargs):
         box = [args, kwargs]
 
-        def get(spec: SiteSpec):
-            a, kw = box
-            return a[spec.index] if 0 <= spec.index < len(a) else kw.get(spec.kwarg)
-
         def put(spec: SiteSpec, value):
             a, kw = box
             if 0 <= spec.index < len(a):
@@ -126,7 +137,7 @@ def _input_hook(items, on_site, fired, batch_shape):
             else:
                 box[1] = {**kw, spec.kwarg: value}
 
-        _apply(items, get, put, on_site, fired, batch_shape)
+        _apply(items, lambda spec: raw_value(spec, args=box[0], kwargs=box[1]), put, on_site, fired, batch_shape)
         return (box[0], box[1]) if box[0] is not args or box[1] is not kwargs else None
 
     return hook
@@ -157,23 +168,13 @@ def forward(
     if LOGITS in sites:
         logits = True
     model = handle.hf_model if logits else handle.hf_model.base_model
-    if PATTERN in sites and sm.attention_flag_needed:
-        model_kwargs.setdefault("output_attentions", True)  # older models (Bloom, Falcon) compute them only when asked
-    model_kwargs.setdefault("use_cache", False)
     with torch.no_grad(), hooked(handle, reads, on_site, edits, tuple(input_ids.shape)) as fired:
         out = model(input_ids=input_ids.to(handle.device),
-                    attention_mask=None if attention_mask is None else attention_mask.to(handle.device), **model_kwargs)
+                    attention_mask=None if attention_mask is None else attention_mask.to(handle.device),
+                    **forward_kwargs(sm, sites, **model_kwargs))
     missing = [k for k in dict.fromkeys([*reads, *edits]) if k not in fired]
     if missing:
         raise UnsupportedSiteError(f"{handle.name}: the forward pass never produced "
                                    f"{', '.join(f'{s} (layer {l})' for s, l in missing[:4])}"
                                    f"{' ...' if len(missing) > 4 else ''}; this architecture computes it another way.")
     return out
-
-
-def final_hidden(handle, input_ids, attention_mask=None) -> torch.Tensor:
-    """The final-norm output, (b, p, d_model): what the unembedding reads."""
-    store = {}
-    forward(handle, input_ids, attention_mask, reads=[(FINAL_NORM, None)],
-            on_site=lambda s, l, x: store.__setitem__("h", x), logits=False)
-    return store["h"]

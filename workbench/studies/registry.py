@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..runs import write_text_atomic
+
 RUNS = Path("runs")
 
 # Where the numbers come from, for every table of a study on the embedded models.
@@ -111,10 +113,16 @@ def _parse_layers(spec: Optional[str]):
 
 
 def _page(path: Path, title: str, intro: str, table: str, rest: str = "", note: bool = True) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
     weights = f"\n{EMBEDDED_WEIGHTS_NOTE}\n" if note else ""
-    path.write_text(f"# {title}\n\n{intro}\n\n{table}\n{weights}{rest}", encoding="utf-8")
+    write_text_atomic(path, f"# {title}\n\n{intro}\n\n{table}\n{weights}{rest}")
     return table
+
+
+def _with_weights_note(page: Path) -> str:
+    """Append the weights note to a page a study module wrote; returns the page's text as it was."""
+    text = page.read_text(encoding="utf-8")
+    write_text_atomic(page, text.rstrip("\n") + f"\n\n{EMBEDDED_WEIGHTS_NOTE}\n")
+    return text
 
 
 def _run_extreme_tokens(model, folder, options, overwrite):
@@ -173,11 +181,9 @@ def _write_tokenization_bias(folders: dict[str, Path], out: Path):
 
     results = study.load_study(folders[""])
     written = study.write_figures(results, out / "tokenization_bias")
-    setup, table = study.summary_table(results).split("\n\n", 1)
-    _page(out / "tokenization_bias" / "summary.md", "Tokenization bias on a Markov chain", setup, table.strip(),
-          note=False)
-    written.append(out / "tokenization_bias" / "summary.md")
-    return written, table.strip()
+    page = study.write_summary(results, out / "tokenization_bias" / "summary.md")  # toy models: no weights note
+    written.append(page)
+    return written, first_table(page.read_text(encoding="utf-8"))
 
 
 def _run_byte_level(model, folder, options, overwrite):
@@ -192,10 +198,8 @@ def _write_byte_level(folders: dict[str, Path], out: Path):
     folder = folders[""]
     written = study.write_figures(folder, out / "tokenization_bias")
     page = study.write_summary(folder, out / "tokenization_bias" / "byte_level.md")
-    text = page.read_text(encoding="utf-8")
-    page.write_text(text.rstrip("\n") + f"\n\n{EMBEDDED_WEIGHTS_NOTE}\n", encoding="utf-8")
     written.append(page)
-    return written, first_table(text)
+    return written, first_table(_with_weights_note(page))
 
 
 def _run_token_alignment(model, folder, options, overwrite):
@@ -213,10 +217,8 @@ def _write_token_alignment(folders: dict[str, Path], out: Path):
     for folder in folders.values():
         written += study.write_figures(folder, out / "tokenization_bias")
     page = study.write_summary(list(folders.values()), out / "tokenization_bias" / "token_alignment.md")
-    text = page.read_text(encoding="utf-8")
-    page.write_text(text.rstrip("\n") + f"\n\n{EMBEDDED_WEIGHTS_NOTE}\n", encoding="utf-8")
     written.append(page)
-    return written, first_table(text)
+    return written, first_table(_with_weights_note(page))
 
 
 _MODELS = ("smollm2-135m", "gemma3-270m")
@@ -317,7 +319,7 @@ def sync_readme_tables(readme: Path, gallery_dir: Path) -> bool:
 
     new = _BLOCK.sub(replace, text)
     if new != text:
-        readme.write_text(new, encoding="utf-8")
+        write_text_atomic(readme, new)
     return new != text
 
 
