@@ -81,20 +81,26 @@ def main() -> None:
     parser.add_argument("--naive-every", type=int, default=20, help="time the naive/healing baselines every k-th byte")
     parser.add_argument("--repeats", type=int, default=3, help="plain forward repeats (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--model", default=None, help="model name for wb.load_model (default: the embedded SmolLM2-135M; "
+                        "random-llama-1b on a GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     args = parser.parse_args()
     if args.bytes < 1 or args.naive_every < 1 or args.repeats < 1:
         raise SystemExit("--bytes, --naive-every and --repeats must be >= 1.")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = wb.load_model()
+    model = wb.load_model(args.model, device=args.device, dtype=args.dtype)
     text = corpus_bytes(args.offset, args.bytes)
     n = len(text)
     context = start_context(model)
     ids = context + model.tokenizer(text.decode("utf-8"), add_special_tokens=False)["input_ids"]
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"with {torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"model: {model.name} ({model.dtype}, {model.attn_implementation} attention, {model.device})")
+    gpu = f", {torch.cuda.get_device_name(model.device)}" if model.device.type == "cuda" else ""
+    print(f"model: {model.name} ({model.dtype}, {model.attn_implementation} attention, {model.device}{gpu}; "
+          f"{model.source})")
     print(f"text: pydoc corpus bytes {args.offset}..{args.offset + n} ({n} bytes, {len(ids) - len(context)} tokens, "
           f"{n / (len(ids) - len(context)):.2f} bytes/token), starts {text[:60]!r}")
     print(f"exact: prune={args.prune:g}, max_hypotheses={args.max_hypotheses or None}, context={context}\n")

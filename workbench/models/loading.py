@@ -270,7 +270,8 @@ def load_model(
 
     ``name``: ``None`` (embedded default, SmolLM2-135M), an embedded name from
     ``workbench models``, ``"tiny-random-<architecture>"`` (see ``workbench models
-    --architectures``), a local folder, or a hub id (only with ``allow_download=True``:
+    --architectures``), ``"random-<shape>"`` (a real model's shape with random weights, for
+    timings: ``random-smollm2-135m``, ``random-llama-1b``), a local folder, or a hub id (only with ``allow_download=True``:
     hub look-ups stay offline otherwise). Attention is eager by default so the probes can
     read attention probabilities. The site map is resolved here: a model whose architecture
     no adapter knows fails now, naming the supported architectures.
@@ -283,10 +284,12 @@ def load_model(
         raise ModelNotAvailableError(f"model name {name!r} is empty; pass None for the default ({DEFAULT_MODEL}).")
     name = name or DEFAULT_MODEL
     torch_dtype = DTYPES[dtype]
-    from .tiny import TINY_PREFIX, tiny_model
+    from .tiny import RANDOM_PREFIX, TINY_PREFIX, random_shaped_model, tiny_model
 
     if name.startswith(TINY_PREFIX):  # tiny-random-llama and every other tiny architecture
         handle = tiny_model(name.removeprefix(TINY_PREFIX))
+    elif name.startswith(RANDOM_PREFIX):  # random-llama-1b: a real model's shape, random weights, built in place
+        handle = random_shaped_model(name.removeprefix(RANDOM_PREFIX), device=device, dtype=dtype)
     elif (embedded := _resolve_embedded(name)) is not None:
         handle = _load_embedded(embedded)
     elif Path(name).expanduser().is_dir():
@@ -296,7 +299,7 @@ def load_model(
     elif "/" in name and allow_download:
         handle = _load_pretrained(name, name, trust_remote_code, local_only=False)
     else:
-        known = ", ".join([*EMBEDDED, TINY_MODEL, "tiny-random-<architecture>"])
+        known = ", ".join([*EMBEDDED, TINY_MODEL, "tiny-random-<architecture>", "random-<shape>"])
         hint = (
             "To load a Hugging Face hub id, pass allow_download=True (needs a network), "
             "or download it and pass the local folder."

@@ -51,6 +51,7 @@ TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
 
 TINY_PREFIX = "tiny-random-"
+RANDOM_PREFIX = "random-"
 
 
 def tiny_config(architecture: str, vocab_size: int, special_ids: dict | None = None):
@@ -85,6 +86,43 @@ def tiny_model(architecture: str = "llama", seed: int = 0):
     hf_model.eval()
     return ModelHandle(name=f"{TINY_PREFIX}{architecture}", hf_model=hf_model, tokenizer=tokenizer,
                        source=f"random init, seed {seed}", file_hash=f"{architecture}-seed-{seed}")
+
+
+# Real models' shapes with random weights: for GPU checks and timings where the weights cannot
+# travel (the GPU machine takes 64 MiB of files). Vocabulary and special ids: SmolLM2's tokenizer.
+REAL_SHAPES: dict[str, dict] = {
+    # SmolLM2-135M's own config (the embedded default model)
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True),
+    # Llama-3.2-1B's layers (16 x d_model 2048, 32 query / 8 KV heads); with SmolLM2's 49,152-token
+    # vocabulary instead of 128,256 it has 1.07 B parameters
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                     rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=True),
+}
+
+
+def random_shaped_model(shape: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 0):
+    """A seeded random-init Llama with the layer shapes of ``shape`` (see ``REAL_SHAPES``), built on
+    ``device`` in ``dtype`` (eager attention), behind a :class:`ModelHandle`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .loading import DTYPES, ModelHandle, _tiny_tokenizer
+
+    if shape not in REAL_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(REAL_SHAPES)}.")
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(**REAL_SHAPES[shape], vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []), torch.device(device):
+        torch.manual_seed(seed)
+        hf_model = LlamaForCausalLM(config).to(DTYPES[dtype])
+    hf_model.config.architectures = ["LlamaForCausalLM"]
+    hf_model.eval().requires_grad_(False)
+    return ModelHandle(name=f"{RANDOM_PREFIX}{shape}", hf_model=hf_model, tokenizer=tokenizer,
+                       source=f"random init with {shape}'s shape, seed {seed}", file_hash=f"random-{shape}-seed-{seed}")
 
 
 def save_tiny_model(architecture: str, folder, seed: int = 0) -> None:
