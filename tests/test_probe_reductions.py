@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workbench.probes import PROBES, UnknownProbeError, resolve_probes
-from workbench.probes.catalog import attention_received, logit_summaries, value_norms
+from workbench.probes.catalog import attention_received, logit_summaries, value_norms, w_o_factor
 
 
 def test_attention_received_hand_built():
@@ -32,9 +32,8 @@ def test_value_norms_identity_projection():
     # 2 heads sharing 1 kv head (GQA); W_O^h = identity on head h's slice -> norm of v itself
     v = torch.tensor([[[[3.0, 4.0]], [[0.0, 1.0]]]])  # (b=1, p=2, kv=1, d_h=2)
     w_o = torch.eye(4)  # d_model = 4 = 2 heads x 2
-    per_head = w_o.reshape(4, 2, 2)
-    gram = torch.einsum("dhe,dhf->hef", per_head, per_head)
-    got = value_norms(v, gram, n_heads=2)
+    per_head = w_o.reshape(4, 2, 2)  # (d_model, head, d_h)
+    got = value_norms(v, w_o_factor(per_head.permute(1, 2, 0)), n_heads=2)
     assert got.shape == (1, 2, 2)
     assert got[0, :, 0].tolist() == pytest.approx([5.0, 5.0])
     assert got[0, :, 1].tolist() == pytest.approx([1.0, 1.0])
@@ -46,8 +45,8 @@ def test_value_norms_match_direct_product_with_gqa():
     v = torch.randn(b, p, kv, d_h)
     w_o = torch.randn(d, n_heads * d_h)
     per_head = w_o.reshape(d, n_heads, d_h)
-    gram = torch.einsum("dhe,dhf->hef", per_head, per_head)
-    got = value_norms(v, gram, n_heads)
+    w_o[:, :d_h] = 0  # head 0 writes nothing (rank 0): the factor must still exist
+    got = value_norms(v, w_o_factor(per_head.permute(1, 2, 0)), n_heads)
     for h in range(n_heads):
         direct = (v[:, :, h // (n_heads // kv)] @ per_head[:, h].T).norm(dim=-1)  # (b, p)
         torch.testing.assert_close(got[:, h], direct, rtol=1e-5, atol=1e-5)

@@ -23,7 +23,7 @@ from .probes import (
     check_probes_supported,
     resolve_probes,
     run_batch,
-    w_o_gram_getter,
+    w_o_factor_getter,
 )
 from .schema import SCHEMA_VERSION, validate_run
 
@@ -69,7 +69,7 @@ def capture(
         model.hf_model.set_attn_implementation("eager")
     limit = max_tokens or model.max_context
 
-    encoded = [_encode(model.tokenizer, t, add_special_tokens) for t in texts]
+    encoded = _encode(model.tokenizer, texts, add_special_tokens)
     truncated = [i for i, e in enumerate(encoded) if len(e[0]) > limit]
     if truncated and not truncate:
         worst = max(truncated, key=lambda i: len(encoded[i][0]))
@@ -90,9 +90,13 @@ def capture(
 
     variable_dims = {v.name: v.dims for p in probe_list for v in p.variables}
     width = max(len(e[0]) for e in encoded)
-    buffers = _RunBuffers(len(texts), width, model.n_layers, variable_dims)
+    # resid_post[l] is resid_pre[l + 1] (one layer's output is the next one's input): with both
+    # probes the run keeps one (layer + 1)-deep residual array and both variables are views of it
+    shared = {"resid_pre", "resid_post"} <= set(variable_dims)
+    skip = frozenset(("resid_post", layer) for layer in range(model.n_layers - 1)) if shared else frozenset()
+    buffers = _RunBuffers(len(texts), width, model.n_layers, variable_dims, shared_residual=shared)
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i][0]))
-    gram = w_o_gram_getter(model)
+    factor = w_o_factor_getter(model)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     bar = tqdm(total=sum(len(e[0]) for e in encoded), unit="tok", desc=f"capture ({backend})", disable=not progress)
     for start in range(0, len(order), batch_size):
@@ -105,9 +109,10 @@ def capture(
             input_ids[row, : lengths[row]] = torch.tensor(encoded[i][0])
             valid[row, : lengths[row]] = True
         input_ids, valid = input_ids.to(model.device), valid.to(model.device)
-        ctx = BatchContext(input_ids=input_ids, valid=valid, w_o_gram=gram, n_heads=model.n_heads, top_k=top_k)
-        collector = BatchCollector(probe_list, ctx, buffers.writer(batch))
+        ctx = BatchContext(input_ids=input_ids, valid=valid, w_o_factor=factor, n_heads=model.n_heads, top_k=top_k)
+        collector = BatchCollector(probe_list, ctx, buffers.writer(batch), skip=skip)
         run_batch(backend, model, input_ids, valid.long(), collector.sites, collector)
+        collector.flush()
         buffers.mask_padding(batch, lengths)
         bar.update(sum(lengths))
     bar.close()
@@ -153,13 +158,19 @@ def _check_texts(texts) -> list[str]:
     return texts
 
 
-def _encode(tokenizer, text: str, add_special_tokens: bool):
-    """Token ids and UTF-8 byte spans (start, end) of each token in ``text``."""
-    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    byte_at = np.zeros(len(text) + 1, dtype=np.int64)
-    byte_at[1:] = np.cumsum([len(ch.encode("utf-8")) for ch in text])
-    offsets = [(int(byte_at[s]), int(byte_at[e])) for s, e in enc["offset_mapping"]]
-    return list(enc["input_ids"]), offsets
+def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Each text's token ids and the UTF-8 byte span (start, end) of each token (one batched tokenizer call)."""
+    enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    out = []
+    for text, ids, spans in zip(texts, enc["input_ids"], enc["offset_mapping"]):
+        if text.isascii():  # one byte per character
+            offsets = [(int(a), int(b)) for a, b in spans]
+        else:
+            byte_at = np.zeros(len(text) + 1, dtype=np.int64)
+            byte_at[1:] = np.cumsum([len(ch.encode("utf-8")) for ch in text])
+            offsets = [(int(byte_at[a]), int(byte_at[b])) for a, b in spans]
+        out.append((list(ids), offsets))
+    return out
 
 
 class _RunBuffers:
@@ -170,11 +181,17 @@ class _RunBuffers:
     uninitialised: together the two cover every entry.
     """
 
-    def __init__(self, n_samples: int, width: int, n_layers: int, variable_dims: dict[str, tuple[str, ...]]):
+    def __init__(self, n_samples: int, width: int, n_layers: int, variable_dims: dict[str, tuple[str, ...]],
+                 shared_residual: bool = False):
         self.n_samples, self.width, self.n_layers, self.dims = n_samples, width, n_layers, variable_dims
+        self.shared_residual = shared_residual
         self.arrays: dict[str, np.ndarray] = {}
 
     def _array(self, name: str, value: np.ndarray) -> np.ndarray:
+        if name not in self.arrays and self.shared_residual and name in ("resid_pre", "resid_post"):
+            # (sample, pos, layer + 1, d_model): entry l is resid_pre[l], entry l + 1 is resid_post[l]
+            states = np.empty((self.n_samples, self.width, self.n_layers + 1, value.shape[-1]), dtype=np.float32)
+            self.arrays["resid_pre"], self.arrays["resid_post"] = states[:, :, :-1], states[:, :, 1:]
         if name not in self.arrays:
             dims = self.dims[name]
             shape, it = [], iter(value.shape[1:])
@@ -232,12 +249,14 @@ def _assemble(model, texts, encoded, buffers: _RunBuffers, variable_dims, top_k)
     byte_start = np.zeros((n_samples, width), dtype=np.int64)
     byte_end = np.zeros((n_samples, width), dtype=np.int64)
     token = np.full((n_samples, width), "", dtype=object)
+    unique = sorted({t for ids, _ in encoded for t in ids})  # each vocabulary entry decoded once
+    strings = dict(zip(unique, model.tokenizer.batch_decode([[t] for t in unique])))
     for i, (ids, offsets) in enumerate(encoded):
         n = len(ids)
         token_id[i, :n] = ids
         byte_start[i, :n] = [s for s, _ in offsets]
         byte_end[i, :n] = [e for _, e in offsets]
-        token[i, :n] = model.tokenizer.batch_decode([[t] for t in ids])
+        token[i, :n] = [strings[t] for t in ids]
     n_tokens = np.array([len(e[0]) for e in encoded], dtype=np.int64)
     coords = {
         "sample": np.arange(n_samples),

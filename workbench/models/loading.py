@@ -444,6 +444,12 @@ def list_models() -> list[dict]:
 
 
 def package_versions() -> dict[str, str]:
+    """Versions of the packages a run's numbers depend on (read once per process)."""
+    return dict(_package_versions())
+
+
+@functools.cache
+def _package_versions() -> dict[str, str]:
     versions = {}
     for pkg in ("workbench", "torch", "transformers", "nnsight", "transformer-lens", "xarray", "zarr", "numpy"):
         try:

@@ -11,7 +11,7 @@ from .catalog import (
     resolve_probes,
     unsupported_probes,
 )
-from .collector import BatchCollector, w_o_gram_getter
+from .collector import BatchCollector, w_o_factor_getter
 from .sites import SITES, SiteMap, UnsupportedArchitectureError, UnsupportedSiteError
 
 __all__ = [
@@ -31,5 +31,5 @@ __all__ = [
     "resolve_probes",
     "run_batch",
     "unsupported_probes",
-    "w_o_gram_getter",
+    "w_o_factor_getter",
 ]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..models import ModelHandle
-from .catalog import BatchContext, Probe
+from .catalog import BatchContext, Probe, w_o_factor
 from .hooks import site_map
 
 # (variable name, layer or None, reduced batch value as numpy) -> None
@@ -18,13 +18,24 @@ Store = Callable[[str, "int | None", np.ndarray], None]
 class BatchCollector:
     """Receives ``(site, layer, tensor)`` from a backend and hands on only the probes' reductions.
 
-    Values go to ``store`` as soon as they are reduced, so no full activation outlives
-    its hook; on the CPU the numpy array shares the tensor's memory (no copy).
+    On the CPU, values go to ``store`` as soon as they are reduced, so no full activation
+    outlives its hook (the numpy array shares the tensor's memory: no copy). On a GPU, the
+    reduced values wait on the device until :meth:`flush` (or until ``defer_bytes`` of them
+    wait) and then cross to the host together: a copy to the host waits for the GPU, and one
+    such wait per hook would stall the forward pass at every layer.
+
+    ``skip``: ``(variable, layer)`` pairs not to store because the caller already has them
+    (capture keeps ``resid_post[l]``, which is ``resid_pre[l + 1]``, only once).
     """
 
-    def __init__(self, probes: list[Probe], ctx: BatchContext, store: Store):
+    def __init__(self, probes: list[Probe], ctx: BatchContext, store: Store,
+                 skip: frozenset[tuple[str, int]] = frozenset(), defer_bytes: int = 1 << 30):
         self.ctx = ctx
         self.store = store
+        self.skip = skip
+        self.defer_bytes = defer_bytes
+        self.pending: list[tuple[str, int | None, torch.Tensor]] = []
+        self.pending_bytes = 0
         self.by_site: dict[str, list[Probe]] = {}
         for probe in probes:
             self.by_site.setdefault(probe.site, []).append(probe)
@@ -35,19 +46,40 @@ class BatchCollector:
 
     def __call__(self, site: str, layer: int | None, tensor: torch.Tensor) -> None:
         for probe in self.by_site.get(site, ()):
+            if all((v.name, layer) in self.skip for v in probe.variables):
+                continue
             for name, value in probe.reduce(tensor.detach(), self.ctx, layer).items():
-                value = value.cpu()
-                self.store(name, layer, value.numpy() if not value.is_floating_point() else value.float().numpy())
+                if (name, layer) in self.skip:
+                    continue
+                if value.device.type == "cpu":
+                    self._store(name, layer, value)
+                else:
+                    if value.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+                        value = value.clone()  # the model's own tensor: a later in-place op must not reach it
+                    self.pending.append((name, layer, value))
+                    self.pending_bytes += value.numel() * value.element_size()
+                    if self.pending_bytes >= self.defer_bytes:
+                        self.flush()
+
+    def flush(self) -> None:
+        """Move the values waiting on the device to the host and store them."""
+        for name, layer, value in self.pending:
+            self._store(name, layer, value)
+        self.pending.clear()
+        self.pending_bytes = 0
+
+    def _store(self, name: str, layer: int | None, value: torch.Tensor) -> None:
+        value = value.cpu()
+        self.store(name, layer, value.numpy() if not value.is_floating_point() else value.float().numpy())
 
 
-def w_o_gram_getter(handle: ModelHandle):
-    """layer -> W_O^h W_O^h^T for every head, (head, d_h, d_h), cached; W_O from the site map."""
+def w_o_factor_getter(handle: ModelHandle):
+    """layer -> ``w_o_factor`` of that layer's W_O (head, d_h, d_h), cached; W_O from the site map."""
     cache: dict[int, torch.Tensor] = {}
 
     def get(layer: int) -> torch.Tensor:
         if layer not in cache:
-            w_o = site_map(handle).W_O(layer).float()  # (head, d_h, d_model)
-            cache[layer] = w_o @ w_o.transpose(1, 2)
+            cache[layer] = w_o_factor(site_map(handle).W_O(layer).float())
         return cache[layer]
 
     return get
