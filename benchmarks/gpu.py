@@ -20,6 +20,11 @@ ended by ``torch.cuda.synchronize()``:
   capture   ``wb.capture(model, texts, probes, batch_size=batch)`` (torch backend), which also
             copies what it keeps to host memory and builds the run
 
+Then throughput, the issue's target: tokens/s of ``--batches`` plain forwards against one capture
+of the same sequences (``batch_size=--batch``) with the reduced probes, bfloat16, for random-init
+Llama-3.2-1B and Llama-3-8B shapes (7.4 B parameters with SmolLM2's vocabulary), and the peak GPU
+memory of each.
+
 Probe sets: ``full`` = all-layer ``resid_pre, resid_post`` + ``attn_received, value_norm`` (the CPU
 benchmark's set: two d_model floats per token and layer go to the host), ``reduced`` =
 ``resid_norm, attn_received, value_norm`` (what the extreme-token studies need). Reported: minimum
@@ -78,6 +83,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per configuration (default 7)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--batches", type=int, default=8, help="batches in the throughput comparison (default 8)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA device; on the CPU run benchmarks/capture_overhead.py.")
@@ -112,6 +118,33 @@ def main() -> None:
         print(f"{name:<22} {dtype:<9} {probe_set:<8} {min(p):11.4f} {min(c):13.4f} {min(c) / min(p):9.2f} "
               f"{statistics.median(c) / statistics.median(p):12.2f}", flush=True)
 
+    loaded.clear()
+    print(f"\nthroughput over {args.batches} batches of {args.batch} x {args.tokens} tokens, bfloat16, probes "
+          f"{','.join(PROBE_SETS['reduced'])} (target: capture >= 0.9x plain):")
+    for name in ("random-llama-1b", "random-llama-3-8b"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model = wb.load_model(name, device="cuda", dtype="bfloat16")
+        ids, texts, _ = make_inputs(model.tokenizer, args.batch * args.batches, args.tokens)
+        batches = [ids[i : i + args.batch].cuda() for i in range(0, len(ids), args.batch)]
+
+        def plain_all():
+            with torch.no_grad():
+                for batch in batches:
+                    model.hf_model.base_model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
+
+        def capture_all():
+            return wb.capture(model, texts, probes=PROBE_SETS["reduced"], batch_size=args.batch, progress=False)
+
+        walls = compare({"plain": plain_all, "capture": capture_all}, max(3, args.rounds // 2))
+        n_tokens = ids.numel()
+        plain_tps, capture_tps = n_tokens / min(walls["plain"]), n_tokens / min(walls["capture"])
+        print(f"  {name:<20} plain {plain_tps:9.0f} tok/s, capture {capture_tps:9.0f} tok/s: "
+              f"capture/plain throughput {capture_tps / plain_tps:.2f}; peak GPU memory "
+              f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+        del model, batches
+    loaded.clear()
+
     model = wb.load_model("random-smollm2-135m", device="cuda")
     ids, texts, _ = make_inputs(model.tokenizer, args.batch, args.tokens)
     probes = PROBE_SETS["reduced"]
@@ -122,7 +155,6 @@ def main() -> None:
     base = min(walls["torch"])
     print("\nbackends (random-smollm2-135m, float32, reduced probes): min s (x torch) "
           + ", ".join(f"{b} {min(w):.4f} ({min(w) / base:.2f})" for b, w in walls.items()))
-    print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":

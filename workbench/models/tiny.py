@@ -100,6 +100,11 @@ REAL_SHAPES: dict[str, dict] = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=True),
+    # Llama-3-8B's layers (32 x d_model 4096, 32 query / 8 KV heads of 128, MLP 14336); with SmolLM2's
+    # vocabulary 7.4 B parameters
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False),
 }
 
 
@@ -118,7 +123,12 @@ def random_shaped_model(shape: str, *, device: str = "cpu", dtype: str = "float3
     config._attn_implementation = "eager"
     with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []), torch.device(device):
         torch.manual_seed(seed)
-        hf_model = LlamaForCausalLM(config).to(DTYPES[dtype])
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(DTYPES[dtype])  # built in its dtype: an 8B model never exists in float32
+        try:
+            hf_model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default)
     hf_model.config.architectures = ["LlamaForCausalLM"]
     hf_model.eval().requires_grad_(False)
     return ModelHandle(name=f"{RANDOM_PREFIX}{shape}", hf_model=hf_model, tokenizer=tokenizer,
