@@ -78,12 +78,30 @@ def compare(methods: dict, rounds: int) -> dict[str, list[float]]:
     return walls
 
 
+def profile(fn) -> None:
+    """Where one call's time goes: cProfile, top 25 functions by own time (GPU waits show in .cpu/.item)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+    print("\n".join(line for line in buf.getvalue().splitlines()[3:] if line.strip()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per configuration (default 7)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--batches", type=int, default=8, help="batches in the throughput comparison (default 8)")
+    parser.add_argument("--profile", action="store_true", help="also a cProfile of one capture of the 1B shape")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA device; on the CPU run benchmarks/capture_overhead.py.")
@@ -142,6 +160,8 @@ def main() -> None:
         print(f"  {name:<20} plain {plain_tps:9.0f} tok/s, capture {capture_tps:9.0f} tok/s: "
               f"capture/plain throughput {capture_tps / plain_tps:.2f}; peak GPU memory "
               f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+        if args.profile and name == "random-llama-1b":
+            profile(capture_all)
         del model, batches
     loaded.clear()
 

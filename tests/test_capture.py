@@ -131,3 +131,15 @@ def test_too_long_is_an_error_unless_truncating(tiny):
 def test_longer_than_model_context_is_caught(tiny):
     with pytest.raises(InputTooLongError, match="256 tokens"):
         wb.capture(tiny, "word " * 400, ["resid_pre"], progress=False)
+
+
+def test_value_norms_follow_weight_edits_between_captures():
+    """W_O's factor is cached on the handle across captures; an in-place edit must not be served stale."""
+    handle = wb.load_model("tiny-random-llama")
+    before = wb.capture(handle, ["The cat sat on the mat."], ["value_norm"], progress=False).value_norm
+    o_proj = handle.hf_model.model.layers[0].self_attn.o_proj
+    with torch.no_grad():
+        o_proj.weight.mul_(2.0)
+    after = wb.capture(handle, ["The cat sat on the mat."], ["value_norm"], progress=False).value_norm
+    # layer 0's values depend on the embeddings alone, so only its W_O changed: its norms double
+    np.testing.assert_allclose(after.sel(layer=0), 2 * before.sel(layer=0), rtol=1e-5)

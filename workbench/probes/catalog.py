@@ -90,11 +90,16 @@ def attention_received(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tens
 def w_o_factor(w_o: torch.Tensor) -> torch.Tensor:
     """``R`` (head, d_h, d_h) with ``||W_O^h^T v|| = ||R_h v||`` for every v, from ``w_o`` (head, d_h, d_model).
 
-    The R of the QR decomposition of each ``W_O^h^T`` (d_model, d_h): ``W_O^h W_O^h^T = R^T R``.
-    Computed once per layer; it exists for any W_O (a Cholesky factor of the Gram matrix would
-    fail on a rank-deficient head).
+    From the eigendecomposition of the Gram matrix ``W_O^h W_O^h^T = V diag(l) V^T`` (float64):
+    ``R = diag(sqrt(l)) V^T``, so ``R^T R`` is the Gram matrix. It exists for any W_O (a Cholesky
+    factor would fail on a rank-deficient head). The small (d_h x d_h) decompositions run on the
+    CPU, where they are fast; only the Gram product runs where the weights are.
     """
-    return torch.linalg.qr(w_o.transpose(1, 2).double(), mode="r").R.to(w_o.dtype)
+    w = w_o.double()
+    gram = (w @ w.transpose(1, 2)).cpu()
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    factor = (vectors * eigenvalues.clamp_min(0).sqrt()[:, None, :]).transpose(1, 2)
+    return factor.to(device=w_o.device, dtype=torch.float32)
 
 
 def value_norms(values: torch.Tensor, factor: torch.Tensor, n_heads: int) -> torch.Tensor:

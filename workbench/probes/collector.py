@@ -74,12 +74,20 @@ class BatchCollector:
 
 
 def w_o_factor_getter(handle: ModelHandle):
-    """layer -> ``w_o_factor`` of that layer's W_O (head, d_h, d_h), cached; W_O from the site map."""
-    cache: dict[int, torch.Tensor] = {}
+    """layer -> ``w_o_factor`` of that layer's W_O (head, d_h, d_h); W_O from the site map.
+
+    Kept on the handle across captures while its weights stay as they are (edited, replaced or
+    moved weights start a fresh cache).
+    """
+    state = handle._weights_state()
+    cached = handle.__dict__.get("_w_o_factors")
+    if cached is None or cached[0] != state:
+        cached = handle.__dict__["_w_o_factors"] = (state, {})
+    factors = cached[1]
 
     def get(layer: int) -> torch.Tensor:
-        if layer not in cache:
-            cache[layer] = w_o_factor(site_map(handle).W_O(layer).float())
-        return cache[layer]
+        if layer not in factors:
+            factors[layer] = w_o_factor(site_map(handle).W_O(layer))
+        return factors[layer]
 
     return get
