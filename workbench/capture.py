@@ -99,6 +99,13 @@ def capture(
     factor = w_o_factor_getter(model)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     bar = tqdm(total=sum(len(e[0]) for e in encoded), unit="tok", desc=f"capture ({backend})", disable=not progress)
+
+    def finish_batch(collector: BatchCollector, batch: list[int], lengths: list[int]) -> None:
+        collector.finish()
+        buffers.mask_padding(batch, lengths)
+        bar.update(sum(lengths))
+
+    previous = None
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         lengths = [len(encoded[i][0]) for i in batch]
@@ -112,9 +119,12 @@ def capture(
         ctx = BatchContext(input_ids=input_ids, valid=valid, w_o_factor=factor, n_heads=model.n_heads, top_k=top_k)
         collector = BatchCollector(probe_list, ctx, buffers.writer(batch), skip=skip)
         run_batch(backend, model, input_ids, valid.long(), collector.sites, collector)
+        if previous is not None:  # on a GPU: store the last batch while this one computes
+            finish_batch(*previous)
         collector.flush()
-        buffers.mask_padding(batch, lengths)
-        bar.update(sum(lengths))
+        previous = (collector, batch, lengths)
+    if previous is not None:
+        finish_batch(*previous)
     bar.close()
 
     ds = _assemble(model, texts, encoded, buffers, variable_dims, top_k)
@@ -165,9 +175,10 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[tuple
     for text, ids, spans in zip(texts, enc["input_ids"], enc["offset_mapping"]):
         if text.isascii():  # one byte per character
             offsets = [(int(a), int(b)) for a, b in spans]
-        else:
+        else:  # UTF-8 length of each character from its code point, then character -> byte offset
+            points = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
             byte_at = np.zeros(len(text) + 1, dtype=np.int64)
-            byte_at[1:] = np.cumsum([len(ch.encode("utf-8")) for ch in text])
+            byte_at[1:] = np.cumsum(1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000))
             offsets = [(int(byte_at[a]), int(byte_at[b])) for a, b in spans]
         out.append((list(ids), offsets))
     return out

@@ -21,8 +21,9 @@ class BatchCollector:
     On the CPU, values go to ``store`` as soon as they are reduced, so no full activation
     outlives its hook (the numpy array shares the tensor's memory: no copy). On a GPU, the
     reduced values wait on the device until :meth:`flush` (or until ``defer_bytes`` of them
-    wait) and then cross to the host together: a copy to the host waits for the GPU, and one
-    such wait per hook would stall the forward pass at every layer.
+    wait), which queues their copies to the host, and :meth:`finish` stores them: a blocking
+    copy per hook would stall the forward pass at every layer, and waiting right after the
+    forward would leave the GPU idle while the host stores.
 
     ``skip``: ``(variable, layer)`` pairs not to store because the caller already has them
     (capture keeps ``resid_post[l]``, which is ``resid_pre[l + 1]``, only once).
@@ -35,6 +36,7 @@ class BatchCollector:
         self.skip = skip
         self.defer_bytes = defer_bytes
         self.pending: list[tuple[str, int | None, torch.Tensor]] = []
+        self.in_flight: list[tuple[object, list]] = []
         self.pending_bytes = 0
         self.by_site: dict[str, list[Probe]] = {}
         for probe in probes:
@@ -62,11 +64,37 @@ class BatchCollector:
                         self.flush()
 
     def flush(self) -> None:
-        """Move the values waiting on the device to the host and store them."""
+        """Start moving the values waiting on the device to the host, without waiting for them.
+
+        CUDA values are copied into pinned host memory on the stream, after the kernels that
+        made them; :meth:`finish` waits for those copies and stores them. Meanwhile the caller can
+        queue the next batch's forward pass, so the GPU computes while the host stores.
+        """
+        copies = []
         for name, layer, value in self.pending:
-            self._store(name, layer, value)
+            if value.is_cuda:
+                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                host.copy_(value, non_blocking=True)
+                copies.append((name, layer, host, value))  # the device value lives until its copy is done
+            else:
+                copies.append((name, layer, value.cpu(), None))
+        if copies:
+            event = torch.cuda.Event() if any(v is not None for *_, v in copies) else None
+            if event is not None:
+                event.record()
+            self.in_flight.append((event, copies))
         self.pending.clear()
         self.pending_bytes = 0
+
+    def finish(self) -> None:
+        """Flush, wait for every copy in flight, and store the values."""
+        self.flush()
+        for event, copies in self.in_flight:
+            if event is not None:
+                event.synchronize()
+            for name, layer, host, _ in copies:
+                self._store(name, layer, host)
+        self.in_flight.clear()
 
     def _store(self, name: str, layer: int | None, value: torch.Tensor) -> None:
         value = value.cpu()
