@@ -50,7 +50,8 @@ def test_interrupted_save_leaves_nothing(run, tmp_path, monkeypatch):
     monkeypatch.setattr(xr.Dataset, "to_zarr", boom)
     with pytest.raises(KeyboardInterrupt):
         wb.save_run(run, tmp_path / "r.zarr")
-    assert list(tmp_path.iterdir()) == []
+    # only the path's lock file stays (deleting lock files would break the locking)
+    assert [p.name for p in tmp_path.iterdir()] == [".r.zarr.lock"]
 
 
 def test_interrupted_overwrite_keeps_the_old_run(run, tmp_path, monkeypatch):
@@ -84,7 +85,7 @@ def test_damaged_store_is_a_clear_error(run, tmp_path):
 
 def test_corrupted_chunk_is_caught_by_verification(run, tmp_path):
     path = wb.save_run(run, tmp_path / "r.zarr")
-    chunk = next(p for p in (path / "value_norm").iterdir() if not p.name.startswith("."))
+    chunk = next(p for p in (path / "value_norm").rglob("*") if p.is_file() and p.name != "zarr.json")
     chunk.unlink()  # zarr would silently read fill values (NaN) here
     wb.open_run(path)  # lazy: structure only
     with pytest.raises(wb.InvalidRunError, match="value_norm differ"):
@@ -139,3 +140,65 @@ def test_staged_study_folder_is_all_or_nothing(tmp_path):
         assert not any(work.iterdir())
         (work / "b.txt").write_text("3")
     assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+
+
+def test_flipped_bit_is_caught_when_read_lazily(run, tmp_path):
+    """Every chunk carries a CRC-32C, checked whenever dask reads it: no verify=True needed."""
+    path = wb.save_run(run, tmp_path / "r.zarr")
+    chunk = next(p for p in (path / "resid_pre").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    lazy = wb.open_run(path)
+    lazy.value_norm.values  # undamaged variables read fine
+    with pytest.raises(ValueError, match="checksum"):
+        lazy.resid_pre.values
+
+
+def test_overwrite_never_touches_what_is_not_a_run(run, tmp_path):
+    folder = tmp_path / "notes.zarr"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    with pytest.raises(RunExistsError, match="not a run"):
+        wb.save_run(run, folder, overwrite=True)
+    assert (folder / "thesis.tex").read_text() == "years of work"
+
+
+def test_overwrite_swaps_by_renames(run, tmp_path, monkeypatch):
+    """The old run is moved aside before the new one moves in, and deleted last: if that last step
+    fails, the new run is in place and nothing is half-deleted."""
+    import workbench.runs as runs
+
+    path = wb.save_run(run, tmp_path / "r.zarr")
+    monkeypatch.setattr(runs, "_remove", lambda p: (_ for _ in ()).throw(OSError("disk gone")))
+    changed = run.assign_attrs(model="new")
+    with pytest.raises(OSError):
+        wb.save_run(changed, path, overwrite=True)
+    assert wb.open_run(path).attrs["model"] == "new"
+    monkeypatch.undo()
+    wb.save_run(run, path, overwrite=True)  # the next write clears the old run left beside it
+    assert not list(tmp_path.glob(".r.zarr.old-*")) and not list(tmp_path.glob(".r.zarr.tmp-*"))
+
+
+def test_second_writer_is_refused_at_once(run, tmp_path):
+    import subprocess
+    import sys
+
+    from workbench.locks import WriterBusyError, exclusive
+
+    path = tmp_path / "r.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom workbench.locks import exclusive\n"
+        f"with exclusive({str(path)!r}):\n    print('held', flush=True)\n    time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WriterBusyError, match=f"pid {holder.pid}"):
+            wb.save_run(run, path)
+        assert not path.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive(path):  # the kernel released the dead holder's lock
+        pass
+    wb.save_run(run, path)
