@@ -45,6 +45,10 @@ def test_capture_from_a_text_file(tmp_path):
         (["--model", "someone/some-model"], "allow_download"),
         (["--corpus", "/nonexistent/corpus.txt"], "does not exist"),
         (["--backend", "jax"], "transformer_lens"),
+        (["--limit", "-1"], "--limit must be 0"),
+        (["--model", " "], "--model is empty"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--residual-dtype", "bfloat16"], "float16"),
     ],
 )
 def test_capture_bad_input_is_one_clear_line(tmp_path, args, message):
@@ -105,3 +109,42 @@ def test_lab_serves_the_notebooks_on_loopback_only():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_capture_checks_the_output_path_before_loading_any_model(tmp_path, monkeypatch):
+    import workbench as wb
+
+    monkeypatch.setattr(wb, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    result = runner.invoke(app, ["capture", "--model", "tiny-random-llama", "--out", str(tmp_path / "x.h5")],
+                           terminal_width=300)
+    assert result.exit_code == 1 and ".zarr" in result.output
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    result = runner.invoke(app, ["capture", "--model", "tiny-random-llama", "--corpus", str(corpus),
+                                 "--out", str(tmp_path / "r.zarr")], terminal_width=300)
+    assert result.exit_code == 1 and "line 2" in result.output and "Traceback" not in result.output
+
+
+def test_second_capture_into_the_same_run_is_refused_before_loading(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import workbench as wb
+
+    out = tmp_path / "r.zarr"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom workbench.locks import exclusive\n"
+        f"with exclusive({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(wb, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+        result = runner.invoke(app, ["capture", "--model", "tiny-random-llama", "--out", str(out)],
+                               terminal_width=300)
+        assert result.exit_code == 1 and f"pid {holder.pid}" in " ".join(result.output.split())
+    finally:
+        holder.kill()
+        holder.wait()

@@ -202,3 +202,27 @@ def test_second_writer_is_refused_at_once(run, tmp_path):
     with exclusive(path):  # the kernel released the dead holder's lock
         pass
     wb.save_run(run, path)
+
+
+def test_two_runs_of_one_study_cannot_interleave(tmp_path):
+    """A second process running the same study is refused before it touches the first one's .partial."""
+    import subprocess
+    import sys
+
+    from workbench.locks import WriterBusyError
+    from workbench.studies.staging import staged_folder
+
+    final = tmp_path / "study"
+    first = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom workbench.studies.staging import staged_folder\n"
+        f"with staged_folder({str(final)!r}) as work:\n    (work / 'mpe.bin').write_text('checkpoint')\n"
+        "    print('writing', flush=True)\n    time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "writing"
+        with pytest.raises(WriterBusyError, match="study"):
+            with staged_folder(final, overwrite=True):
+                pass
+        assert (final.with_name("study.partial") / "mpe.bin").exists()  # the first one's work is intact
+    finally:
+        first.kill()
+        first.wait()

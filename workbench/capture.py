@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -32,6 +33,49 @@ class InputTooLongError(ValueError):
     pass
 
 
+RESIDUAL_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class CapturePlan:
+    """Everything decided before the first forward pass: inputs checked, texts tokenised."""
+
+    model: ModelHandle
+    texts: list[str]
+    encoded: list[tuple[list[int], list[tuple[int, int]]]]
+    probes: list
+    backend: str
+    batch_size: int
+    top_k: int
+    add_special_tokens: bool
+    truncated: list[int]
+    residual_dtype: str
+
+    @property
+    def variable_dims(self) -> dict[str, tuple[str, ...]]:
+        return {v.name: v.dims for p in self.probes for v in p.variables}
+
+    @property
+    def width(self) -> int:
+        return max(len(ids) for ids, _ in self.encoded)
+
+    def sizes(self, n_samples: int | None = None) -> dict[str, int]:
+        m = self.model
+        return {"sample": len(self.texts) if n_samples is None else n_samples, "pos": self.width,
+                "key_pos": self.width, "layer": m.n_layers, "head": m.n_heads, "d_model": m.d_model, "k": self.top_k}
+
+    @property
+    def shared_residual(self) -> bool:
+        # resid_post[l] is resid_pre[l + 1] (one layer's output is the next one's input): with both
+        # probes the run keeps one (layer + 1)-deep residual array and both variables are views of it
+        return {"resid_pre", "resid_post"} <= set(self.variable_dims)
+
+    def dtype(self, name: str):
+        if name == "top_k_ids":
+            return np.int64
+        return RESIDUAL_DTYPES[self.residual_dtype] if "d_model" in self.variable_dims[name] else np.float32
+
+
 def capture(
     model: ModelHandle,
     texts: str | list[str],
@@ -43,28 +87,66 @@ def capture(
     truncate: bool = False,
     top_k: int = 5,
     add_special_tokens: bool = True,
+    residual_dtype: str = "float32",
+    out=None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> xr.Dataset:
     """Capture ``probes`` for every text and return a run following :mod:`workbench.schema`.
 
     ``backend``: ``"torch"`` (PyTorch hooks placed by the site map, the default),
     ``"nnsight"`` (the same sites through nnsight tracing) or ``"transformer_lens"``
-    (TransformerBridge); all three store the same numbers. Texts are tokenised one by one, batched by length with right
-    padding, and padding is masked out of every result. A text longer than
+    (TransformerBridge); all three store the same numbers. Texts are tokenised, batched by length
+    with right padding, and padding is masked out of every result. A text longer than
     ``max_tokens`` (default: the model's context) is an error unless ``truncate=True``,
     which keeps its first ``max_tokens`` tokens and warns how many were dropped.
+
+    ``out``: a ``.zarr`` path to stream the run to, batch by batch, instead of holding it in
+    memory (memory bounded by one batch, whatever the corpus size); an interrupted capture
+    (SIGKILL included) continues where it stopped when run again with the same arguments. The
+    run is returned opened lazily. ``residual_dtype="float16"`` stores the probes with a
+    ``d_model`` dimension (residuals, updates) at half the size (recorded in the run's attrs;
+    values beyond float16's range are an error).
     """
+    if out is not None:
+        from .capture_store import check_store_path
+
+        out = check_store_path(out)
+    plan = plan_capture(model, texts, probes, backend=backend, batch_size=batch_size, max_tokens=max_tokens,
+                        truncate=truncate, top_k=top_k, add_special_tokens=add_special_tokens,
+                        residual_dtype=residual_dtype)
+    if out is not None:
+        from .capture_store import capture_to_store
+
+        return capture_to_store(plan, out, overwrite=overwrite, progress=progress)
+    buffers = _RunBuffers(plan, len(plan.texts))
+    bar = tqdm(total=sum(len(ids) for ids, _ in plan.encoded), unit="tok", desc=f"capture ({backend})",
+               disable=not progress)
+    run_rows(plan, range(len(plan.texts)), buffers, bar)
+    bar.close()
+    buffers.check_range(plan.residual_dtype)
+    data_vars = {name: (dims, buffers.arrays[name]) for name, dims in plan.variable_dims.items()}
+    ds = xr.Dataset(data_vars, coords=run_coords(plan), attrs=run_attrs(plan))
+    return validate_run(ds)
+
+
+def plan_capture(model, texts, probes, *, backend, batch_size, max_tokens, truncate, top_k, add_special_tokens,
+                 residual_dtype) -> CapturePlan:
+    """Check every input and tokenise the texts: all errors come here, before any forward pass."""
     check_backend(backend)
     texts = _check_texts(texts)
     probe_list = resolve_probes(probes)
     check_probes_supported(model, probe_list)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
+    if residual_dtype not in RESIDUAL_DTYPES:
+        raise ValueError(f"residual_dtype must be one of {sorted(RESIDUAL_DTYPES)}, got {residual_dtype!r} "
+                         "(bfloat16 has no numpy or zarr type: use float16, or float32 for values beyond 65504).")
     if any(p.needs_attention_probs for p in probe_list) and model.attn_implementation != "eager":
         warnings.warn(
             f"{model.name} uses {model.attn_implementation!r} attention, which returns no probabilities; "
             "switching it to 'eager' for this capture.",
-            stacklevel=2,
+            stacklevel=3,
         )
         model.hf_model.set_attn_implementation("eager")
     limit = max_tokens or model.max_context
@@ -79,7 +161,7 @@ def capture(
         )
     if truncated:
         dropped = sum(len(encoded[i][0]) - limit for i in truncated)
-        warnings.warn(f"truncated {len(truncated)} text(s) to {limit} tokens, dropping {dropped} tokens.", stacklevel=2)
+        warnings.warn(f"truncated {len(truncated)} text(s) to {limit} tokens, dropping {dropped} tokens.", stacklevel=3)
         for i in truncated:
             ids, offsets = encoded[i]
             encoded[i] = (ids[:limit], offsets[:limit])
@@ -87,18 +169,19 @@ def capture(
     empty = [i for i, e in enumerate(encoded) if len(e[0]) == 0]
     if empty:
         raise ValueError(f"text(s) {empty} produced no tokens; remove them or add text.")
+    return CapturePlan(model, texts, encoded, probe_list, backend, batch_size, top_k, add_special_tokens, truncated,
+                       residual_dtype)
 
-    variable_dims = {v.name: v.dims for p in probe_list for v in p.variables}
-    width = max(len(e[0]) for e in encoded)
-    # resid_post[l] is resid_pre[l + 1] (one layer's output is the next one's input): with both
-    # probes the run keeps one (layer + 1)-deep residual array and both variables are views of it
-    shared = {"resid_pre", "resid_post"} <= set(variable_dims)
-    skip = frozenset(("resid_post", layer) for layer in range(model.n_layers - 1)) if shared else frozenset()
-    buffers = _RunBuffers(len(texts), width, model.n_layers, variable_dims, shared_residual=shared)
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i][0]))
+
+def run_rows(plan: CapturePlan, rows, buffers: "_RunBuffers", bar, row_offset: int = 0) -> None:
+    """Run the samples ``rows`` (batched by length) and write their probes into ``buffers``, whose
+    row 0 is sample ``row_offset``."""
+    model = plan.model
+    skip = (frozenset(("resid_post", layer) for layer in range(model.n_layers - 1)) if plan.shared_residual
+            else frozenset())
+    order = sorted(rows, key=lambda i: -len(plan.encoded[i][0]))
     factor = w_o_factor_getter(model)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    bar = tqdm(total=sum(len(e[0]) for e in encoded), unit="tok", desc=f"capture ({backend})", disable=not progress)
 
     def finish_batch(collector: BatchCollector, batch: list[int], lengths: list[int]) -> None:
         collector.finish()
@@ -106,29 +189,31 @@ def capture(
         bar.update(sum(lengths))
 
     previous = None
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        lengths = [len(encoded[i][0]) for i in batch]
-        batch_width = max(lengths)
-        input_ids = torch.full((len(batch), batch_width), pad_id, dtype=torch.long)
-        valid = torch.zeros((len(batch), batch_width), dtype=torch.bool)
-        for row, i in enumerate(batch):
-            input_ids[row, : lengths[row]] = torch.tensor(encoded[i][0])
+    for start in range(0, len(order), plan.batch_size):
+        samples = order[start : start + plan.batch_size]
+        batch = [i - row_offset for i in samples]
+        lengths = [len(plan.encoded[i][0]) for i in samples]
+        input_ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
+        valid = torch.zeros(input_ids.shape, dtype=torch.bool)
+        for row, i in enumerate(samples):
+            input_ids[row, : lengths[row]] = torch.tensor(plan.encoded[i][0])
             valid[row, : lengths[row]] = True
         input_ids, valid = input_ids.to(model.device), valid.to(model.device)
-        ctx = BatchContext(input_ids=input_ids, valid=valid, w_o_factor=factor, n_heads=model.n_heads, top_k=top_k)
-        collector = BatchCollector(probe_list, ctx, buffers.writer(batch), skip=skip)
-        run_batch(backend, model, input_ids, valid.long(), collector.sites, collector)
+        ctx = BatchContext(input_ids=input_ids, valid=valid, w_o_factor=factor, n_heads=model.n_heads,
+                           top_k=plan.top_k)
+        collector = BatchCollector(plan.probes, ctx, buffers.writer(batch), skip=skip)
+        run_batch(plan.backend, model, input_ids, valid.long(), collector.sites, collector)
         if previous is not None:  # on a GPU: store the last batch while this one computes
             finish_batch(*previous)
         collector.flush()
         previous = (collector, batch, lengths)
     if previous is not None:
         finish_batch(*previous)
-    bar.close()
 
-    ds = _assemble(model, texts, encoded, buffers, variable_dims, top_k)
-    ds.attrs.update(
+
+def run_attrs(plan: CapturePlan) -> dict:
+    model = plan.model
+    return dict(
         workbench_schema=SCHEMA_VERSION,
         model=model.name,
         model_source=model.source,
@@ -141,21 +226,23 @@ def capture(
         dtype=str(model.dtype).removeprefix("torch."),
         device=str(model.device),
         attn_implementation=model.attn_implementation,
-        backend=backend,
+        backend=plan.backend,
         weight_processing="none (raw Hugging Face weights)",
-        probes=",".join(p.name for p in probe_list),
-        top_k=top_k,
-        add_special_tokens=int(add_special_tokens),
-        truncated_samples=",".join(map(str, truncated)),
+        probes=",".join(p.name for p in plan.probes),
+        top_k=plan.top_k,
+        add_special_tokens=int(plan.add_special_tokens),
+        truncated_samples=",".join(map(str, plan.truncated)),
+        residual_dtype=plan.residual_dtype,
         package_versions=json.dumps(package_versions()),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    return validate_run(ds)
 
 
 def _check_texts(texts) -> list[str]:
     if isinstance(texts, str):
         texts = [texts]
+    if texts is None or isinstance(texts, (dict, bytes, bytearray)) or not hasattr(texts, "__iter__"):
+        raise TypeError(f"texts must be a string or a list of strings, not {type(texts).__name__}.")
     texts = list(texts)
     if not texts:
         raise ValueError("No texts given: pass a string or a non-empty list of strings.")
@@ -185,46 +272,35 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[tuple
 
 
 class _RunBuffers:
-    """The run's arrays, allocated on first write, filled batch by batch in place.
+    """A block of the run's arrays (all of it in memory, one block when streaming), filled batch by
+    batch in place.
 
     Each batch writes its rows directly (one copy from the hook's tensor); padding
     positions are then overwritten with NaN (floats) or -1 (integers). Arrays start
     uninitialised: together the two cover every entry.
     """
 
-    def __init__(self, n_samples: int, width: int, n_layers: int, variable_dims: dict[str, tuple[str, ...]],
-                 shared_residual: bool = False):
-        self.n_samples, self.width, self.n_layers, self.dims = n_samples, width, n_layers, variable_dims
-        self.shared_residual = shared_residual
+    def __init__(self, plan: CapturePlan, n_samples: int):
+        self.dims = plan.variable_dims
+        sizes = plan.sizes(n_samples)
+        self.n_samples = n_samples
         self.arrays: dict[str, np.ndarray] = {}
-
-    def _array(self, name: str, value: np.ndarray) -> np.ndarray:
-        if name not in self.arrays and self.shared_residual and name in ("resid_pre", "resid_post"):
+        if plan.shared_residual:
             # (sample, pos, layer + 1, d_model): entry l is resid_pre[l], entry l + 1 is resid_post[l]
-            states = np.empty((self.n_samples, self.width, self.n_layers + 1, value.shape[-1]), dtype=np.float32)
+            states = np.empty((n_samples, sizes["pos"], sizes["layer"] + 1, sizes["d_model"]),
+                              dtype=plan.dtype("resid_pre"))
             self.arrays["resid_pre"], self.arrays["resid_post"] = states[:, :, :-1], states[:, :, 1:]
-        if name not in self.arrays:
-            dims = self.dims[name]
-            shape, it = [], iter(value.shape[1:])
-            for d in dims[1:]:
-                if d == "layer":
-                    shape.append(self.n_layers)
-                elif d in ("pos", "key_pos"):
-                    next(it)
-                    shape.append(self.width)
-                else:
-                    shape.append(next(it))
-            integer = np.issubdtype(value.dtype, np.integer)
-            # Uninitialised on purpose: every batch writes its rows in full and mask_padding fills the rest of
-            # each row (positions past its length), so a fill here would only cost one more pass over the memory.
-            self.arrays[name] = np.empty([self.n_samples, *shape], dtype=np.int64 if integer else np.float32)
-        return self.arrays[name]
+        for name, dims in self.dims.items():
+            if name not in self.arrays:
+                # Uninitialised on purpose: every batch writes its rows in full and mask_padding fills the rest of
+                # each row (positions past its length), so a fill here would only cost one more pass over the memory.
+                self.arrays[name] = np.empty([sizes[d] for d in dims], dtype=plan.dtype(name))
 
     def writer(self, rows: list[int]):
         rows_index = np.asarray(rows)
 
         def store(name: str, layer: int | None, value: np.ndarray) -> None:
-            array = self._array(name, value)
+            array = self.arrays[name]
             dims = self.dims[name]
             index: list = [rows_index]
             it = iter(value.shape[1:])
@@ -235,7 +311,8 @@ class _RunBuffers:
                     index.append(slice(0, next(it)))
             if len(rows) == self.n_samples and (rows_index == np.arange(len(rows))).all():
                 index[0] = slice(None)  # basic indexing: writes without a temporary copy
-            array[tuple(index)] = value
+            with np.errstate(over="ignore"):  # a compact dtype's overflow is reported by check_range
+                array[tuple(index)] = value
 
         return store
 
@@ -250,11 +327,23 @@ class _RunBuffers:
                         index[axis + 1] = slice(n, None)
                         array[tuple(index)] = fill
 
+    def check_range(self, residual_dtype: str) -> None:
+        """With a compact dtype, a value beyond its range is stored as inf: refuse instead."""
+        if residual_dtype == "float32":
+            return
+        for name, array in self.arrays.items():
+            if array.dtype == RESIDUAL_DTYPES[residual_dtype] and np.isinf(array).any():
+                raise OverflowError(
+                    f"{name} has values beyond {residual_dtype}'s range (|x| > {np.finfo(array.dtype).max:.0f}); "
+                    "capture with residual_dtype='float32'."
+                )
 
-def _assemble(model, texts, encoded, buffers: _RunBuffers, variable_dims, top_k) -> xr.Dataset:
+
+def run_coords(plan: CapturePlan) -> dict:
+    """The run's labels: texts, tokens, byte spans, validity, and the index coordinates."""
+    model, texts, encoded, variable_dims, top_k = plan.model, plan.texts, plan.encoded, plan.variable_dims, plan.top_k
     n_samples = len(texts)
-    width = max(len(e[0]) for e in encoded)
-    data_vars = {name: (dims, buffers.arrays[name]) for name, dims in variable_dims.items()}
+    width = plan.width
 
     token_id = np.full((n_samples, width), -1, dtype=np.int64)
     byte_start = np.zeros((n_samples, width), dtype=np.int64)
@@ -289,4 +378,4 @@ def _assemble(model, texts, encoded, buffers: _RunBuffers, variable_dims, top_k)
         coords["key_pos"] = np.arange(width)
     if "k" in dims_used:
         coords["k"] = np.arange(top_k)
-    return xr.Dataset(data_vars, coords=coords)
+    return coords

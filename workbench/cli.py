@@ -74,35 +74,61 @@ def models(
 
 @app.command()
 def capture(
-    out: Path = typer.Option(..., "--out", help="Run to write: PATH.zarr (recommended) or PATH.nc."),
+    out: Path = typer.Option(..., "--out", help="Run to write: PATH.zarr, streamed batch by batch (rerun the "
+                             "command to resume), or PATH.nc (in memory, then saved)."),
     model: Optional[str] = typer.Option(None, "--model", help="Embedded name, HF folder; default smollm2-135m."),
     corpus: str = typer.Option("pydoc", "--corpus", help="'pydoc' (bundled) or a .txt/.jsonl file."),
     probes: str = typer.Option(",".join(("resid_pre", "attn_received", "value_norm", "logits")), "--probes",
                                help="Comma-separated probe names (see workbench.PROBES)."),
     backend: str = typer.Option("torch", "--backend", help="torch (default), nnsight or transformer_lens."),
-    limit: int = typer.Option(16, "--limit", help="Use at most this many samples of the corpus."),
+    limit: Optional[int] = typer.Option(16, "--limit", help="Use at most this many samples of the corpus (0: all)."),
     batch_size: int = typer.Option(8, "--batch-size"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Longest sample in tokens (default: model context)."),
     truncate: bool = typer.Option(False, "--truncate", help="Cut longer samples instead of failing."),
+    residual_dtype: str = typer.Option("float32", "--residual-dtype",
+                                       help="float32 or float16 (half the disk) for residuals and updates."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run at --out."),
 ) -> None:
-    """Capture probes over a corpus and save the run."""
+    """Capture probes over a corpus and save the run; into a .zarr store it streams (memory bounded by
+    one batch) and, interrupted (Ctrl-C, SIGKILL, power cut), the same command continues where it stopped.
+    """
     import workbench as wb
 
+    from .capture_store import check_store_path
     from .corpus import paragraphs, read_text_file
+    from .locks import WriterBusyError, exclusive
+    from .probes import check_backend, resolve_probes
+    from .runs import check_replaceable
 
-    try:
-        if out.exists() and not overwrite:
-            raise wb.RunExistsError(f"{out} already exists; pass --overwrite to replace it or choose another --out.")
+    try:  # every input is checked before the model loads
+        streamed = out.suffix != ".nc"  # .nc: captured in memory, then saved
+        out = check_store_path(out) if streamed else out.expanduser()
+        if limit is not None and limit < 0:
+            raise ValueError(f"--limit must be 0 (all samples) or more, got {limit}.")
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {batch_size}.")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}.")
+        if model is not None and not model.strip():
+            raise ValueError("--model is empty; leave it out for the default (smollm2-135m).")
+        probe_names = [p.strip() for p in probes.split(",") if p.strip()]
+        resolve_probes(probe_names)
+        check_backend(backend)
         texts = paragraphs() if corpus == "pydoc" else read_text_file(corpus)
-        texts = texts[:limit]
-        handle = wb.load_model(model)
-        run = wb.capture(handle, texts, [p.strip() for p in probes.split(",") if p.strip()], backend=backend,
-                         batch_size=batch_size, max_tokens=max_tokens, truncate=truncate)
-        path = wb.save_run(run, out, overwrite=overwrite)
-    except _user_errors() as err:
+        texts = texts[:limit] if limit else texts
+        with exclusive(out):  # a second writer is refused here, before the model loads
+            if out.exists() and not overwrite:
+                raise wb.RunExistsError(f"{out} already exists; pass --overwrite to replace it or choose another --out.")
+            check_replaceable(out, overwrite)
+            handle = wb.load_model(model)
+            run = wb.capture(handle, texts, probe_names, backend=backend, batch_size=batch_size,
+                             max_tokens=max_tokens, truncate=truncate, residual_dtype=residual_dtype,
+                             out=out if streamed else None, overwrite=overwrite)
+            if not streamed:
+                wb.save_run(run, out, overwrite=overwrite)
+    except (*_user_errors(), WriterBusyError) as err:
         _fail(err)
-    console.print(f"wrote [bold]{path}[/] ({run.sizes['sample']} samples, {int(run.n_tokens.sum())} tokens, "
+    console.print(f"wrote [bold]{out}[/] ({run.sizes['sample']} samples, {int(run.n_tokens.sum())} tokens, "
                   f"probes {run.attrs['probes']})")
 
 

@@ -65,7 +65,18 @@ def read_text_file(path: str | Path) -> list[str]:
         raise FileNotFoundError(f"corpus file {path} does not exist.")
     raw = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        texts = [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
+        texts = []
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}).") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f'{path}, line {number}: each line must be a JSON object with a string "text" '
+                                 f"field, got {line[:80]!r}.")
+            texts.append(record["text"])
     else:
         texts = [b.strip() for b in re.split(r"\n\s*\n", raw) if b.strip()]
     if not texts:

@@ -48,8 +48,8 @@ def exclusive(path: str | Path, what: str = "run") -> Iterator[None]:
         lock.acquire()
     except Timeout:
         raise WriterBusyError(
-            f"{path} is being written by another process ({_holder(owner_file)}); wait for it to finish, "
-            f"or write to another path."
+            f"the {what} {path} is being written by another process ({_holder(owner_file)}); wait for it to "
+            "finish, or write to another path."
         ) from None
     outermost = lock.lock_counter == 1
     try:

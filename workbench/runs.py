@@ -35,7 +35,7 @@ from .schema import InvalidRunError, validate_run
 
 FORMATS = {".zarr": "zarr", ".nc": "netcdf"}
 CHECKSUMS_ATTR = "workbench_checksums"
-PROGRESS_FILE = "workbench_progress.json"  # present while a streamed capture is unfinished
+PROGRESS_FILE = "workbench_progress.json"  # in a streamed capture's staging store until it is finished
 ZARR_FORMAT = 3
 
 
@@ -236,12 +236,6 @@ def open_run(path: str | Path, *, lazy: bool = True, verify: bool | None = None)
     if not path.exists():
         raise FileNotFoundError(f"no run at {path}; `workbench demo` writes one under runs/.")
     fmt = _format(path)
-    if fmt == "zarr" and (path / PROGRESS_FILE).exists():
-        progress = json.loads((path / PROGRESS_FILE).read_text())
-        raise InvalidRunError(
-            f"{path} is an unfinished capture ({len(progress.get('done', []))} of {progress.get('blocks', '?')} "
-            "blocks written); run the same capture again to finish it."
-        )
     try:
         if fmt == "zarr":
             ds = xr.open_zarr(path, chunks={} if lazy else None)

@@ -1,5 +1,10 @@
 """Write a study into ``<folder>.partial`` and rename it when complete, so an interrupted study
-never passes for a finished one and a finished one is never overwritten by accident."""
+never passes for a finished one and a finished one is never overwritten by accident.
+
+The study folder's lock (:mod:`workbench.locks`) is held from start to finish: a second process
+running the same study is refused at once (it would otherwise delete the first one's
+``.partial`` and both would report success over a folder missing half its files).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..runs import RunExistsError
+from ..locks import exclusive
+from ..runs import RunExistsError, swap_into_place
 
 
 @contextmanager
@@ -19,15 +25,15 @@ def staged_folder(folder: str | Path, overwrite: bool = False) -> Iterator[Path]
     study (``.partial``) are removed first. If the body raises, ``folder`` is untouched.
     """
     final = Path(folder)
-    if final.exists() and not overwrite:
-        raise RunExistsError(
-            f"{final} already holds a study; pass overwrite=True (CLI: --recompute) to redo it, or choose another folder."
-        )
-    work = final.with_name(final.name + ".partial")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    yield work
-    if final.exists():
-        shutil.rmtree(final)
-    work.rename(final)
+    with exclusive(final, what="study"):
+        if final.exists() and not overwrite:
+            raise RunExistsError(
+                f"{final} already holds a study; pass overwrite=True (CLI: --recompute) to redo it, or choose another "
+                "folder."
+            )
+        work = final.with_name(final.name + ".partial")
+        if work.exists():  # ours to remove: no other process holds the lock
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        yield work
+        swap_into_place(work, final)
