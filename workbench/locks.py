@@ -35,8 +35,9 @@ def lock_path(path: str | Path) -> Path:
 
 
 @contextmanager
-def exclusive(path: str | Path, what: str = "run") -> Iterator[None]:
-    """Hold the write lock of ``path`` for the body, or raise :class:`WriterBusyError` at once.
+def exclusive(path: str | Path, what: str = "run", wait: float = 0.0) -> Iterator[None]:
+    """Hold the write lock of ``path`` for the body, or raise :class:`WriterBusyError` at once
+    (after ``wait`` seconds: a model cache being filled by another process is worth waiting for).
 
     Re-entrant within one process (a study holding its folder may save runs inside it).
     """
@@ -45,7 +46,7 @@ def exclusive(path: str | Path, what: str = "run") -> Iterator[None]:
     owner_file = lock_file.with_name(lock_file.name + ".owner")
     lock = _locks.setdefault(lock_file, FileLock(lock_file, timeout=0))
     try:
-        lock.acquire()
+        lock.acquire(timeout=wait)
     except Timeout:
         raise WriterBusyError(
             f"the {what} {path} is being written by another process ({_holder(owner_file)}); wait for it to "

