@@ -162,7 +162,7 @@ def main() -> None:
               f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
         if args.profile and name == "random-llama-1b":
             profile(capture_all)
-        del model, batches
+        model = batches = None  # free the GPU memory before the next shape loads
     loaded.clear()
 
     model = wb.load_model("random-smollm2-135m", device="cuda")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -41,3 +45,18 @@ def hf_forward(handle, texts):
         out = handle.hf_model(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True,
                               use_cache=False)
     return out, ids, mask
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(path):
+    """Another process holding the write lock of ``path`` (killed afterwards); yields its pid."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom workbench.locks import exclusive\n"
+        f"with exclusive({str(path)!r}):\n    print('held', flush=True)\n    time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

@@ -129,22 +129,13 @@ def test_malformed_jsonl_names_the_line(tmp_path):
 
 
 def test_second_capture_into_the_same_run_is_refused_before_loading(tmp_path, monkeypatch):
-    import subprocess
-    import sys
-
     import workbench as wb
 
+    from .conftest import lock_held_elsewhere
+
     out = tmp_path / "r.zarr"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time\nfrom workbench.locks import exclusive\n"
-        f"with exclusive({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(out) as pid:
         monkeypatch.setattr(wb, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
         result = runner.invoke(app, ["capture", "--model", "tiny-random-llama", "--out", str(out)],
                                terminal_width=300)
-        assert result.exit_code == 1 and f"pid {holder.pid}" in " ".join(result.output.split())
-    finally:
-        holder.kill()
-        holder.wait()
+        assert result.exit_code == 1 and f"pid {pid}" in " ".join(result.output.split())

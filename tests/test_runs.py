@@ -181,24 +181,15 @@ def test_overwrite_swaps_by_renames(run, tmp_path, monkeypatch):
 
 
 def test_second_writer_is_refused_at_once(run, tmp_path):
-    import subprocess
-    import sys
-
     from workbench.locks import WriterBusyError, exclusive
 
+    from .conftest import lock_held_elsewhere
+
     path = tmp_path / "r.zarr"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom workbench.locks import exclusive\n"
-        f"with exclusive({str(path)!r}):\n    print('held', flush=True)\n    time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(WriterBusyError, match=f"pid {holder.pid}"):
+    with lock_held_elsewhere(path) as pid:
+        with pytest.raises(WriterBusyError, match=f"pid {pid}"):
             wb.save_run(run, path)
         assert not path.exists()
-    finally:
-        holder.kill()
-        holder.wait()
     with exclusive(path):  # the kernel released the dead holder's lock
         pass
     wb.save_run(run, path)
