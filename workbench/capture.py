@@ -104,7 +104,9 @@ def capture(
     ``out``: a ``.zarr`` path to stream the run to, batch by batch, instead of holding it in
     memory (memory bounded by one batch, whatever the corpus size); an interrupted capture
     (SIGKILL included) continues where it stopped when run again with the same arguments. The
-    run is returned opened lazily. ``residual_dtype="float16"`` stores the probes with a
+    run is returned opened lazily. In memory, ``resid_pre`` and ``resid_post`` share one array
+    (``resid_post[l]`` is ``resid_pre[l + 1]``): copy one before editing it in place.
+    ``residual_dtype="float16"`` stores the probes with a
     ``d_model`` dimension (residuals, updates) at half the size (recorded in the run's attrs;
     values beyond float16's range are an error).
     """
