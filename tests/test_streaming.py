@@ -102,6 +102,7 @@ def test_sigkill_at_several_moments_then_resume_equals_uninterrupted(reference, 
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "done" in stdout, stderr[-2000:]
     assert not staging_path(out).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.zarr.lock", "run.zarr"]  # no leftovers
     _assert_same_run(wb.open_run(out, lazy=False), reference[0])
 
 

@@ -76,6 +76,7 @@ def capture_to_store(plan, out: Path, *, overwrite: bool, progress: bool) -> xr.
     with exclusive(out):
         check_replaceable(out, overwrite)
         clear_leftovers(out)
+        clear_leftovers(stage)  # temp folders of a store creation that was killed
         done = _resume_state(stage, key, overwrite)
         if done is None:
             _create(plan, stage, key, blocks, run_coords(plan), run_attrs(plan))
