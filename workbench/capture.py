@@ -313,8 +313,9 @@ class _RunBuffers:
                     index.append(slice(0, next(it)))
             if len(rows) == self.n_samples and (rows_index == np.arange(len(rows))).all():
                 index[0] = slice(None)  # basic indexing: writes without a temporary copy
-            with np.errstate(over="ignore"):  # a compact dtype's overflow is reported by check_range
-                array[tuple(index)] = value
+            if array.dtype == np.float16 and value.dtype != np.float16:  # torch casts 10x faster than numpy
+                value = torch.from_numpy(np.ascontiguousarray(value)).to(torch.float16).numpy()
+            array[tuple(index)] = value  # a compact dtype's overflow (inf) is reported by check_range
 
         return store
 

@@ -4,7 +4,8 @@
 ``batch_size`` consecutive samples; each block is run (its batch sorted by length), written as
 whole zarr chunks (``sample`` chunked by the block, ``layer`` by one), and only then recorded as
 done in a progress file. Nothing is written at ``out`` until the end: the store is built in
-``.<name>.partial`` beside it, created whole (metadata, labels, attrs) by renaming a temp
+``.<name>.partial`` beside it (each block written by a second thread while the next one
+computes, so at most two blocks are in memory), created whole (metadata, labels, attrs) by renaming a temp
 folder, and swapped into place by renames once every block is done (an old run at ``out``,
 replaced with ``overwrite=True``, is deleted last).
 
@@ -24,6 +25,7 @@ import json
 import shutil
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dask.array as da
@@ -84,16 +86,28 @@ def capture_to_store(plan, out: Path, *, overwrite: bool, progress: bool) -> xr.
         total = sum(len(ids) for ids, _ in plan.encoded)
         finished = sum(len(plan.encoded[i][0]) for b in done for i in range(*blocks[b]))
         bar = tqdm(total=total, initial=finished, unit="tok", desc=f"capture -> {out.name}", disable=not progress)
-        for index, (a, b) in enumerate(blocks):
-            if index in done:
-                continue
-            buffers = _RunBuffers(plan, b - a)
-            run_rows(plan, range(a, b), buffers, bar, row_offset=a)
-            buffers.check_range(plan.residual_dtype)
-            block = xr.Dataset({name: (dims, buffers.arrays[name]) for name, dims in plan.variable_dims.items()})
+
+        def write(block: xr.Dataset, index: int, a: int, b: int) -> None:
             block.to_zarr(stage, region={"sample": slice(a, b)}, mode="r+")
-            done.add(index)
+            done.add(index)  # recorded only once every chunk of the block is in place
             _write_progress(stage, key, len(blocks), done)
+
+        # Each block is written by a second thread while the next one computes (at most two blocks
+        # in memory); the next write starts only when the last one is recorded.
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            pending = None
+            for index, (a, b) in enumerate(blocks):
+                if index in done:
+                    continue
+                buffers = _RunBuffers(plan, b - a)
+                run_rows(plan, range(a, b), buffers, bar, row_offset=a)
+                buffers.check_range(plan.residual_dtype)
+                block = xr.Dataset({name: (dims, buffers.arrays[name]) for name, dims in plan.variable_dims.items()})
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(write, block, index, a, b)
+            if pending is not None:
+                pending.result()
         bar.close()
         _finish(stage, out)
     return open_run(out)
