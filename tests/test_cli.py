@@ -139,3 +139,12 @@ def test_second_capture_into_the_same_run_is_refused_before_loading(tmp_path, mo
         result = runner.invoke(app, ["capture", "--model", "tiny-random-llama", "--out", str(out)],
                                terminal_width=300)
         assert result.exit_code == 1 and f"pid {pid}" in " ".join(result.output.split())
+
+
+def test_plan_prints_size_memory_and_time(tmp_path):
+    result = runner.invoke(app, ["plan", "--model", "tiny-random-llama", "--limit", "4", "--truncate",
+                                 "--probes", "resid_pre,attn_received", "--out", str(tmp_path / "r.zarr")],
+                           terminal_width=300)
+    assert result.exit_code == 0, result.output
+    assert "run size" in result.output and "peak memory" in result.output and "time: about" in result.output
+    assert not (tmp_path / "r.zarr").exists()

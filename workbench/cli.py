@@ -133,6 +133,41 @@ def capture(
 
 
 @app.command()
+def plan(
+    model: Optional[str] = typer.Option(None, "--model", help="Embedded name, HF folder; default smollm2-135m."),
+    corpus: str = typer.Option("pydoc", "--corpus", help="'pydoc' (bundled) or a .txt/.jsonl file."),
+    probes: str = typer.Option(",".join(("resid_pre", "attn_received", "value_norm", "logits")), "--probes",
+                               help="Comma-separated probe names (see workbench.PROBES)."),
+    limit: Optional[int] = typer.Option(0, "--limit", help="Use at most this many samples of the corpus (0: all)."),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    residual_dtype: str = typer.Option("float32", "--residual-dtype", help="float32 or float16."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where the run would be streamed (checks that disk)."),
+    truncate: bool = typer.Option(False, "--truncate", help="Cut samples longer than the model's context."),
+) -> None:
+    """Before capturing: bytes on disk, peak memory and time of `workbench capture` with the same options
+    (one batch is timed), and whether it fits."""
+    import workbench as wb
+
+    from .capture_plan import estimate_capture
+    from .corpus import paragraphs, read_text_file
+    from .probes import resolve_probes
+
+    try:
+        if limit is not None and limit < 0:
+            raise ValueError(f"--limit must be 0 (all samples) or more, got {limit}.")
+        probe_names = [p.strip() for p in probes.split(",") if p.strip()]
+        resolve_probes(probe_names)
+        texts = paragraphs() if corpus == "pydoc" else read_text_file(corpus)
+        texts = texts[:limit] if limit else texts
+        handle = wb.load_model(model)
+        estimate = estimate_capture(handle, texts, probe_names, batch_size=batch_size, residual_dtype=residual_dtype,
+                                    out=out, truncate=truncate)
+    except _user_errors() as err:
+        _fail(err)
+    console.print(estimate.report(), markup=False, highlight=False)
+
+
+@app.command()
 def gallery(
     run: Path = typer.Option(DEMO_RUN, "--run", help="A saved run with the resid_pre probe."),
     out: Path = typer.Option(GALLERY_DIR, "--out", help="Folder for the figures."),
