@@ -178,16 +178,25 @@ def massive_activations(
     Sun et al. (2024): the median is over the whole hidden state of that layer and
     sample (valid positions x d_model). Returns one row per entry along dim ``entry``:
     sample, layer, pos, dim, token, value, ratio (sorted by |value|, largest first).
+    A lazy (dask-backed) run is read one block of samples at a time (its chunk along
+    ``sample``), so memory stays bounded by one block whatever the run's size.
     """
-    hidden = require(run, variable)
-    values = hidden.transpose("sample", "layer", "pos", "d_model").values  # may load a lazy run
-    valid = run["valid"].values
-    abs_values = np.abs(values)
-    masked = np.where(valid[:, None, :, None], abs_values, np.nan)
-    median = np.nanmedian(masked.reshape(masked.shape[0], masked.shape[1], -1), axis=-1)  # (sample, layer)
-    hit = (masked > abs_threshold) & (masked > ratio_threshold * median[:, :, None, None])
-    s, layer, p, d = np.nonzero(np.nan_to_num(hit, nan=0).astype(bool))
-    value = values[s, layer, p, d]
+    hidden = require(run, variable).transpose("sample", "layer", "pos", "d_model")
+    valid_all = run["valid"].values
+    step = int(hidden.chunks[0][0]) if hidden.chunks is not None else hidden.sizes["sample"]  # dims: sample first
+    found, medians = [], []
+    for a in range(0, hidden.sizes["sample"], step):
+        block = hidden.isel(sample=slice(a, a + step)).values
+        for i, values in enumerate(block, start=a):  # one sample at a time: (layer, pos, d_model)
+            magnitude = np.abs(values[:, valid_all[i]])  # valid positions only
+            median = np.median(magnitude.reshape(magnitude.shape[0], -1), axis=-1)  # (layer,)
+            hit = (magnitude > abs_threshold) & (magnitude > ratio_threshold * median[:, None, None])
+            layer, p, d = np.nonzero(hit)
+            p = np.flatnonzero(valid_all[i])[p]
+            found.append((np.full(len(layer), i), layer, p, d, values[layer, p, d]))
+            medians.append(median)
+    median = np.stack(medians)  # (sample, layer)
+    s, layer, p, d, value = (np.concatenate(parts) for parts in zip(*found))
     order = np.argsort(-np.abs(value), kind="stable")
     s, layer, p, d, value = s[order], layer[order], p[order], d[order], value[order]
     return xr.Dataset(
