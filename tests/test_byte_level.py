@@ -419,3 +419,15 @@ def test_bad_input_is_explained(ab):
     with pytest.raises(ValueError, match="non-empty text"):
         model.stream(b"")
     assert model.next_byte_distribution(b"ab").sum().item() == pytest.approx(1.0)  # usable after an error
+
+
+def test_pruning_on_a_flat_distribution_keeps_the_text_possible(tiny):
+    """A random model spreads its mass over many long tokens: with a cap on hypotheses, pruning once kept
+    only tokenizations inside a run of '*' (none could spell the '\\n' after it: ImpossiblePrefixError).
+    A tokenization ending at each byte is now always kept; the pruned mass is accounted for."""
+    text = b'The "assert" statement\n**********************\n\nAssert'
+    model = ByteLevelModel(tiny, max_hypotheses=4)
+    ds = model.stream(text)
+    np.testing.assert_allclose(ds.probability.sum("byte"), 1.0, atol=1e-9)
+    assert float(ds.pruned_fraction.max()) > 0  # the cap did prune
+    assert int(ds.n_tokenizations.max()) <= 4

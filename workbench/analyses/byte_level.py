@@ -350,12 +350,19 @@ class ByteLevelModel:
             longer = float(h.q[start : h.hi].sum())
             ranked.append((h.logp + math.log(longer) if longer > 0 else -math.inf, "old", h))
         ranked.sort(key=lambda r: -r[0])
-        if not ranked and candidates:  # never lose every tokenization: keep the most probable
-            best = max(candidates, key=lambda c: c[0])
-            ranked, pruned = [(best[0], "new", (best[1], best[2]))], [c[0] for c in candidates if c is not best]
         if self.max_hypotheses is not None and len(ranked) > self.max_hypotheses:
             pruned += [r[0] for r in ranked[self.max_hypotheses :]]
             ranked = ranked[: self.max_hypotheses]
+        if candidates and not any(kind == "new" for _, kind, _ in ranked):
+            # Always keep a tokenization with a token boundary at n: only such a one can go on with any
+            # byte (its next token may start with anything); the others can only spell the rest of their
+            # last token. On flat distributions (random weights) pruning would otherwise keep just those
+            # and make the next byte impossible. The most probable one takes the last place.
+            best = max(candidates, key=lambda c: c[0])
+            pruned.remove(best[0])
+            if self.max_hypotheses is not None and len(ranked) >= self.max_hypotheses:
+                pruned.append(ranked.pop()[0])
+            ranked.append((best[0], "new", (best[1], best[2])))
         survivors = [r[2] for r in ranked if r[1] == "old"]
         kept = [(r[0], *r[2]) for r in ranked if r[1] == "new"]
         scored = self._scorer.extend([(h.seq, t) for _, h, t in kept])
