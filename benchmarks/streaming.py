@@ -66,7 +66,7 @@ def cpu_busy() -> int:
 
 
 def child(mode: str, n_tokens: int) -> dict:
-    with tempfile.TemporaryDirectory(dir=".") as folder:
+    with tempfile.TemporaryDirectory() as folder:  # the system temp folder: never inside the repository
         busy0, t0 = cpu_busy(), time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(n_tokens), folder], capture_output=True,
                               text=True)
