@@ -64,11 +64,17 @@ def _store(path, template: xr.Dataset):
     write_zarr(wb.validate_run(ds), path, chunks={"resid_pre": {"sample": 4, "layer": 1}})
 
 
-@pytest.mark.slow
-def test_analyses_of_a_run_larger_than_their_memory(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def big_store(tiny, tmp_path_factory):
     template = wb.capture(tiny, ["a"], ["resid_norm"], progress=False)
-    path = tmp_path / "big.zarr"
+    path = tmp_path_factory.mktemp("big") / "big.zarr"
     _store(path, template)
+    return path
+
+
+@pytest.mark.slow
+def test_analyses_of_a_run_larger_than_their_memory(big_store):
+    path = big_store
     size = N * W * L * D * 4
     proc = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,3 +93,22 @@ def test_analyses_of_a_run_larger_than_their_memory(tiny, tmp_path):
     found = {(int(s), int(p), int(d)) for s, p, d in zip(entries["sample"].values, entries["pos"].values,
                                                        entries["dim"].values)}
     assert found == set(PLANTED) and len(entries["entry"]) == len(PLANTED) * (L - 2)
+
+
+@pytest.mark.slow
+def test_analyses_run_on_a_dask_cluster_with_less_memory_than_the_run(big_store):
+    """The documented pattern: a dask.distributed Client (here a LocalCluster whose one worker may use
+    400 MB, less than the 402 MB run plus its own imports) runs the analyses' chunked work."""
+    distributed = pytest.importorskip("dask.distributed")
+    whole = wb.open_run(big_store, lazy=False)
+    expected_peaks = residual_norm_peaks(whole)
+    expected_max = max_abs_activation(whole).values
+    del whole
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, memory_limit="400MB", processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster):
+        run = wb.open_run(big_store)
+        peaks = residual_norm_peaks(run)
+        np.testing.assert_array_equal(peaks.peak_pos.values, expected_peaks.peak_pos.values)
+        np.testing.assert_allclose(peaks.peak_ratio.values, expected_peaks.peak_ratio.values, rtol=1e-12)
+        np.testing.assert_allclose(max_abs_activation(run).values, expected_max)
+        assert len(massive_activations(run)["entry"]) == len(PLANTED) * (L - 2)
