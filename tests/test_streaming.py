@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import workbench as wb
-from workbench.capture_store import staging_path
-from workbench.runs import PROGRESS_FILE, RunExistsError
+from workbench.capture_store import PROGRESS_FILE, staging_path
+from workbench.runs import RunExistsError
 
 from .conftest import PROSE
 
@@ -148,16 +149,10 @@ def test_float16_residuals_and_bad_paths(tmp_path):
 
 def test_float16_overflow_is_an_error(tmp_path):
     model = wb.load_model("tiny-random-llama")
-    with torch_no_grad():
+    with torch.no_grad():
         model.hf_model.model.embed_tokens.weight.mul_(1e6)  # residuals far beyond float16's 65504
     with pytest.raises(OverflowError, match="float32"):
         wb.capture(model, TEXTS[:2], ["resid_pre"], residual_dtype="float16", progress=False)
-
-
-def torch_no_grad():
-    import torch
-
-    return torch.no_grad()
 
 
 @pytest.mark.parametrize("bad", [None, {"a": "b"}, 42, b"bytes"])

@@ -121,7 +121,7 @@ def capture(
         from .capture_store import capture_to_store
 
         return capture_to_store(plan, out, overwrite=overwrite, progress=progress)
-    buffers = _RunBuffers(plan, len(plan.texts))
+    buffers = RunBuffers(plan, len(plan.texts))
     bar = tqdm(total=sum(len(ids) for ids, _ in plan.encoded), unit="tok", desc=f"capture ({backend})",
                disable=not progress)
     run_rows(plan, range(len(plan.texts)), buffers, bar)
@@ -175,7 +175,7 @@ def plan_capture(model, texts, probes, *, backend, batch_size, max_tokens, trunc
                        residual_dtype)
 
 
-def run_rows(plan: CapturePlan, rows, buffers: "_RunBuffers", bar, row_offset: int = 0) -> None:
+def run_rows(plan: CapturePlan, rows, buffers: "RunBuffers", bar, row_offset: int = 0) -> None:
     """Run the samples ``rows`` (batched by length) and write their probes into ``buffers``, whose
     row 0 is sample ``row_offset``."""
     model = plan.model
@@ -273,7 +273,7 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[tuple
     return out
 
 
-class _RunBuffers:
+class RunBuffers:
     """A block of the run's arrays (all of it in memory, one block when streaming), filled batch by
     batch in place.
 

@@ -24,7 +24,6 @@ import hashlib
 import json
 import shutil
 import tempfile
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,11 +33,12 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .locks import exclusive
-from .runs import (PROGRESS_FILE, RunExistsError, check_replaceable, clear_leftovers, open_run, swap_into_place,
-                   write_text_atomic, write_zarr)
+from .runs import (RunExistsError, check_replaceable, clear_leftovers, open_run, swap_into_place, write_text_atomic,
+                   write_zarr)
 from .schema import validate_run
 
 FINGERPRINT_ATTR = "workbench_capture_fingerprint"
+PROGRESS_FILE = "workbench_progress.json"  # in the staging store until every block is written
 
 
 def check_store_path(out) -> Path:
@@ -69,7 +69,7 @@ def fingerprint(plan) -> str:
 
 
 def capture_to_store(plan, out: Path, *, overwrite: bool, progress: bool) -> xr.Dataset:
-    from .capture import _RunBuffers, run_attrs, run_coords, run_rows
+    from .capture import RunBuffers, run_attrs, run_coords, run_rows
 
     stage = staging_path(out)
     key = fingerprint(plan)
@@ -99,7 +99,7 @@ def capture_to_store(plan, out: Path, *, overwrite: bool, progress: bool) -> xr.
             for index, (a, b) in enumerate(blocks):
                 if index in done:
                     continue
-                buffers = _RunBuffers(plan, b - a)
+                buffers = RunBuffers(plan, b - a)
                 run_rows(plan, range(a, b), buffers, bar, row_offset=a)
                 buffers.check_range(plan.residual_dtype)
                 block = xr.Dataset({name: (dims, buffers.arrays[name]) for name, dims in plan.variable_dims.items()})
@@ -160,9 +160,7 @@ def _create(plan, stage: Path, key: str, blocks, coords: dict, attrs: dict) -> N
     template = validate_run(xr.Dataset(data_vars, coords=coords, attrs=attrs))
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{stage.name}.tmp-", dir=stage.parent))
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=UserWarning)
-            write_zarr(template, tmp_dir / "store", compute=False, chunks=chunks)
+        write_zarr(template, tmp_dir / "store", compute=False, chunks=chunks)
         _write_progress(tmp_dir / "store", key, len(blocks), set())
         (tmp_dir / "store").rename(stage)
     finally:

@@ -12,8 +12,8 @@ chunk (zarr's ``crc32c`` codec), checked whenever the chunk is read, lazily too:
 or a truncated chunk raises an error naming the variable. Each saved run also carries a SHA-256
 of every variable (attr ``workbench_checksums``): ``verify=True`` (the default when opening
 eagerly) checks them, which also catches a chunk that was deleted (zarr would read it as fill
-values). A store missing a variable's data, or an unfinished streamed capture, is an error on
-open.
+values). A store missing a variable's data is an error on open. (A streamed capture is built
+beside its path and appears there only when complete: :mod:`workbench.capture_store`.)
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from .schema import InvalidRunError, validate_run
 
 FORMATS = {".zarr": "zarr", ".nc": "netcdf"}
 CHECKSUMS_ATTR = "workbench_checksums"
-PROGRESS_FILE = "workbench_progress.json"  # in a streamed capture's staging store until it is finished
 ZARR_FORMAT = 3
 
 
@@ -136,8 +135,6 @@ def _is_workbench_store(path: Path) -> bool:
     """Whether ``path`` holds a run or result written by the workbench (so it may be replaced)."""
     try:
         if path.is_dir():
-            if (path / PROGRESS_FILE).exists():
-                return True
             with xr.open_zarr(path) as ds:
                 return "workbench_schema" in ds.attrs or "workbench_result" in ds.attrs
         with xr.open_dataset(path, engine="h5netcdf") as ds:
