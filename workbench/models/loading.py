@@ -423,15 +423,42 @@ def _load_pretrained(path_or_id: str, name: str, trust_remote_code: bool, local_
 
 
 @functools.cache
-def _tiny_tokenizer():
-    """SmolLM2's byte-level BPE tokenizer, read straight from the GGUF (no weights)."""
+def load_tokenizer(name: str | None = None):
+    """A model's tokenizer without its weights: an embedded name (read from the converted model's
+    cache, else straight from the GGUF, no conversion), ``tiny-random-*``/``random-*`` (SmolLM2's),
+    or a local Hugging Face folder holding a tokenizer. Offline; an unknown name says what exists."""
     from transformers import AutoTokenizer
 
-    cache = _cache_root() / "models" / DEFAULT_MODEL
-    if (cache / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(cache)
-    gguf = _smollm2_gguf()
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ModelNotAvailableError(f"tokenizer name {name!r} is empty; pass None for the default ({DEFAULT_MODEL}).")
+    name = name or DEFAULT_MODEL
+    from .tiny import RANDOM_PREFIX, TINY_PREFIX
+
+    if name.startswith((TINY_PREFIX, RANDOM_PREFIX)):
+        name = DEFAULT_MODEL
+    embedded = _resolve_embedded(name)
+    if embedded is not None:
+        cache = _cache_root() / "models" / embedded.name
+        if (cache / "workbench.json").exists():
+            return AutoTokenizer.from_pretrained(cache)
+        if not embedded.installed():
+            raise ModelNotAvailableError(f"{embedded.name} is not installed: {embedded.install} (or run `make demo`).")
+        gguf = embedded.locate()
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ModelNotAvailableError(f"{folder} holds no tokenizer transformers can read ({err}); pass a folder "
+                                         "with tokenizer.json or tokenizer_config.json.") from err
+    raise ModelNotAvailableError(f"Unknown tokenizer {name!r}: pass an embedded model name ({', '.join(EMBEDDED)}) "
+                                 "or a local Hugging Face folder that holds a tokenizer.")
+
+
+def _tiny_tokenizer():
+    """SmolLM2's byte-level BPE tokenizer, read straight from the GGUF (no weights)."""
+    return load_tokenizer(DEFAULT_MODEL)
 
 
 def list_models() -> list[dict]:

@@ -442,3 +442,50 @@ def successive_last_token_logprobs(handle: ModelHandle, sequences):
                                   position_ids=torch.arange(keep, len(ids), device=handle.device)[None])
         cached = ids
         yield log_softmax(out.logits[0, -1]).cpu().numpy(), len(ids) - keep
+
+
+def text_logprobs(handle: ModelHandle, sequences, *, max_batch_tokens: int = 4096, vocab_chunk: int = 512) -> list[np.ndarray]:
+    """Log-probability of every token of each sequence after the ones before it: ``[(len(s) - 1,), ...]``.
+
+    Many sequences in few forward passes: sorted by length, right-padded into batches of at most
+    ``max_batch_tokens`` positions, the base model run through :func:`workbench.probes.hooks.forward`
+    reading the final-norm output, then unembedded ``vocab_chunk`` positions at a time so a
+    262k-token vocabulary never needs a (batch, positions, vocab) tensor. Hand-written because no
+    library scores a padded batch this way (transformers' loss averages over the batch). Tested
+    against one plain forward pass per sequence.
+    """
+    from . import hooks
+    from .sites import FINAL_NORM
+
+    seqs = [[int(t) for t in s] for s in sequences]
+    for i, s in enumerate(seqs):
+        if len(s) < 2:
+            raise ValueError(f"sequence {i} has {len(s)} token(s); scoring needs a context token and one to score.")
+    out: list = [None] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    sm = hooks.site_map(handle)
+    start = 0
+    while start < len(order):
+        width = len(seqs[order[start]])
+        stop = start + max(1, max_batch_tokens // width)
+        batch = order[start:stop]
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : len(seqs[i])] = torch.tensor(seqs[i])
+            mask[row, : len(seqs[i])] = 1
+        states = {}
+        hooks.forward(handle, ids, mask, reads=[(FINAL_NORM, None)], logits=False,
+                      on_site=lambda site, layer, x: states.__setitem__("h", x))
+        with torch.no_grad():
+            for row, i in enumerate(batch):
+                n = len(seqs[i])
+                target = ids[row, 1:n].to(handle.device)
+                scores = []
+                for a in range(0, n - 1, vocab_chunk):
+                    logits = sm.unembed(states["h"][row, a : min(n - 1, a + vocab_chunk)], normalized=True)
+                    lp = log_softmax(logits)
+                    scores.append(lp.gather(-1, target[a : a + vocab_chunk, None])[:, 0])
+                out[i] = torch.cat(scores).cpu().numpy()
+        start = stop
+    return out
