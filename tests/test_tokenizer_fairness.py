@@ -41,16 +41,16 @@ def test_counts_and_premium_known_answers():
     assert counts.characters.values.tolist() == [[3, 7], [7, 7]]
     table = fairness_table(counts)
     words = table.sel(tokenizer="words")
-    assert float(words.premium.sel(language="xyz")) == pytest.approx((4 / 2 + 4 / 4) / 2)  # mean of unit ratios: 1.5
-    assert float(words.premium_of_totals.sel(language="xyz")) == pytest.approx(8 / 6)
+    assert float(words.premium.sel(language="xyz")) == pytest.approx(8 / 6)  # ratio of totals (the paper's)
+    assert float(words.premium_unit_mean.sel(language="xyz")) == pytest.approx((4 / 2 + 4 / 4) / 2)
     assert float(words.premium.sel(language="eng")) == 1.0
     assert float(words.tokens_per_unit.sel(language="xyz")) == 4.0
     assert float(words.bytes_per_token.sel(language="xyz")) == pytest.approx(15 / 8)
     chars = table.sel(tokenizer="chars")
     assert float(chars.characters_per_token.sel(language="xyz")) == 1.0
-    assert float(table.bytes_premium.sel(language="xyz")) == pytest.approx((7 / 3 + 8 / 7) / 2)
+    assert float(table.bytes_premium.sel(language="xyz")) == pytest.approx(15 / 10)
     top = worst_pairs(table, 1)[0]
-    assert (top["tokenizer"], top["language"]) == ("chars", "xyz")  # (7/3 + 1) / 2 = 1.67 > 1.5
+    assert (top["tokenizer"], top["language"]) == ("chars", "xyz")  # 14 / 10 = 1.4 > 8 / 6
 
 
 def test_bad_input_says_what_is_missing():

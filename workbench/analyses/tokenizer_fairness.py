@@ -8,8 +8,9 @@ same content in every language; the bundled UDHR articles, :func:`workbench.corp
   unit, per tokenizer and language;
 - :func:`fairness_table`: per tokenizer and language, tokens per unit, bytes per token,
   characters per token and the **premium** relative to a reference language (English): the
-  paper's measure, the mean over parallel units of ``tokens(unit in L) / tokens(same unit in
-  English)``; also the ratio of totals, which weights long units more;
+  paper's measure, ``tokens(all units in L) / tokens(the same units in English)`` (the authors'
+  code encodes each language's whole corpus and divides the lengths); also the mean over units of
+  the per-unit ratio, which weights short units as much as long ones;
 - :func:`loss_per_byte`: a model's bits per UTF-8 byte on each unit (whether a token premium
   shows up as worse modelling), scored from the tokenizer's start tokens.
 
@@ -68,10 +69,10 @@ def parallel_counts(tokenizers: dict, corpus: dict[str, list[str]]) -> xr.Datase
 
 
 def fairness_table(counts: xr.Dataset, reference: str = REFERENCE) -> xr.Dataset:
-    """Per tokenizer and language: ``premium`` (mean over units of tokens / reference tokens, the
-    paper's measure), ``premium_of_totals``, ``tokens_per_unit``, ``bytes_per_token``,
-    ``characters_per_token``; and per language ``bytes_premium`` (UTF-8 bytes / reference bytes,
-    the premium of a byte-level model)."""
+    """Per tokenizer and language: ``premium`` (total tokens / the reference's total tokens on the
+    same units, the paper's measure), ``premium_unit_mean`` (mean over units of the per-unit ratio),
+    ``tokens_per_unit``, ``bytes_per_token``, ``characters_per_token``; and per language
+    ``bytes_premium`` (UTF-8 bytes / the reference's bytes: the premium of a byte-level model)."""
     if reference not in counts.language.values:
         raise ValueError(f"reference language {reference!r} is not in the counts (languages: "
                          f"{', '.join(map(str, counts.language.values))}); pass reference=... or add it.")
@@ -81,15 +82,15 @@ def fairness_table(counts: xr.Dataset, reference: str = REFERENCE) -> xr.Dataset
         raise ValueError(f"a {reference!r} unit has no tokens; the premium needs every reference unit non-empty.")
     total = tokens.sum("unit")
     out = xr.Dataset({
-        "premium": (tokens / ref).mean("unit"),
-        "premium_of_totals": total / ref.sum("unit"),
+        "premium": total / ref.sum("unit"),
+        "premium_unit_mean": (tokens / ref).mean("unit"),
         "tokens_per_unit": tokens.mean("unit"),
         "bytes_per_token": n_bytes.sum("unit") / total,
         "characters_per_token": chars.sum("unit") / total,
-        "bytes_premium": (n_bytes / n_bytes.sel(language=reference)).mean("unit"),
+        "bytes_premium": n_bytes.sum("unit") / n_bytes.sel(language=reference).sum("unit"),
     })
     out.attrs.update(reference=reference, units=int(counts.sizes["unit"]),
-                     premium_definition="mean over parallel units of tokens(L) / tokens(reference) (Petrov et al. 2023)")
+                     premium_definition="total tokens(L) / total tokens(reference) on the same parallel units (Petrov et al. 2023)")
     return out
 
 

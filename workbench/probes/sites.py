@@ -31,7 +31,8 @@ hook_logits                            (b, p, vocab)          the model's output
 where it enters the residual (the post-norm output in sandwich-norm models such as Gemma 2/3
 and OLMo 2, the output projection in Bloom, whose attention adds the residual itself, scaled
 by ``residual_multiplier`` in Granite). Weights: :meth:`SiteMap.W_O` gives the per-head output
-weights (head, d_h, d_model); :meth:`SiteMap.unembed` applies the final norm and unembedding
+weights (head, d_h, d_model), :meth:`SiteMap.W_E` / :meth:`SiteMap.W_U` the embedding and unembedding
+matrices (vocab, d_model); :meth:`SiteMap.unembed` applies the final norm and unembedding
 exactly as the model does (soft-capping and logit scales included).
 
 A site that cannot be defined for a model is listed in :attr:`SiteMap.unsupported` with the
@@ -318,6 +319,28 @@ class SiteMap:
         if type(self._module(path)).__name__ != "Conv1D":
             weight = weight.T  # nn.Linear stores (out, in)
         return weight.reshape(self.n_heads, self.head_dim, -1) * self.residual_multiplier
+
+    def W_E(self) -> torch.Tensor:
+        """The input embedding matrix, (vocab, d_model) (before any scaling the model applies)."""
+        module = self._module(self.paths["embed"])
+        if module is None or getattr(module, "weight", None) is None:
+            raise UnsupportedSiteError(f"{self.architecture}: the adapter names no input embedding with a weight matrix")
+        return module.weight
+
+    def W_U(self) -> torch.Tensor:
+        """The unembedding matrix, (vocab, d_model): row t scores token t (logits = final-norm state @ W_U.T)."""
+        module = self._module(self.paths["unembed"])
+        if module is None or getattr(module, "weight", None) is None:
+            raise UnsupportedSiteError(f"{self.architecture}: the adapter names no unembedding with a weight matrix")
+        weight = module.weight
+        return weight.T if type(module).__name__ == "Conv1D" else weight
+
+    def tied_embeddings(self) -> bool:
+        """Whether the unembedding is the input embedding (one tensor, as in SmolLM2 and Gemma 3)."""
+        try:
+            return self.W_E().data_ptr() == self.W_U().data_ptr()
+        except UnsupportedSiteError:
+            return False
 
     def unembed(self, states: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
         """Logits from residual states exactly as the model computes its output:
