@@ -444,8 +444,10 @@ def successive_last_token_logprobs(handle: ModelHandle, sequences):
         yield log_softmax(out.logits[0, -1]).cpu().numpy(), len(ids) - keep
 
 
-def text_logprobs(handle: ModelHandle, sequences, *, max_batch_tokens: int = 4096, vocab_chunk: int = 512) -> list[np.ndarray]:
-    """Log-probability of every token of each sequence after the ones before it: ``[(len(s) - 1,), ...]``.
+def text_logprobs(handle: ModelHandle, sequences, *, first=None, max_batch_tokens: int = 4096,
+                  vocab_chunk: int = 512) -> list[np.ndarray]:
+    """Log-probability of every token of each sequence after the ones before it: ``[(len(s) - 1,), ...]``,
+    or with ``first`` (one index per sequence) of its tokens from ``first[i]`` on: ``(len(s) - first[i],)``.
 
     Many sequences in few forward passes: sorted by length, right-padded into batches of at most
     ``max_batch_tokens`` positions, the base model run through :func:`workbench.probes.hooks.forward`
@@ -458,9 +460,14 @@ def text_logprobs(handle: ModelHandle, sequences, *, max_batch_tokens: int = 409
     from .sites import FINAL_NORM
 
     seqs = [[int(t) for t in s] for s in sequences]
+    first = [1] * len(seqs) if first is None else [int(f) for f in first]
+    if len(first) != len(seqs):
+        raise ValueError(f"first has {len(first)} entries for {len(seqs)} sequences; give one index per sequence.")
     for i, s in enumerate(seqs):
         if len(s) < 2:
             raise ValueError(f"sequence {i} has {len(s)} token(s); scoring needs a context token and one to score.")
+        if not 1 <= first[i] < len(s):
+            raise ValueError(f"first[{i}] = {first[i]} is outside 1..{len(s) - 1} (sequence {i} has {len(s)} tokens).")
     out: list = [None] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     sm = hooks.site_map(handle)
@@ -479,11 +486,11 @@ def text_logprobs(handle: ModelHandle, sequences, *, max_batch_tokens: int = 409
                       on_site=lambda site, layer, x: states.__setitem__("h", x))
         with torch.no_grad():
             for row, i in enumerate(batch):
-                n = len(seqs[i])
-                target = ids[row, 1:n].to(handle.device)
+                n, f = len(seqs[i]), first[i]
+                target = ids[row, f:n].to(handle.device)
                 scores = []
-                for a in range(0, n - 1, vocab_chunk):
-                    logits = sm.unembed(states["h"][row, a : min(n - 1, a + vocab_chunk)], normalized=True)
+                for a in range(0, n - f, vocab_chunk):
+                    logits = sm.unembed(states["h"][row, f - 1 + a : min(n - 1, f - 1 + a + vocab_chunk)], normalized=True)
                     lp = log_softmax(logits)
                     scores.append(lp.gather(-1, target[a : a + vocab_chunk, None])[:, 0])
                 out[i] = torch.cat(scores).cpu().numpy()
