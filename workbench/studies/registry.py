@@ -59,7 +59,7 @@ class Study:
     def folders(self, models=None) -> dict[str, Path]:
         if not self.per_model:
             return {"": self.folder}
-        return {m: self.folder / m for m in (models or self.default_models)}
+        return {m: self.folder / _folder_name(m) for m in (models or self.default_models)}
 
     def is_saved(self, folder: Path) -> bool:
         return (folder / self.saved_file).exists()
@@ -90,6 +90,11 @@ class Study:
 
 
 # --------------------------------------------------------------------------- the entries
+
+
+def _folder_name(model: str) -> str:
+    """Where a model's results go under the study folder: its name, or a folder's last part for a path."""
+    return Path(model).expanduser().name if ("/" in model or "\\" in model) else model
 
 
 def _load(name):
@@ -221,6 +226,24 @@ def _write_token_alignment(folders: dict[str, Path], out: Path):
     return written, first_table(_with_weights_note(page))
 
 
+def _run_tokenizers(model, folder, options, overwrite):
+    from . import tokenizers as study
+
+    config = study.StudyConfig(loss_articles=options["loss_articles"], verify_max=options["verify_max"],
+                               sum_problems=options["sum_problems"])
+    study.run_study(model, folder, config, overwrite=overwrite)
+
+
+def _write_tokenizers(folders: dict[str, Path], out: Path):
+    from . import tokenizers as study
+
+    written = study.write_figures(folders, out / "tokenizers")
+    page = out / "tokenizers.md"
+    study.write_page(folders, out, page)
+    written.append(page)
+    return written, first_table(_with_weights_note(page))
+
+
 _MODELS = ("smollm2-135m", "gemma3-270m")
 
 STUDIES: dict[str, Study] = {
@@ -277,6 +300,21 @@ STUDIES: dict[str, Study] = {
                 Option("prompts", "--prompts", int, 40, "Random cuts per domain (prose, code)."),
                 Option("back_offs", "--back-offs", str, "1,2", "Back-offs compared with plain, e.g. 1,2."),
                 Option("seed", "--seed", int, 0, "Seed of the random cuts."),
+            ),
+        ),
+        Study(
+            "tokenizers", "Tokenizer diagnostics",
+            "Tokenizer unfairness between 49 languages, under-trained tokens, digit and spelling artifacts: per model.\n\n"
+            "--model takes an embedded name or a Hugging Face folder (a folder with only a tokenizer gets the "
+            "tokenizer-only parts). Results are saved under runs/tokenizers/MODEL and reused unless --recompute; "
+            "figures, the searchable under-trained table (CSV) and tokenizers.md go to GALLERY/tokenizers. "
+            "About 6 min per model on 2 CPU cores.",
+            RUNS / "tokenizers", "tokenizers.md", "summary.json", _run_tokenizers, _write_tokenizers,
+            default_models=_MODELS,
+            options=(
+                Option("loss_articles", "--loss-articles", int, 5, "UDHR articles per language scored by the model."),
+                Option("verify_max", "--verify-max", int, 600, "Candidates verified by prompting (lowest indicator first)."),
+                Option("sum_problems", "--sum-problems", int, 20, "Random sums per operand length."),
             ),
         ),
     ]
