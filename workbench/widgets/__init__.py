@@ -4,5 +4,6 @@ from .byte_lens import ByteLens
 from .extreme_tokens import ExtremeTokenExplorer
 from .lens import LensExplorer
 from .residual_norms import ResidualNormExplorer
+from .tokenizer_explorer import TokenizerExplorer
 
-__all__ = ["ByteLens", "ExtremeTokenExplorer", "LensExplorer", "ResidualNormExplorer"]
+__all__ = ["ByteLens", "ExtremeTokenExplorer", "LensExplorer", "ResidualNormExplorer", "TokenizerExplorer"]
