@@ -44,8 +44,14 @@ _UNUSED = re.compile(r"^<\|?(unused|reserved|extra_id|placeholder)[_\w]*\|?>$", 
 _BYTE_FALLBACK = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
+def readable(text: str) -> str:
+    """``text`` with characters that do not print (NUL, control, format characters) written as escapes
+    (``\\x00``, ``\\n``, ``\\u200b``), so every token shows and survives files that end strings at NUL."""
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def token_categories(tokenizer) -> xr.Dataset:
-    """Every token's category (:data:`CATEGORIES`), its bytes as text, and whether it round-trips.
+    """Every token's category (:data:`CATEGORIES`), its text (:func:`readable`), and whether it round-trips.
 
     ``round_trip``: ``encode(decode(t)) == [t]`` (no special tokens added). Dims: ``token`` (the id).
     Needs a tokenizer whose tokens can be read as bytes (byte-level BPE, SentencePiece with byte
@@ -59,6 +65,7 @@ def token_categories(tokenizer) -> xr.Dataset:
     special = set(int(t) for t in vocab.special_ids) | set(tokenizer.all_special_ids)
     category = np.full(n, "ok", dtype=object)
     text = np.full(n, "", dtype=object)
+    raw: dict[int, str] = {}
     decodable = []
     for t in range(n):
         b = vocab.token_bytes[t]
@@ -70,12 +77,13 @@ def token_categories(tokenizer) -> xr.Dataset:
             text[t] = str(pieces[t])
         else:
             try:
-                text[t] = b.decode("utf-8")
+                raw[t] = b.decode("utf-8")
+                text[t] = readable(raw[t])
                 decodable.append(t)
             except UnicodeDecodeError:
                 category[t] = "partial_utf8"
-                text[t] = b.decode("utf-8", errors="backslashreplace")
-    encoded = tokenizer([text[t] for t in decodable], add_special_tokens=False)["input_ids"] if decodable else []
+                text[t] = readable(b.decode("utf-8", errors="backslashreplace"))
+    encoded = tokenizer([raw[t] for t in decodable], add_special_tokens=False)["input_ids"] if decodable else []
     round_trip = np.zeros(n, dtype=bool)
     reencoded = np.zeros(n, dtype=np.int64)
     for t, ids in zip(decodable, encoded):

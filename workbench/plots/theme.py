@@ -41,7 +41,9 @@ def publication_layout(fig: go.Figure, *, columns: str = "one", height: int | No
     )
     # a figure's own margins, fonts and axis styles win over a template: set the theme's explicitly too
     template = pio.templates[TEMPLATE].layout
-    fig.update_layout(font=FONT, title_font_size=10, margin=template.margin, legend=template.legend)
+    # (legend styles merged key by key: assigning the template's legend object would drop the figure's own placement)
+    fig.update_layout(font=FONT, title_font_size=10, margin=template.margin,
+                      legend_font_size=template.legend.font.size, legend_bgcolor=template.legend.bgcolor)
     if fig.layout.annotations:  # subplot titles: theme-sized, with room under the figure title
         fig.update_annotations(font_size=9)
         fig.update_layout(margin_t=40)

@@ -8,6 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 import xarray as xr
 
+LOG_TICKS = [1, 2, 5, 10, 20, 50]
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 VERDICT_COLORS = {"strongly_verified": "#D55E00", "weakly_verified": "#E69F00",
                   "weakly_rejected": "#56B4E9", "strongly_rejected": "#0072B2", "not verified": "#BBBBBB"}
@@ -49,8 +50,9 @@ def premium_bars(table: xr.Dataset, title: str | None = None) -> go.Figure:
                              hovertemplate=f"{tok}<br>%{{y}}: %{{x:.2f}}x<extra></extra>"))
     fig.add_vline(x=1, line_dash="dot", line_color="#666")
     fig.update_layout(barmode="group", bargap=0.2, title=title or "Tokens needed for the same text, relative to English",
-                      legend=dict(orientation="h", y=-0.06, x=0))
-    fig.update_xaxes(type="log", title_text="premium (tokens / English tokens, log scale)")
+                      legend=dict(x=0.98, xanchor="right", y=0.02, yanchor="bottom"))
+    fig.update_xaxes(type="log", title_text="premium (tokens / English tokens, log scale)", tickvals=LOG_TICKS,
+                     ticktext=[f"{t}x" for t in LOG_TICKS])
     fig.update_yaxes(tickfont_size=7)
     return fig
 
@@ -67,8 +69,10 @@ def loss_vs_premium(points: xr.Dataset, title: str | None = None) -> go.Figure:
             marker=dict(color=OKABE_ITO[i % len(OKABE_ITO)], size=5, symbol=["circle", "diamond", "square"][i % 3]),
             text=[str(lang) for lang in one.language.values],
             hovertemplate=f"{model}<br>%{{text}}: premium %{{x:.2f}}x, %{{y:.2f}} bits/byte<extra></extra>"))
-    fig.update_layout(title=title or "Does a token premium mean worse modelling?", legend=dict(x=0.01, y=0.99))
-    fig.update_xaxes(type="log", title_text="premium vs English (log scale)")
+    fig.update_layout(title=title or "Does a token premium mean worse modelling?",
+                      legend=dict(x=1.02, y=1), showlegend=True)
+    fig.update_xaxes(type="log", title_text="premium vs English (log scale)", tickvals=LOG_TICKS,
+                     ticktext=[f"{t}x" for t in LOG_TICKS])
     fig.update_yaxes(title_text="loss (bits per UTF-8 byte)")
     return fig
 
@@ -99,7 +103,7 @@ def indicator_scatter(indicator: xr.DataArray, verdict: dict, title: str | None 
             fig.add_trace(go.Scattergl(x=picked, y=values[picked], mode="markers", name=name.replace("_", " "),
                                        marker=dict(color=VERDICT_COLORS[name], size=4), text=texts[picked],
                                        hovertemplate="%{x}: %{text}<br>%{y:.3f}<extra></extra>"))
-    fig.update_layout(title=title or f"Under-trained token indicator ({indicator.name})", legend=dict(orientation="h", y=-0.2))
+    fig.update_layout(title=title or f"Under-trained token indicator ({indicator.name})", legend=dict(x=1.01, y=1))
     fig.update_xaxes(title_text="token id")
     fig.update_yaxes(title_text=f"{INDICATOR_TITLES.get(indicator.name, indicator.name)}<br>(low: under-trained)")
     return fig
@@ -113,10 +117,10 @@ def sum_logprob_bars(sums: xr.Dataset, title: str | None = None) -> go.Figure:
         mean, sem = lp.mean("problem").values, lp.std("problem").values / np.sqrt(lp.sizes["problem"])
         fig.add_trace(go.Bar(x=[str(d) for d in sums.digits.values], y=mean, name=str(fmt).replace("separators", "1,234 (separators)").replace("plain", "1234 (plain)"),
                              marker_color=OKABE_ITO[i], error_y=dict(type="data", array=1.96 * sem, thickness=1, width=2)))
-    fig.update_layout(barmode="group", title=title or f"Log-probability of the correct sum ({sums.attrs.get('model', '')})",
+    fig.update_layout(barmode="group", title=title or f"Correct sums, plain vs thousands separators ({sums.attrs.get('model', '')})",
                       legend=dict(x=0.01, y=0.02))
     fig.update_xaxes(title_text="digits per operand")
-    fig.update_yaxes(title_text="log P(answer) (nats; mean, 95% CI)")
+    fig.update_yaxes(title_text="log P(correct sum), nats")
     return fig
 
 
@@ -130,7 +134,7 @@ def noncanonical_cosine(result: xr.Dataset, title: str | None = None, top: int =
             line=dict(color=OKABE_ITO[k % len(OKABE_ITO)], width=1.2),
             name=f"{result.tokens.values[i]} ({float(result.logprob[i] - result.logprob.where(result.canonical).max()):+.1f} nats)"))
     canonical = str(result.tokens.values[int(np.flatnonzero(result.canonical.values)[0])])
-    fig.update_layout(title=title or f"Non-canonical spellings of {canonical!r} converge ({result.attrs.get('model', '')})",
+    fig.update_layout(title=title or f"Other spellings of {canonical!r} ({result.attrs.get('model', '')})",
                       legend=dict(x=0.45, y=0.05, font_size=7))
     fig.update_xaxes(title_text="layer (residual after the block)")
     fig.update_yaxes(title_text="cosine with canonical", range=[0, 1.02])

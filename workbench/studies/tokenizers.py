@@ -144,6 +144,11 @@ def load_study(folder: str | Path) -> dict[str, xr.Dataset | dict]:
     return out
 
 
+def short_name(name: str) -> str:
+    """'Chinese, Mandarin (Simplified)' -> 'Chinese': labels that fit a figure's axis."""
+    return name.split(",")[0].split(" (")[0]
+
+
 def combined_table(studies: dict[str, dict]):
     """The fairness table over every study's tokenizer (tokenizer x language), English the reference."""
     counts = [s["fairness"][["tokens", "bytes", "characters"]].expand_dims(tokenizer=[name]) for name, s in studies.items()]
@@ -151,7 +156,8 @@ def combined_table(studies: dict[str, dict]):
     merged["bytes"], merged["characters"] = counts[0]["bytes"], counts[0]["characters"]
     table = fairness_table(merged)
     first = next(iter(studies.values()))["fairness"]
-    table.attrs["language_names"] = {str(c): f"{n} ({c})" for c, n in zip(first.language.values, first.language_name.values)}
+    table.attrs["language_names"] = {str(c): f"{short_name(str(n))} ({c})"
+                                     for c, n in zip(first.language.values, first.language_name.values)}
     return table
 
 
@@ -161,8 +167,9 @@ def loss_points(studies: dict[str, dict], table) -> xr.Dataset:
         f = s["fairness"]
         if "loss_nats" in f:
             bpb = f.loss_nats.sum("loss_unit") / np.log(2) / f.loss_bytes.sum("loss_unit")
-            rows.append(xr.Dataset({"bits_per_byte": bpb, "premium": table.premium.sel(tokenizer=name)}).expand_dims(model=[name]))
-    return xr.concat(rows, dim="model") if rows else None
+            point = xr.Dataset({"bits_per_byte": bpb, "premium": table.premium.sel(tokenizer=name, drop=True)})
+            rows.append(point.reset_coords(drop=True).expand_dims(model=[name]))
+    return xr.concat(rows, dim="model", coords="minimal", compat="override") if rows else None
 
 
 def verdict_counts(u: xr.Dataset) -> dict[str, int]:
@@ -198,9 +205,14 @@ def _verified_rows(u: xr.Dataset) -> list[dict]:
     out = []
     for t, p, v in zip(u.candidate_token.values, u.max_probability.values, u.verdict.values):
         out.append({"token": int(t), "text": str(u.text.values[t]), "piece": str(u.piece.values[t]),
-                    "bytes": len(str(u.text.values[t]).encode("utf-8", "backslashreplace")),
+                    "bytes": int(u.n_bytes.values[t]),
                     "indicator": round(float(ind.values[t]), 5), "max_probability": float(f"{p:.3g}"), "verdict": str(v)})
     return out
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a markdown table cell (a '|' would end the cell)."""
+    return text.replace("|", "\\|")
 
 
 def write_figures(folders: dict[str, Path], out: Path, formats=("svg", "png")) -> list[Path]:
@@ -209,10 +221,11 @@ def write_figures(folders: dict[str, Path], out: Path, formats=("svg", "png")) -
     table = combined_table(studies)
     out.mkdir(parents=True, exist_ok=True)
     written = export_figure(plots.premium_heatmap(table), out / "premium_heatmap", formats=formats, columns="one", height=720)
-    written += export_figure(plots.premium_bars(table), out / "premium_bars", formats=formats, columns="one", height=760)
+    written += export_figure(plots.premium_bars(table), out / "premium_bars", formats=formats, columns="two", height=760)
     points = loss_points(studies, table)
     if points is not None:
-        written += export_figure(plots.loss_vs_premium(points), out / "loss_vs_premium", formats=formats, columns="one")
+        written += export_figure(plots.loss_vs_premium(points), out / "loss_vs_premium", formats=formats, columns="two",
+                                 height=280)
     for name, s in studies.items():
         u = s["undertrained"]
         if "verdict" in u:
@@ -228,12 +241,14 @@ def write_figures(folders: dict[str, Path], out: Path, formats=("svg", "png")) -
                 writer.writerows(rows)
             written.append(path)
         if "sums" in s:
-            written += export_figure(plots.sum_logprob_bars(s["sums"]), out / f"sums_{name}", formats=formats, columns="one")
+            written += export_figure(plots.sum_logprob_bars(s["sums"]), out / f"sums_{name}", formats=formats,
+                                     columns="two", height=260)
             word = s["noncanonical"].isel(word=0)
             keep = word.tokens.values != ""
             word = word.isel(segmentation=np.flatnonzero(keep)).set_coords("tokens")
             word.attrs["model"] = name
-            written += export_figure(plots.noncanonical_cosine(word), out / f"noncanonical_{name}", formats=formats, columns="one")
+            written += export_figure(plots.noncanonical_cosine(word), out / f"noncanonical_{name}", formats=formats,
+                                     columns="two", height=260)
     return written
 
 
@@ -253,8 +268,9 @@ def write_page(folders: dict[str, Path], out: Path, page: Path) -> str:
         if "verdict" not in u:
             continue
         rows = [r for r in _verified_rows(u) if r["verdict"] == "strongly_verified"][:15]
-        lines = ["| id | token | indicator | max P(repeat) |", "|---|---|---|---|"]
-        lines += [f"| {r['token']} | `{r['text']!r}` | {r['indicator']:.4f} | {r['max_probability']:.2g} |" for r in rows]
+        lines = ["| id | token (␣: a space) | indicator | max P(repeat) |", "|---|---|---|---|"]
+        lines += [f"| {r['token']} | `{_cell(r['text'].replace(' ', '␣'))}` | {r['indicator']:.4f} | {r['max_probability']:.2g} |"
+                  for r in rows]
         sections.append(f"### {name}: lowest-indicator tokens verified as under-trained\n\n"
                         f"All {u.sizes['candidate_token']} verified candidates, searchable: "
                         f"[undertrained_{name}.csv](tokenizers/undertrained_{name}.csv).\n\n" + "\n".join(lines))
@@ -278,7 +294,7 @@ trained and untouched rows, and the verification reads the dequantised model's o
 
 {worst}
 
-{chr(10).join(sections)}
+{(chr(10) * 2).join(sections)}
 
 ## Figures
 
