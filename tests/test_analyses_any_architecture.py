@@ -163,3 +163,33 @@ def test_naive_stream_reuses_the_cache_and_equals_one_call_per_cut(arch):
         one = byte_baselines.naive_next_byte_distribution(handle, text[:cut])
         np.testing.assert_allclose(stream.probability.sel(cut=cut), one, rtol=1e-4, atol=1e-7)
     assert int(stream.tokens_run.sum()) < sum(len(handle.tokenizer(text[:c])["input_ids"]) for c in range(len(text)))
+
+
+def test_tokenizer_diagnostics(handle):
+    """Loss per byte equals Hugging Face's own loss; indicators and verification run through the site map
+    (verification probabilities equal a plain forward pass); a canonical spelling's cosine with itself is 1."""
+    from workbench.analyses.boundary_artifacts import noncanonical_tokenizations
+    from workbench.analyses.tokenizer_fairness import loss_per_byte
+    from workbench.analyses.undertrained_tokens import (
+        candidates, repeat_prompts, token_categories, verify_tokens, weight_indicators)
+
+    texts = ["The cat sat on the mat.", "Le café est fermé."]
+    out = loss_per_byte(handle, texts)
+    for i, text in enumerate(texts):
+        ids = torch.tensor([out.attrs["start_tokens"] + handle.tokenizer.encode(text, add_special_tokens=False)])
+        labels = ids.clone()
+        labels[0, : len(out.attrs["start_tokens"])] = -100
+        with torch.no_grad():
+            nll = float(handle.hf_model(input_ids=ids, labels=labels).loss) * (ids.shape[1] - len(out.attrs["start_tokens"]))
+        assert float(out.nats[i]) == pytest.approx(nll, rel=1e-4)
+    cats = token_categories(handle.tokenizer)
+    ind = weight_indicators(handle, cats)
+    cands = candidates(cats, ind[ind.attrs["primary"]], 0.0001)
+    verified = verify_tokens(handle, cands[:3])
+    prompt = repeat_prompts(handle)[1]
+    with torch.no_grad():
+        p = torch.softmax(handle.hf_model(input_ids=torch.tensor([prompt.ids(cands[0])])).logits[0, -1].float(), -1)
+    assert float(verified.probability.sel(prompt=prompt.name)[0]) == pytest.approx(float(p[cands[0]]), abs=1e-6)
+    spellings = noncanonical_tokenizations(handle, "The weather is", " nice", limit=4)
+    np.testing.assert_allclose(spellings.cosine.values[0], 1.0, atol=1e-6)
+    assert spellings.sizes["layer"] == handle.n_layers and np.isfinite(spellings.logprob.values).all()
