@@ -104,11 +104,28 @@ def test_provenance_attrs(tiny):
         ("", ValueError, "empty"),
         (["fine", "   "], ValueError, r"\[1\]"),
         ([3], TypeError, "strings"),
+        (["fine", [1, 2]], TypeError, "strings"),
+        ([[1, 2], []], TypeError, "non-empty lists of token ids"),
+        ([[1, 10**9]], ValueError, "out of range"),
     ],
 )
 def test_bad_texts(tiny, texts, error, message):
     with pytest.raises(error, match=message):
         wb.capture(tiny, texts, progress=False)
+
+
+def test_pre_tokenised_input_runs_exactly_those_tokens(tiny):
+    """Token-id lists (e.g. shuffled prompts) are run as given and equal the same tokens from text."""
+    text = "The cat sat on the mat."
+    ids = tiny.tokenizer(text)["input_ids"]
+    from_text = wb.capture(tiny, text, ["resid_pre", "logits"], progress=False)
+    from_ids = wb.capture(tiny, [ids, ids[::-1]], ["resid_pre", "logits"], progress=False)
+    np.testing.assert_array_equal(from_ids.token_id.values[0], ids)
+    np.testing.assert_array_equal(from_ids.token_id.values[1], ids[::-1])
+    np.testing.assert_array_equal(from_ids.resid_pre.isel(sample=0), from_text.resid_pre.isel(sample=0))
+    text0 = str(from_ids.text.values[0])
+    spans = zip(from_ids.byte_start.values[0], from_ids.byte_end.values[0])
+    assert [text0.encode()[a:b].decode() for a, b in spans] == list(from_ids.token.values[0])
 
 
 def test_unknown_probe_and_backend(tiny):

@@ -94,6 +94,10 @@ def capture(
 ) -> xr.Dataset:
     """Capture ``probes`` for every text and return a run following :mod:`workbench.schema`.
 
+    ``texts``: a string, a list of strings, or a list of token-id lists (pre-tokenised prompts,
+    e.g. shuffled ones, run exactly as given; the run's text is then each token's decoded
+    string concatenated, and its byte spans index into that).
+
     ``backend``: ``"torch"`` (PyTorch hooks placed by the site map, the default),
     ``"nnsight"`` (the same sites through nnsight tracing) or ``"transformer_lens"``
     (TransformerBridge); all three store the same numbers. Texts are tokenised, batched by length
@@ -153,7 +157,10 @@ def plan_capture(model, texts, probes, *, backend, batch_size, max_tokens, trunc
         model.hf_model.set_attn_implementation("eager")
     limit = max_tokens or model.max_context
 
-    encoded = _encode(model.tokenizer, texts, add_special_tokens)
+    if isinstance(texts[0], list):  # pre-tokenised: used as given (no special tokens added)
+        texts, encoded = _pretokenised(model.tokenizer, texts)
+    else:
+        encoded = _encode(model.tokenizer, texts, add_special_tokens)
     truncated = [i for i, e in enumerate(encoded) if len(e[0]) > limit]
     if truncated and not truncate:
         worst = max(truncated, key=lambda i: len(encoded[i][0]))
@@ -240,21 +247,43 @@ def run_attrs(plan: CapturePlan) -> dict:
     )
 
 
-def _check_texts(texts) -> list[str]:
+def _check_texts(texts) -> list:
+    """Texts as a list: strings, or (pre-tokenised input) lists of token ids; never a mix."""
     if isinstance(texts, str):
         texts = [texts]
     if texts is None or isinstance(texts, (dict, bytes, bytearray)) or not hasattr(texts, "__iter__"):
-        raise TypeError(f"texts must be a string or a list of strings, not {type(texts).__name__}.")
-    texts = list(texts)
+        raise TypeError(f"texts must be a string or a list of strings (or of token-id lists), not {type(texts).__name__}.")
+    texts = [list(t) if isinstance(t, (tuple, np.ndarray, torch.Tensor)) else t for t in texts]
     if not texts:
         raise ValueError("No texts given: pass a string or a non-empty list of strings.")
+    if all(isinstance(t, list) for t in texts):
+        bad = [i for i, t in enumerate(texts) if not t or not all(isinstance(x, (int, np.integer)) for x in t)]
+        if bad:
+            raise TypeError(f"pre-tokenised input must be non-empty lists of token ids; item(s) {bad[:5]} are not.")
+        return [[int(x) for x in t] for t in texts]
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
-        raise TypeError(f"texts must be strings; item(s) {bad} are not.")
+        raise TypeError(f"texts must be strings (or all token-id lists); item(s) {bad} are not.")
     empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
         raise ValueError(f"text(s) {empty} are empty or whitespace only; remove them.")
     return texts
+
+
+def _pretokenised(tokenizer, texts: list[list[int]]) -> tuple[list[str], list]:
+    """Texts and spans for token-id input: each token's decoded string, concatenated; spans index into that text."""
+    vocab = len(tokenizer)
+    bad = [i for i, ids in enumerate(texts) if min(ids) < 0 or max(ids) >= vocab]
+    if bad:
+        raise ValueError(f"token ids out of range 0..{vocab - 1} in item(s) {bad[:5]}.")
+    unique = sorted({t for ids in texts for t in ids})
+    pieces = dict(zip(unique, tokenizer.batch_decode([[t] for t in unique])))
+    out_texts, encoded = [], []
+    for ids in texts:
+        ends = np.cumsum([len(pieces[t].encode()) for t in ids]).tolist()
+        encoded.append((list(ids), list(zip([0] + ends[:-1], ends))))
+        out_texts.append("".join(pieces[t] for t in ids))
+    return out_texts, encoded
 
 
 def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:

@@ -13,6 +13,8 @@ import plotly.io as pio
 COLUMN_WIDTH_PX = {"one": 252, "two": 504}  # 3.5 in and 7.0 in at 72 px/in
 FONT = dict(family="Helvetica, Arial, sans-serif", size=9, color="#222")
 TEMPLATE = "workbench_publication"
+# Okabe & Ito's palette: distinguishable under every common colour-vision deficiency
+OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 
 # Registered once with plotly: any figure can use it (``template="simple_white+workbench_publication"``);
 # publication_layout adds the size for one or two columns.

@@ -8,8 +8,9 @@ import numpy as np
 import plotly.graph_objects as go
 import xarray as xr
 
+from .theme import OKABE_ITO
+
 LOG_TICKS = [1, 2, 5, 10, 20, 50]
-OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 VERDICT_COLORS = {"strongly_verified": "#D55E00", "weakly_verified": "#E69F00",
                   "weakly_rejected": "#56B4E9", "strongly_rejected": "#0072B2", "not verified": "#BBBBBB"}
 
