@@ -244,6 +244,25 @@ def _write_tokenizers(folders: dict[str, Path], out: Path):
     return written, first_table(_with_weights_note(page))
 
 
+def _run_geometry(model, folder, options, overwrite):
+    from . import geometry as study
+
+    config = study.StudyConfig(prompts=options["prompts"], prompt_tokens=options["prompt_tokens"],
+                               shuffle_prompts=options["shuffle_prompts"], windows=options["windows"])
+    study.run_study(_load(model), folder, config, overwrite=overwrite)
+
+
+def _write_geometry(folders: dict[str, Path], out: Path):
+    from . import geometry as study
+
+    written = study.write_figures(folders, out / "geometry")
+    page = out / "geometry.md"
+    table = study.write_page(folders, out, page)
+    written.append(page)
+    _with_weights_note(page)
+    return written, table
+
+
 _MODELS = ("smollm2-135m", "gemma3-270m")
 
 STUDIES: dict[str, Study] = {
@@ -315,6 +334,20 @@ STUDIES: dict[str, Study] = {
                 Option("loss_articles", "--loss-articles", int, 5, "UDHR articles per language scored by the model."),
                 Option("verify_max", "--verify-max", int, 600, "Candidates verified by prompting (lowest indicator first)."),
                 Option("sum_problems", "--sum-problems", int, 20, "Random sums per operand length."),
+            ),
+        ),
+        Study(
+            "geometry", "Token geometry and layerwise updates",
+            "Token-cloud geometry (intrinsic dimension, neighbourhoods, shuffles), last-token trajectories, how layers "
+            "update the residual, layer deletion and swaps, residual redundancy: per model.\n\n"
+            "Results are saved under runs/geometry/MODEL and reused unless --recompute; figures and geometry.md go to "
+            "GALLERY/geometry. About 10 min per model on 2 CPU cores.",
+            RUNS / "geometry", "geometry.md", "summary.json", _run_geometry, _write_geometry, default_models=_MODELS,
+            options=(
+                Option("prompts", "--prompts", int, 32, "Corpus prompts for the geometry (and the update fits)."),
+                Option("prompt_tokens", "--prompt-tokens", int, 512, "Tokens per prompt (at least 257 for GRIDE up to rank 256)."),
+                Option("shuffle_prompts", "--shuffle-prompts", int, 8, "Prompts also run shuffled in 4**s blocks, s = 0..5."),
+                Option("windows", "--windows", int, 400, "Last-token trajectories (windows of 32 corpus tokens)."),
             ),
         ),
     ]

@@ -2,8 +2,9 @@
 
 from .byte_lens import ByteLens
 from .extreme_tokens import ExtremeTokenExplorer
+from .geometry_explorer import GeometryExplorer
 from .lens import LensExplorer
 from .residual_norms import ResidualNormExplorer
 from .tokenizer_explorer import TokenizerExplorer
 
-__all__ = ["ByteLens", "ExtremeTokenExplorer", "LensExplorer", "ResidualNormExplorer", "TokenizerExplorer"]
+__all__ = ["ByteLens", "ExtremeTokenExplorer", "GeometryExplorer", "LensExplorer", "ResidualNormExplorer", "TokenizerExplorer"]
