@@ -45,7 +45,7 @@ def id_profile(geometries: dict[str, xr.Dataset], scale: int = 2, title: str | N
         _band(fig, x, low, high, color)
         fig.add_trace(go.Scatter(x=x, y=mid, name=name, line=dict(color=color, dash=DASHES[i % 4]),
                                  hovertemplate=f"{name}<br>depth %{{x:.2f}}: ID %{{y:.1f}}<extra></extra>"))
-    fig.update_layout(title=title or f"Intrinsic dimension of a prompt's tokens (GRIDE, scale {scale}; median, IQR)",
+    fig.update_layout(title=title or f"Token-cloud ID by depth (GRIDE n2 = {scale})",
                       legend=dict(x=0.98, xanchor="right", y=0.98))
     fig.update_xaxes(title_text="relative depth (0 = embeddings, 1 = last layer)", range=[0, 1])
     fig.update_yaxes(title_text="intrinsic dimension", rangemode="tozero")
@@ -67,7 +67,12 @@ def geometry_curves(geometry: xr.Dataset, *, scale: int = 2, k: int = 1, group: 
     for i, value in enumerate(groups):
         g = geometry.sel({group: value}) if value is not None else geometry
         series = [g.id.sel(scale=scale), g.overlap.sel(k=k), g.cosine_mean]
-        label = f"{group} {value}" if value is not None else "structured"
+        if value is None:
+            label = "original"
+        elif group == "level":
+            label = "original" if value == 0 else f"4^{value} blocks shuffled"
+        else:
+            label = f"{group} {value}"
         for col, s in enumerate(series, start=1):
             y = s.median("sample", skipna=True).values if "sample" in s.dims else s.values
             fig.add_trace(go.Scatter(x=g.depth.values, y=y, name=label, legendgroup=label, showlegend=col == 1,
@@ -134,12 +139,13 @@ def tokenwise_figure(fits: dict[str, xr.Dataset], effects: dict[str, xr.Dataset]
         color = OKABE_ITO[i % len(OKABE_ITO)]
         x = _relative(fit.layer.values)
         for j, label in enumerate(fit.fit.values):
-            fig.add_trace(go.Scatter(x=x, y=fit.r2.sel(fit=label).values, name=f"{name}: {label}",
+            fig.add_trace(go.Scatter(x=x, y=fit.r2.sel(fit=label).values, name=f"{name}: R^2, {label} fit",
                                      line=dict(color=color, dash=DASHES[j % 4]),
                                      hovertemplate=f"{name} {label}<br>depth %{{x:.2f}}: R^2 %{{y:.2f}}<extra></extra>"),
                           row=1, col=1)
         e = effects[name]
-        fig.add_trace(go.Scatter(x=_relative(e.layer.values), y=e.spearman.values, name=f"{name}: {e.attrs['fit']} fit",
+        fig.add_trace(go.Scatter(x=_relative(e.layer.values), y=e.spearman.values,
+                                 name=f"{name}: Spearman, {e.attrs['fit']} fit replacing the update",
                                  mode="lines+markers", marker_size=3, line=dict(color=color),
                                  hovertemplate=f"{name}<br>depth %{{x:.2f}}: rho %{{y:.2f}}<extra></extra>"),
                       row=1, col=2)
@@ -196,7 +202,8 @@ def redundancy_figure(redundancy: dict[str, xr.Dataset], memory: dict[str, dict]
         fig.add_trace(go.Bar(x=names, y=[memory[n][key] / 1024 for n in names], name=label, marker_color=OKABE_ITO[j + 4],
                              text=[f"{memory[n][key] / 1024:.0f}" for n in names], textposition="outside",
                              cliponaxis=False), row=1, col=2)
-    fig.update_yaxes(type="log", col=1, title_text=f"KL (nats, log; 0 drawn at {floor:g})")
+    fig.update_yaxes(type="log", col=1, title_text=f"KL (nats, log; 0 drawn at {floor:g})", exponentformat="power",
+                     dtick=3)
     fig.update_xaxes(title_text="relative depth", col=1, range=[0, 1])
     fig.update_yaxes(type="log", col=2, title_text="KiB per token (log)")
     fig.update_layout(title=title or "The residual stream is all you need: KV is recomputable from it",
@@ -212,10 +219,10 @@ def trajectories_figure(trajs: dict[str, xr.Dataset], title: str | None = None) 
                                         "next-layer error (held out)"))
     for i, (name, t) in enumerate(trajs.items()):
         color = OKABE_ITO[i % len(OKABE_ITO)]
-        fig.add_trace(go.Scatter(x=_relative(t.layer.values), y=t.components_90.values, name=name, legendgroup=name,
+        fig.add_trace(go.Scatter(x=_relative(t.layer.values), y=t.components_90.values, name=name, showlegend=False,
                                  line=dict(color=color), hovertemplate=f"{name}<br>depth %{{x:.2f}}: %{{y}}<extra></extra>"),
                       row=1, col=1)
-        fig.add_trace(go.Scatter(x=t["rank"].values, y=t.kl_mean.values, name=name, legendgroup=name, showlegend=False,
+        fig.add_trace(go.Scatter(x=t["rank"].values, y=t.kl_mean.values, name=name, showlegend=False,
                                  mode="lines+markers", marker_size=3, line=dict(color=color),
                                  hovertemplate=f"{name}<br>K = %{{x}}: KL %{{y:.3g}}<extra></extra>"), row=1, col=2)
         x = _relative(t.transition.values)
@@ -226,6 +233,7 @@ def trajectories_figure(trajs: dict[str, xr.Dataset], title: str | None = None) 
                                      hovertemplate=f"{name} {label}<br>depth %{{x:.2f}}: %{{y:.2f}}<extra></extra>"),
                           row=1, col=3)
     fig.update_xaxes(title_text="relative depth", range=[0, 1], col=1)
+    fig.update_yaxes(title_text="principal components", rangemode="tozero", col=1)
     fig.update_xaxes(title_text="K (log)", type="log", col=2)
     fig.update_yaxes(type="log", col=2, title_text="nats (log)")
     fig.update_xaxes(title_text="relative depth", range=[0, 1], col=3)
