@@ -65,7 +65,7 @@ def test_tokenwise_fit_recovers_a_known_map():
     b = rng.normal(size=d)
     pre = rng.normal(size=(s, p, 1, d))
     post = pre + pre @ w + b
-    fits, fit = lu.tokenwise_fit(_run(pre, post), ranks=(1, 2), ridge=1e-9, progress=False)
+    fits, fit = lu.tokenwise_fit(_run(pre, post), ranks=(1, 2), ridge=1e-9, normalize=False, progress=False)
     r2 = fits.r2.isel(layer=0)
     assert float(r2.sel(fit="full")) == pytest.approx(1, abs=1e-6)
     assert float(r2.sel(fit="rank 2")) == pytest.approx(1, abs=1e-6)
@@ -115,3 +115,20 @@ def test_update_statistics_against_hugging_face(smollm2):
                                    rtol=1e-4)
         cos = torch.nn.functional.cosine_similarity(u, hidden[layer][0].double(), dim=-1)
         np.testing.assert_allclose(st.update_cosine.isel(sample=0, layer=layer, pos=slice(0, n)), cos, atol=1e-4)
+
+
+def test_tokenwise_fit_of_the_direction():
+    """An update that is a linear map of the token's direction (what RMSNorm passes on): exact with
+    normalize=True, not with a map linear in the raw state (norms vary 100x)."""
+    rng = np.random.default_rng(2)
+    d, s, p = 5, 10, 40
+    pre = rng.normal(size=(s, p, 1, d)) * np.exp(rng.uniform(0, np.log(100), size=(s, p, 1, 1)))
+    direction = pre / np.linalg.norm(pre, axis=-1, keepdims=True) * np.sqrt(d)
+    w, b = rng.normal(size=(d, d)), rng.normal(size=d)
+    run = _run(pre, pre + direction @ w + b)
+    on_direction, fit = lu.tokenwise_fit(run, ranks=(), ridge=1e-9, progress=False)
+    on_state, _ = lu.tokenwise_fit(run, ranks=(), ridge=1e-9, normalize=False, progress=False)
+    assert float(on_direction.r2.sel(fit="full", layer=0)) == pytest.approx(1, abs=1e-6)
+    assert float(on_state.r2.sel(fit="full", layer=0)) < 0.9
+    h = torch.from_numpy(pre[0, :3, 0])
+    np.testing.assert_allclose(fit.predict("full", 0, h).numpy(), (direction @ w + b)[0, :3, 0], atol=1e-6)

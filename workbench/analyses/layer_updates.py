@@ -14,7 +14,7 @@ and for the rest, because a handful of sink tokens with 100x norms would otherwi
 
 Tokenwise structure ("On the Geometric Structure of Layer Updates in Deep Language Models"):
 the update is dominated by a function of each token's own state. :func:`tokenwise_fit` fits
-``u ~ W h + b`` (ridge least squares, float64) and a rank-``r`` restriction of it (reduced-rank
+``u ~ W f(h) + b`` (``f(h)``: the token's direction, as its PreNorm block reads it; ridge least squares, float64) and a rank-``r`` restriction of it (reduced-rank
 regression: the full fit projected onto the top-``r`` principal directions of its fitted values)
 on the tokens of training prompts, and scores held-out prompts: R^2, mean cosine between fitted
 and true update, relative size of what the fit leaves. :func:`fit_residual_effect` (a fresh
@@ -97,17 +97,27 @@ def depth_profile(stats: xr.Dataset, sinks: xr.DataArray) -> xr.Dataset:
 # --------------------------------------------------------------------------- tokenwise structure
 
 
+def _features(h, normalize: bool):
+    """What the fit reads of each token's state: ``h`` itself, or its direction ``sqrt(d) h / ||h||`` (what a
+    PreNorm block's RMSNorm passes on, up to the norm's gain, which the linear map absorbs)."""
+    if not normalize:
+        return h
+    norm = (h * h).sum(-1, keepdims=True) ** 0.5
+    return h * (h.shape[-1] ** 0.5) / norm
+
+
 @dataclass
 class TokenwiseFit:
-    """Per-layer affine maps ``u ~ h @ weight[l] + bias[l]`` (float64), one per fitted rank."""
+    """Per-layer affine maps ``u ~ features(h) @ weight[l] + bias[l]`` (float64), one per fitted rank."""
 
     weight: dict  # (rank label, layer) -> (d_model, d_model)
     bias: dict  # (rank label, layer) -> (d_model,)
+    normalize: bool = False
 
     def predict(self, label: str, layer: int, h: torch.Tensor) -> torch.Tensor:
         w = torch.as_tensor(self.weight[label, layer], dtype=torch.float64, device=h.device)
         b = torch.as_tensor(self.bias[label, layer], dtype=torch.float64, device=h.device)
-        return (h.double() @ w + b).to(h.dtype)
+        return (_features(h.double(), self.normalize) @ w + b).to(h.dtype)
 
 
 def _tokens(run: xr.Dataset, samples, layer: int, exclude: xr.DataArray | None):
@@ -130,10 +140,13 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def tokenwise_fit(run: xr.Dataset, *, ranks=(8, 32), ridge: float = 1e-3, train_fraction: float = 0.75,
-                  seed: int = 0, exclude: xr.DataArray | None = None, layers=None,
+                  seed: int = 0, exclude: xr.DataArray | None = None, layers=None, normalize: bool = True,
                   progress: bool = True) -> tuple[xr.Dataset, TokenwiseFit]:
-    """Fit ``u_l ~ W h_l + b`` (full rank and each of ``ranks``) per layer on training prompts; score held-out prompts.
+    """Fit ``u_l ~ W f(h_l) + b`` (full rank and each of ``ranks``) per layer on training prompts; score held-out prompts.
 
+    ``normalize=True``: ``f(h)`` is the token's direction ``sqrt(d) h / ||h||``, the input every PreNorm
+    block actually reads (a map linear in it is still a function of the token's own state alone);
+    ``False``: ``f(h) = h``.
     Prompts, not tokens, are split (seeded), so no held-out token shares a context with a training
     token. ``ridge`` is relative to the mean squared norm of the centred ``h`` (scale-free).
     ``exclude`` (sample, pos): tokens left out of fit and score (e.g. :func:`sink_tokens`).
@@ -156,9 +169,10 @@ def tokenwise_fit(run: xr.Dataset, *, ranks=(8, 32), ridge: float = 1e-3, train_
     train, test = np.sort(order[:n_train]), np.sort(order[n_train:])
     labels = ["full"] + [f"rank {r}" for r in ranks]
     metrics = np.full((len(layers), len(labels), 3), np.nan)
-    fit = TokenwiseFit({}, {})
+    fit = TokenwiseFit({}, {}, normalize)
     for i, layer in enumerate(tqdm(layers, desc="tokenwise fit", disable=not progress)):
         h, u = _tokens(run, train, layer, exclude)
+        h = _features(h, normalize)
         h_mean, u_mean = h.mean(0), u.mean(0)
         hc, uc = h - h_mean, u - u_mean
         gram = hc.T @ hc
@@ -167,6 +181,7 @@ def tokenwise_fit(run: xr.Dataset, *, ranks=(8, 32), ridge: float = 1e-3, train_
         # reduced-rank regression: project the fit onto the top principal directions of its fitted values
         _, _, vt = np.linalg.svd(hc @ w_full, full_matrices=False)
         h_test, u_test = _tokens(run, test, layer, exclude)
+        h_test = _features(h_test, normalize)
         for j, label in enumerate(labels):
             w = w_full if label == "full" else w_full @ vt[: ranks[j - 1]].T @ vt[: ranks[j - 1]]
             b = u_mean - h_mean @ w
@@ -178,7 +193,9 @@ def tokenwise_fit(run: xr.Dataset, *, ranks=(8, 32), ridge: float = 1e-3, train_
         {name: (("layer", "fit"), metrics[..., k]) for k, name in enumerate(["r2", "alignment", "leftover"])},
         coords={"layer": layers, "fit": labels},
         attrs={"analysis": "layer_updates.tokenwise_fit", "ridge": ridge, "train_prompts": len(train),
-               "test_prompts": len(test), "seed": seed, "excluded_tokens": int(exclude.sum()) if exclude is not None else 0},
+               "test_prompts": len(test), "test_samples": [int(i) for i in test], "seed": seed,
+               "features": "direction" if normalize else "state",
+               "excluded_tokens": int(exclude.sum()) if exclude is not None else 0},
     )
     ds["r2"].attrs["long_name"] = "held-out R^2 of the update"
     ds["alignment"].attrs["long_name"] = "mean cos(fit, update), held-out tokens"

@@ -189,7 +189,8 @@ def run_study(handle: ModelHandle, folder: str | Path, config: StudyConfig = Stu
         tokenwise, fit = _timed(seconds, label, "tokenwise fit", say, layer_updates.tokenwise_fit, run,
                                 ranks=config.fit_ranks, exclude=sinks, seed=config.seed, progress=progress)
         save_result(tokenwise, work / "tokenwise.nc")
-        held_out = run.isel(sample=slice(-config.effect_prompts, None), pos=slice(0, config.effect_tokens))
+        held_out = run.isel(sample=tokenwise.attrs["test_samples"][: config.effect_prompts],
+                            pos=slice(0, config.effect_tokens))
         effect = _timed(seconds, label, "fit effect", say, layer_updates.fit_residual_effect, handle,
                         torch.from_numpy(held_out["token_id"].values), None, fit, progress=progress)
         save_result(effect, work / "fit_effect.nc")
@@ -315,7 +316,8 @@ last depth: what leaves the last block). ID: GRIDE maximum likelihood at neighbo
 TwoNN; every scale up to 256 is saved), on each prompt's distinct token vectors (Viswanathan et al.); overlap:
 share of each token's nearest neighbour kept from one depth to the next; shuffles cut a prompt into 4^s blocks
 (s = 0..5) and permute them. Stages: every layer deleted and every adjacent pair swapped (Lad et al.), scored on
-the first tokens of the first prompts. Redundancy: K/V at layer l recomputed from the residual entering l alone,
+the first tokens of the first prompts. Tokenwise fit: the update as a linear map of the token's direction
+h / ||h|| (what its PreNorm block reads), fitted on 3/4 of the prompts, scored on the rest. Redundancy: K/V at layer l recomputed from the residual entering l alone,
 and prompt A's residual patched into prompt B (all positions vs the last one only).
 
 {table}
