@@ -193,3 +193,23 @@ def test_tokenizer_diagnostics(handle):
     spellings = noncanonical_tokenizations(handle, "The weather is", " nice", limit=4)
     np.testing.assert_allclose(spellings.cosine.values[0], 1.0, atol=1e-6)
     assert spellings.sizes["layer"] == handle.n_layers and np.isfinite(spellings.logprob.values).all()
+
+
+def test_geometry_and_update_analyses(handle):
+    """Token geometry, update statistics, tokenwise fits and the deletion / swap sweep on other architectures."""
+    from workbench.analyses import layer_stages, layer_updates, token_geometry
+
+    windows = [list(np.random.default_rng(i).integers(5, 400, 24)) for i in range(3)]
+    run = wb.capture(handle, windows, ["resid_pre", "resid_post", "logits"], progress=False)
+    geometry = token_geometry.token_geometry(run, max_rank=8, progress=False)
+    assert np.isfinite(geometry.id.sel(depth=slice(1, None))).all()
+    assert ((geometry.overlap.isel(depth=slice(0, -1)) >= 0) & (geometry.overlap.isel(depth=slice(0, -1)) <= 1)).all()
+    stats = layer_updates.update_statistics(run)
+    np.testing.assert_allclose(stats.update_norm.isel(sample=0, pos=0),
+                               np.linalg.norm(run.resid_post.values[0, 0] - run.resid_pre.values[0, 0], axis=-1), rtol=1e-5)
+    fits, fit = layer_updates.tokenwise_fit(run, ranks=(4,), progress=False)
+    assert np.isfinite(fits.r2).all()
+    effect = layer_updates.fit_residual_effect(handle, torch.tensor(windows[:1]), None, fit, progress=False)
+    assert effect.sizes["layer"] == handle.n_layers and (effect.mean_kl >= 0).all()
+    sweep = layer_stages.layer_intervention_sweep(handle, torch.tensor(windows), progress=False)
+    assert sweep.sizes["intervention"] == 2 * handle.n_layers - 1 and ((sweep.top1_retention >= 0) & (sweep.top1_retention <= 1)).all()

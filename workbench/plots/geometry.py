@@ -159,9 +159,9 @@ def tokenwise_figure(fits: dict[str, xr.Dataset], effects: dict[str, xr.Dataset]
 
 def stages_figure(sweeps: dict[str, xr.Dataset], title: str | None = None) -> go.Figure:
     """Top-1 retention and KL(original || intervened) vs relative depth, layers deleted (solid) and swapped (dashed),
-    and the logit lens's KL to the final output per layer."""
+    and the logit lens's KL to the final output and entropy per layer."""
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.09,
-                        subplot_titles=("top-1 kept", "KL(original || intervened)", "logit lens: KL to final"))
+                        subplot_titles=("top-1 kept", "KL(original || intervened)", "logit lens (nats)"))
     for i, (name, s) in enumerate(sweeps.items()):
         color = OKABE_ITO[i % len(OKABE_ITO)]
         for kind, dash in (("delete", "solid"), ("swap", "dash")):
@@ -172,8 +172,9 @@ def stages_figure(sweeps: dict[str, xr.Dataset], title: str | None = None) -> go
                                          showlegend=col == 1, line=dict(color=color, dash=dash),
                                          hovertemplate=f"{label}<br>%{{text}}: %{{y:.3g}}<extra></extra>",
                                          text=[str(v) for v in one.intervention.values]), row=1, col=col)
-        fig.add_trace(go.Scatter(x=_relative(s.layer_index.values), y=s.lens_kl_to_final.values, name=f"{name}: logit lens",
-                                 line=dict(color=color, dash="dot"), showlegend=True), row=1, col=3)
+        for var, dash, what in (("lens_kl_to_final", "dot", "KL to final"), ("lens_entropy", "dashdot", "entropy")):
+            fig.add_trace(go.Scatter(x=_relative(s.layer_index.values), y=s[var].values, name=f"{name}: logit lens {what}",
+                                     line=dict(color=color, dash=dash)), row=1, col=3)
     fig.update_xaxes(title_text="relative depth", range=[0, 1])
     fig.update_yaxes(range=[0, 1.02], col=1)
     fig.update_yaxes(type="log", col=2, title_text="nats (log)")
