@@ -55,8 +55,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = wb.load_model(args.model)
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"with {torch.get_num_threads()} thread(s); model {model.name} ({model.source}; 4-bit GGUF dequantised to "
-          f"float32), {model.n_layers} layers, d_model {model.d_model}")
+          f"with {torch.get_num_threads()} thread(s); model {model.name} ({model.source}; {model.dtype}), "
+          f"{model.n_layers} layers, d_model {model.d_model}")
     bos = bos_id(model.tokenizer)
     windows = with_bos(prompt_windows(corpus_stream(model.tokenizer), args.prompts, args.tokens - (bos is not None)), bos)
     n_tokens = sum(map(len, windows))

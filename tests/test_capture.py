@@ -119,7 +119,7 @@ def test_pre_tokenised_input_runs_exactly_those_tokens(tiny):
     text = "The cat sat on the mat."
     ids = tiny.tokenizer(text)["input_ids"]
     from_text = wb.capture(tiny, text, ["resid_pre", "logits"], progress=False)
-    from_ids = wb.capture(tiny, [ids, ids[::-1]], ["resid_pre", "logits"], progress=False)
+    from_ids = wb.capture(tiny, [torch.tensor(ids), ids[::-1]], ["resid_pre", "logits"], progress=False)
     np.testing.assert_array_equal(from_ids.token_id.values[0], ids)
     np.testing.assert_array_equal(from_ids.token_id.values[1], ids[::-1])
     np.testing.assert_array_equal(from_ids.resid_pre.isel(sample=0), from_text.resid_pre.isel(sample=0))

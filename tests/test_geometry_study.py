@@ -1,6 +1,7 @@
 """The geometry study end to end on a tiny model (small inputs): files, page, figures, explorer, registry."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -57,6 +58,9 @@ def test_page_figures_and_explorer(saved, tmp_path):
     table = study.write_page({"tiny": saved}, tmp_path, tmp_path / "geometry.md")
     assert "tiny-random-llama" in table and "(tiny-random-llama)" not in table
     explorer = GeometryExplorer.from_study(saved)
+    shown = float(re.search(r"<b>([\d.]+)</b>", explorer.caption.value).group(1))  # the caption states the curve
+    curve = explorer.curves.data[0]
+    assert shown == pytest.approx(curve.y[list(curve.x).index(explorer.depth.value)], abs=0.051)
     before = [list(t.y) for t in explorer.curves.data]
     explorer.level.value = 2
     assert [list(t.y) for t in explorer.curves.data] != before

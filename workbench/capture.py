@@ -253,7 +253,8 @@ def _check_texts(texts) -> list:
         texts = [texts]
     if texts is None or isinstance(texts, (dict, bytes, bytearray)) or not hasattr(texts, "__iter__"):
         raise TypeError(f"texts must be a string or a list of strings (or of token-id lists), not {type(texts).__name__}.")
-    texts = [list(t) if isinstance(t, (tuple, np.ndarray, torch.Tensor)) else t for t in texts]
+    texts = [t.tolist() if isinstance(t, (np.ndarray, torch.Tensor)) else list(t) if isinstance(t, tuple) else t
+             for t in texts]
     if not texts:
         raise ValueError("No texts given: pass a string or a non-empty list of strings.")
     if all(isinstance(t, list) for t in texts):

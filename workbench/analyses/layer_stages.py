@@ -17,7 +17,8 @@ next-token distributions):
 The interventions are :func:`workbench.probes.interventions.delete_layers` and
 :func:`~workbench.probes.interventions.swap_layers`; this module only runs them and scores.
 Dims: -> (intervention) with coords ``kind`` (delete / swap), ``layer`` and ``relative_depth``
-(``layer / (n_layers - 1)``; a swap sits at its first layer).
+(a deleted block at ``(layer + 0.5) / n_layers``, between its input and output; a swapped pair at the
+boundary between the two, ``(layer + 1) / n_layers``).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def layer_intervention_sweep(handle, input_ids: torch.Tensor, attention_mask: to
         {name: ("intervention", means[:, j]) for j, name in enumerate(METRICS)},
         coords={"intervention": [f"{k} {l}" if k == "delete" else f"swap {l}-{l + 1}" for k, l in plan],
                 "kind": ("intervention", kinds_), "layer": ("intervention", layers_),
-                "relative_depth": ("intervention", [l / max(1, handle.n_layers - 1) for l in layers_])},
+                "relative_depth": ("intervention", [(l + (0.5 if k == "delete" else 1.0)) / handle.n_layers
+                                                    for k, l in plan])},
         attrs={"analysis": "layer_stages.layer_intervention_sweep", "model": handle.name, "n_layers": handle.n_layers,
                "tokens": n_tokens, "base_loss": base_loss / n_tokens, "base_entropy": base_entropy / n_tokens,
                "forward_passes": (len(plan) + 1) * ((len(input_ids) + batch_size - 1) // batch_size)},

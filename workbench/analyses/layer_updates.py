@@ -14,7 +14,8 @@ and for the rest, because a handful of sink tokens with 100x norms would otherwi
 
 Tokenwise structure ("On the Geometric Structure of Layer Updates in Deep Language Models"):
 the update is dominated by a function of each token's own state. :func:`tokenwise_fit` fits
-``u ~ W f(h) + b`` (``f(h)``: the token's direction, as its PreNorm block reads it; ridge least squares, float64) and a rank-``r`` restriction of it (reduced-rank
+``u ~ W f(h) + b`` (``f(h)``: the token's direction, as its PreNorm block reads it; ridge least
+squares, float64) and a rank-``r`` restriction of it (reduced-rank
 regression: the full fit projected onto the top-``r`` principal directions of its fitted values)
 on the tokens of training prompts, and scores held-out prompts: R^2, mean cosine between fitted
 and true update, relative size of what the fit leaves. :func:`fit_residual_effect` (a fresh
@@ -48,13 +49,17 @@ def _norm(x: xr.DataArray) -> xr.DataArray:
 
 
 def update_statistics(run: xr.Dataset) -> xr.Dataset:
-    """Per (sample, pos, layer): the update's size and direction relative to the residual it joins."""
-    h, post = require(run, "resid_pre").astype("float64"), require(run, "resid_post").astype("float64")
-    u = post - h
-    h_norm, post_norm, u_norm = _norm(h), _norm(post), _norm(u)
-    valid = run["valid"]
-    out = xr.Dataset(
-        {
+    """Per (sample, pos, layer): the update's size and direction relative to the residual it joins.
+
+    Computed one layer at a time (float64), so memory stays at a few copies of one layer's residual.
+    """
+    pre, post_all = require(run, "resid_pre"), require(run, "resid_post")
+    layers = []
+    for layer in range(run.sizes["layer"]):
+        h, post = pre.isel(layer=layer).astype("float64"), post_all.isel(layer=layer).astype("float64")
+        u = post - h
+        h_norm, post_norm, u_norm = _norm(h), _norm(post), _norm(u)
+        layers.append(xr.Dataset({
             "residual_norm": h_norm,
             "update_norm": u_norm,
             "relative_update": u_norm / h_norm,
@@ -62,8 +67,8 @@ def update_statistics(run: xr.Dataset) -> xr.Dataset:
             "norm_change": post_norm / h_norm,
             "direction_change": 1 - (h * post).sum("d_model") / (h_norm * post_norm),
             "contribution": u_norm / post_norm,
-        }
-    ).where(valid)
+        }).compute())
+    out = xr.concat(layers, "layer").transpose("sample", "pos", "layer").where(run["valid"])
     for name, text in [("residual_norm", "||h_l||"), ("update_norm", "||u_l||, u = resid_post - resid_pre"),
                        ("relative_update", "||u_l|| / ||h_l||"), ("update_cosine", "cos(u_l, h_l)"),
                        ("norm_change", "||h_l + u_l|| / ||h_l||"), ("direction_change", "1 - cos(h_l, h_l + u_l)"),
@@ -148,8 +153,9 @@ def tokenwise_fit(run: xr.Dataset, *, ranks=(8, 32), ridge: float = 1e-3, train_
     block actually reads (a map linear in it is still a function of the token's own state alone);
     ``False``: ``f(h) = h``.
     Prompts, not tokens, are split (seeded), so no held-out token shares a context with a training
-    token. ``ridge`` is relative to the mean squared norm of the centred ``h`` (scale-free).
+    token; the held-out samples are listed in ``attrs["test_samples"]``.
     ``exclude`` (sample, pos): tokens left out of fit and score (e.g. :func:`sink_tokens`).
+    ``ridge`` is relative: it is multiplied by the mean eigenvalue of the centred features' Gram matrix.
     Returns per (layer, fit): ``r2``, ``alignment`` (mean cosine of fitted and true update),
     ``leftover`` (median ``||u - fit|| / ||u||``), and the fitted maps.
     """

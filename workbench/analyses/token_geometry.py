@@ -89,8 +89,9 @@ def token_geometry(run: xr.Dataset, *, max_rank: int = 256, ks: Sequence[int] | 
     depths = list(range(n_depth)) if depths is None else sorted(set(depths))
     bad = [t for t in depths if not 0 <= t < n_depth]
     if bad:
+        last = "the last block's output" if "resid_post" in run else "the input of the last block"
         raise IndexError(f"depths {bad} out of range: this run has depths 0..{n_depth - 1} "
-                         f"(0 = embedding output, {n_depth - 1} = last block's output).")
+                         f"(0 = embedding output, {n_depth - 1} = {last}).")
     check_prompts(run, max_rank)
     ks = sorted(set(ks)) if ks is not None else [k for k in (1, 2, 4, 8, 16, 32) if k <= max_rank]
     if ks[0] < 1 or ks[-1] > max_rank:
@@ -108,9 +109,9 @@ def token_geometry(run: xr.Dataset, *, max_rank: int = 256, ks: Sequence[int] | 
         for i, t in enumerate(depths):
             points, n_dup[s, i] = idm.unique_points(cloud[:, t])
             n_points[s, i] = len(points)
-            cos_mean[s, i], cos_std[s, i] = idm.cosine_similarity_stats(points)
-            if len(points) < 3:
+            if len(points) < 3:  # e.g. one token repeated: nothing to measure at this depth (NaN)
                 continue
+            cos_mean[s, i], cos_std[s, i] = idm.cosine_similarity_stats(points)
             top = min(max(max_rank, ks[-1]), len(points) - 1)
             dist, idx = idm.neighbour_distances(points, top)
             est = idm.gride_scales(points, max_rank=max_rank, distances=dist[:, : min(max_rank, top)])

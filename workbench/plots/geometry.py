@@ -1,8 +1,9 @@
 """Figures of token geometry and layerwise updates (:mod:`workbench.analyses.token_geometry`,
 :mod:`~workbench.analyses.trajectories`, :mod:`~workbench.analyses.layer_updates`,
 :mod:`~workbench.analyses.layer_stages`, :mod:`~workbench.analyses.residual_redundancy`).
-No metric is computed here; curves of several models share a relative-depth axis (0 = input,
-1 = last layer). Colours: Okabe-Ito; ordered levels (shuffling) use a sequential scale."""
+No metric is computed here. Curves of several models share one relative-depth axis: the residual
+entering block t sits at t / n_layers (0 = the embeddings, 1 = what leaves the last block), block l
+itself at (l + 0.5) / n_layers, between its input and its output. Colours: Okabe-Ito; ordered levels (shuffling) use a sequential scale."""
 
 from __future__ import annotations
 
@@ -17,9 +18,15 @@ from .theme import OKABE_ITO
 DASHES = ["solid", "dash", "dot", "dashdot"]
 
 
-def _relative(depth) -> np.ndarray:
+def _relative(depth, n_layers: int | None = None) -> np.ndarray:
+    """Residual states at depth t (entering block t; t = n_layers: leaving the last block) -> t / n_layers."""
     depth = np.asarray(depth, float)
-    return depth / max(depth.max(), 1)
+    return depth / (n_layers or max(depth.max(), 1))
+
+
+def _block(layer, n_layers: int) -> np.ndarray:
+    """Block l sits between depths l and l + 1: (l + 0.5) / n_layers on the same axis as the states."""
+    return (np.asarray(layer, float) + 0.5) / n_layers
 
 
 def _band(fig, x, low, high, color, row=None, col=None, name=""):
@@ -112,13 +119,13 @@ def update_profile(profiles: dict[str, xr.Dataset], title: str | None = None) ->
                         horizontal_spacing=0.12)
     for i, (name, p) in enumerate(profiles.items()):
         color = OKABE_ITO[i % len(OKABE_ITO)]
-        x = _relative(p.layer.values)
+        n = len(p.layer)
         for tokens, dash in (("other", "solid"), ("sink", "dot")):
             if tokens not in p.tokens.values or int(p.n_tokens.sel(tokens=tokens)) == 0:
                 continue
             one = p.sel(tokens=tokens)
             label = f"{name}, {'sink tokens' if tokens == 'sink' else 'other tokens'}"
-            for col, var in ((1, "residual_norm"), (2, "contribution")):
+            for col, var, x in ((1, "residual_norm", _relative(p.layer.values, n)), (2, "contribution", _block(p.layer.values, n))):
                 fig.add_trace(go.Scatter(x=x, y=one[var].values, name=label, legendgroup=label, showlegend=col == 1,
                                          line=dict(color=color, dash=dash),
                                          hovertemplate=f"{label}<br>depth %{{x:.2f}}: %{{y:.3g}}<extra></extra>"),
@@ -131,20 +138,21 @@ def update_profile(profiles: dict[str, xr.Dataset], title: str | None = None) ->
     return fig
 
 
-def tokenwise_figure(fits: dict[str, xr.Dataset], effects: dict[str, xr.Dataset], title: str | None = None) -> go.Figure:
+def tokenwise_figure(fits: dict[str, xr.Dataset], effects: dict[str, xr.Dataset], n_layers: dict[str, int],
+                     title: str | None = None) -> go.Figure:
     """Held-out R^2 of tokenwise fits per relative depth, and Spearman(leftover size, output change) per layer."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("held-out R^2 of u ~ f(h)", "Spearman(||u - f(h)||, KL)"),
                         horizontal_spacing=0.12)
     for i, (name, fit) in enumerate(fits.items()):
         color = OKABE_ITO[i % len(OKABE_ITO)]
-        x = _relative(fit.layer.values)
+        x = _block(fit.layer.values, n_layers[name])
         for j, label in enumerate(fit.fit.values):
             fig.add_trace(go.Scatter(x=x, y=fit.r2.sel(fit=label).values, name=f"{name}: R^2, {label} fit",
                                      line=dict(color=color, dash=DASHES[j % 4]),
                                      hovertemplate=f"{name} {label}<br>depth %{{x:.2f}}: R^2 %{{y:.2f}}<extra></extra>"),
                           row=1, col=1)
         e = effects[name]
-        fig.add_trace(go.Scatter(x=_relative(e.layer.values), y=e.spearman.values,
+        fig.add_trace(go.Scatter(x=_block(e.layer.values, n_layers[name]), y=e.spearman.values,
                                  name=f"{name}: Spearman, {e.attrs['fit']} fit replacing the update",
                                  mode="lines+markers", marker_size=3, line=dict(color=color),
                                  hovertemplate=f"{name}<br>depth %{{x:.2f}}: rho %{{y:.2f}}<extra></extra>"),
@@ -172,8 +180,10 @@ def stages_figure(sweeps: dict[str, xr.Dataset], title: str | None = None) -> go
                                          showlegend=col == 1, line=dict(color=color, dash=dash),
                                          hovertemplate=f"{label}<br>%{{text}}: %{{y:.3g}}<extra></extra>",
                                          text=[str(v) for v in one.intervention.values]), row=1, col=col)
+        n = len(s.layer_index)
         for var, dash, what in (("lens_kl_to_final", "dot", "KL to final"), ("lens_entropy", "dashdot", "entropy")):
-            fig.add_trace(go.Scatter(x=_relative(s.layer_index.values), y=s[var].values, name=f"{name}: logit lens {what}",
+            y = np.maximum(s[var].values, 1e-3)  # KL = 0 at the last layer (the lens is the output): drawn at 1e-3
+            fig.add_trace(go.Scatter(x=_relative(s.layer_index.values + 1, n), y=y, name=f"{name}: logit lens {what}",
                                      line=dict(color=color, dash=dash)), row=1, col=3)
     fig.update_xaxes(title_text="relative depth", range=[0, 1])
     fig.update_yaxes(range=[0, 1.02], col=1)
@@ -191,7 +201,7 @@ def redundancy_figure(redundancy: dict[str, xr.Dataset], memory: dict[str, dict]
     floor = 1e-12  # KL = 0 drawn at the floor of the log axis
     for i, (name, r) in enumerate(redundancy.items()):
         color = OKABE_ITO[i % len(OKABE_ITO)]
-        x = _relative(r.layer.values)
+        x = _relative(r.layer.values, r.attrs.get("n_layers") or len(r.layer))
         for var, dash, what in (("kl_full", "solid", "whole residual"), ("kl_last_position", "dash", "last position only")):
             fig.add_trace(go.Scatter(x=x, y=np.maximum(r[var].values, floor), name=f"{name}: {what}",
                                      line=dict(color=color, dash=dash), mode="lines+markers", marker_size=3,
@@ -226,7 +236,7 @@ def trajectories_figure(trajs: dict[str, xr.Dataset], title: str | None = None) 
         fig.add_trace(go.Scatter(x=t["rank"].values, y=t.kl_mean.values, name=name, showlegend=False,
                                  mode="lines+markers", marker_size=3, line=dict(color=color),
                                  hovertemplate=f"{name}<br>K = %{{x}}: KL %{{y:.3g}}<extra></extra>"), row=1, col=2)
-        x = _relative(t.transition.values)
+        x = _block(t.transition.values, len(t.layer) - 1)
         for model, dash, label in (("linear_drift", "solid", "linear drift"), ("no_update", "dot", "no update"),
                                    ("mean_update", "dash", "mean update")):
             fig.add_trace(go.Scatter(x=x, y=t[model].sel(metric="relative_error").values, name=f"{name}: {label}",

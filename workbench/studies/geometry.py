@@ -132,7 +132,7 @@ def _trajectories(handle, docs, config, progress):
     svd = trajectories.trajectory_svd(array)
     ranks = [k for k in config.truncation_ranks if k <= min(handle.d_model, len(windows))]
     kl = trajectories.truncation_kl(handle, array, ranks)
-    # in the top principal directions: a full-rank fit overfits (800 training trajectories for SmolLM2's 576 dims)
+    # in the top principal directions: at full rank the fit overfits (320 training trajectories, 576 dims for SmolLM2)
     rank = min(128, handle.d_model, int(round(0.8 * len(windows))))
     drift = trajectories.fit_linear_drift(array, seed=config.seed, rank=rank).rename(layer="transition")
     # a 3-D view: every state projected on the top 3 principal directions of all states together
@@ -140,6 +140,8 @@ def _trajectories(handle, docs, config, progress):
     centred = flat - flat.mean(0)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
     view = (centred @ v[:3].T).reshape(states.shape[0], states.shape[1], 3).float().numpy()
+    drift.attrs = {f"drift_{k}": v for k, v in drift.attrs.items()}  # its 'model' is an equation, its 'rank' a basis
+    kl.attrs = {("truncation_layer" if k == "layer" else k): v for k, v in kl.attrs.items()}
     out = xr.merge([svd, kl, drift], combine_attrs="drop_conflicts")
     out["view"] = (("trajectory", "layer", "axis"), view)
     out.attrs.update(windows=len(windows), window_tokens=config.window_tokens)
@@ -171,6 +173,10 @@ def run_study(handle: ModelHandle, folder: str | Path, config: StudyConfig = Stu
     if config.prompt_tokens < config.max_rank + 1:
         raise ValueError(f"prompt_tokens={config.prompt_tokens} is too short for GRIDE up to rank {config.max_rank}: "
                          f"use at least {config.max_rank + 1} tokens or lower max_rank.")
+    if config.prompts < 4 or config.windows < 10 or config.shuffle_prompts < 1:
+        raise ValueError(f"prompts={config.prompts}, windows={config.windows}, shuffle_prompts={config.shuffle_prompts}: "
+                         "the ID-loss correlation needs at least 4 prompts, the drift fit at least 10 trajectories "
+                         "(8 to fit, 2 held out), and the shuffle control at least 1 prompt.")
     docs = corpus_stream(handle.tokenizer)
     body = config.prompt_tokens - (bos_id(handle.tokenizer) is not None)  # prompts of prompt_tokens with the BOS
     windows = prompt_windows(docs, config.prompts, body)  # errors now, before any forward pass
@@ -250,7 +256,7 @@ def summary(name: str, s: dict) -> dict[str, str]:
         "ID peak, original -> fully shuffled": f"{structured_peak:.1f} -> {shuffled_peak:.1f}",
         "Spearman(ID, loss) at the peak [95% CI]": f"{float(rho):+.2f} [{float(g.spearman_low.sel(depth=at)):+.2f}, "
                                                    f"{float(g.spearman_high.sel(depth=at)):+.2f}]",
-        "overlap k=1, median depth": f"{float(g.overlap.sel(k=1).median()):.2f}",
+        "overlap k=1 (median over prompts and depths)": f"{float(g.overlap.sel(k=1).median()):.2f}",
         "trajectories: PCs for 90% (last depth); K with KL < 0.1 nats":
             f"{int(t.components_90.isel(layer=-1))} of {s['summary']['d_model']}; "
             f"{int(small[0]) if len(small) else '>' + str(int(t['rank'].values[-1]))}",
@@ -288,7 +294,8 @@ def write_figures(folders: dict[str, Path], out: Path, formats=("svg", "png")) -
                              columns="two", height=260)
     written += export_figure(plots.update_profile(pick("updates")), out / "update_norms", formats=formats,
                              columns="two", height=260)
-    written += export_figure(plots.tokenwise_figure(pick("tokenwise"), pick("fit_effect")), out / "tokenwise_fit",
+    layers = {name: s["summary"]["n_layers"] for name, s in studies.items()}
+    written += export_figure(plots.tokenwise_figure(pick("tokenwise"), pick("fit_effect"), layers), out / "tokenwise_fit",
                              formats=formats, columns="two", height=260)
     written += export_figure(plots.stages_figure(pick("stages")), out / "stages", formats=formats, columns="two",
                              height=270)

@@ -347,7 +347,7 @@ STUDIES: dict[str, Study] = {
                 Option("prompts", "--prompts", int, 32, "Corpus prompts for the geometry (and the update fits)."),
                 Option("prompt_tokens", "--prompt-tokens", int, 512, "Tokens per prompt (at least 257 for GRIDE up to rank 256)."),
                 Option("shuffle_prompts", "--shuffle-prompts", int, 8, "Prompts also run shuffled in 4**s blocks, s = 0..5."),
-                Option("windows", "--windows", int, 400, "Last-token trajectories (windows of 32 corpus tokens)."),
+                Option("windows", "--windows", int, 400, "Last-token trajectories (windows of 32 corpus tokens, after the BOS where the model uses one)."),
             ),
         ),
     ]

@@ -14,7 +14,7 @@ from ..plots.geometry import geometry_curves
 from ..plots.theme import OKABE_ITO
 from .base import Explorer
 
-MEDIAN = -1
+MEDIAN = "median"
 
 
 class GeometryExplorer(Explorer):
@@ -38,13 +38,12 @@ class GeometryExplorer(Explorer):
             raise ValueError("GeometryExplorer needs a token_geometry result (variables id, overlap, cosine_mean by depth).")
         self.geometry, self.shuffle, self.trajectories = geometry, shuffle, trajectories
         self.max_lines = max_lines
-        depths = geometry.depth.values
-        self.depth = widgets.IntSlider(value=int(depths[len(depths) // 3]), min=int(depths.min()), max=int(depths.max()),
-                                       description="depth", continuous_update=True,
-                                       layout=widgets.Layout(width="min(520px, 100%)"))
-        texts = geometry["text"].values if "text" in geometry.coords else [f"prompt {i}" for i in geometry.sample.values]
-        self._texts = [str(t) for t in texts]
-        options = [("median over prompts", MEDIAN)] + [(f"{i}: {t[:48]!r}", i) for i, t in enumerate(self._texts)]
+        depths = [int(d) for d in geometry.depth.values]
+        self.depth = widgets.SelectionSlider(options=depths, value=depths[len(depths) // 3], description="depth",
+                                             continuous_update=True, layout=widgets.Layout(width="min(520px, 100%)"))
+        samples = [int(v) for v in geometry.sample.values]
+        texts = geometry["text"].values if "text" in geometry.coords else [f"prompt {i}" for i in samples]
+        options = [("median over prompts", MEDIAN)] + [(f"{i}: {str(t)[:48]!r}", i) for i, t in zip(samples, texts)]
         self.prompt = widgets.Dropdown(options=options, value=MEDIAN, description="prompt",
                                        layout=widgets.Layout(width="min(420px, 100%)"))
         levels = [int(v) for v in shuffle.level.values] if shuffle is not None else [0]
@@ -72,16 +71,18 @@ class GeometryExplorer(Explorer):
 
     # ---------------------------------------------------------------- data
 
+    def _shuffled(self) -> bool:
+        """Shuffled captures exist for the selection: the median over the shuffled prompts, or one of them."""
+        return self.shuffle is not None and (self.prompt.value == MEDIAN or self.prompt.value in self.shuffle.sample.values)
+
     def selection(self) -> xr.Dataset:
-        """The geometry drawn: the chosen level's (with level 0 for reference) for the chosen prompt or all prompts."""
+        """The geometry drawn: the chosen level's (with the original for reference), one prompt or the median.
+
+        With shuffles, "median over prompts" is over the shuffled prompts (the study shuffles the first few),
+        so the original and the shuffled curves are medians over the same prompts."""
         level, prompt = self.level.value, self.prompt.value
-        if self.shuffle is not None and (prompt == MEDIAN or prompt < self.shuffle.sizes["sample"]):
-            data = self.shuffle.sel(level=sorted({0, level}))  # the shuffled subset of prompts
-        else:  # no shuffles, or a prompt outside the shuffled subset: its structured geometry
-            data = self.geometry.expand_dims(level=[0])
-        if self.prompt.value != MEDIAN:
-            data = data.sel(sample=self.prompt.value)
-        return data
+        data = self.shuffle.sel(level=sorted({0, level})) if self._shuffled() else self.geometry.expand_dims(level=[0])
+        return data if prompt == MEDIAN else data.sel(sample=prompt)
 
     # ---------------------------------------------------------------- drawing
 
@@ -112,12 +113,12 @@ class GeometryExplorer(Explorer):
         return fig
 
     def _caption(self) -> str:
-        g = self.geometry.sel(depth=self.depth.value)
-        ids = g.id.sel(scale=2)
-        value = float(ids.median()) if self.prompt.value == MEDIAN else float(ids.sel(sample=self.prompt.value))
-        return (f"depth {self.depth.value}: ID (TwoNN) <b>{value:.1f}</b>"
-                f"{' (median over prompts)' if self.prompt.value == MEDIAN else ''}; "
-                f"{int(g.n_duplicates.sum())} duplicate token vectors removed over all prompts at this depth")
+        data = self.selection().sel(level=self.level.value if self._shuffled() else 0, depth=self.depth.value)
+        ids = data.id.sel(scale=2)
+        over = f" (median of {ids.sizes['sample']} prompts)" if "sample" in ids.dims else ""
+        removed = int(data.n_duplicates.sum())
+        return (f"depth {self.depth.value}: ID (TwoNN) <b>{float(ids.median()):.1f}</b>{over}; "
+                f"{removed} duplicate token vector{'s' if removed != 1 else ''} removed")
 
     def _depth_moved(self, _change=None) -> None:
         """Only the depth marker and the caption move: no figure is rebuilt."""
@@ -125,7 +126,8 @@ class GeometryExplorer(Explorer):
             for shape in self.curves.layout.shapes:
                 shape.x0 = shape.x1 = self.depth.value
         if self.bundle is not None:
-            at = self.trajectories["view"].isel(trajectory=slice(0, self.max_lines), layer=self.depth.value).values
+            view = self.trajectories["view"]
+            at = view.isel(trajectory=slice(0, self.max_lines), layer=min(self.depth.value, view.sizes["layer"] - 1)).values
             with self.bundle.batch_update():
                 marker = self.bundle.data[1]
                 marker.x, marker.y, marker.z = at[:, 0], at[:, 1], at[:, 2]
@@ -133,8 +135,7 @@ class GeometryExplorer(Explorer):
         self.caption.value = self._caption()
 
     def redraw(self, _change=None) -> None:
-        outside = self.shuffle is None or (self.prompt.value != MEDIAN and self.prompt.value >= self.shuffle.sizes["sample"])
-        self.level.disabled = outside  # shuffled captures exist only for the first prompts
+        self.level.disabled = not self._shuffled()  # shuffled captures exist only for the first prompts
         source = self.figure()
         with self.curves.batch_update():
             self.curves.data = []
