@@ -18,7 +18,7 @@ In one process, on ``--model`` (embedded, float32):
               ``--sweep-prompts`` prompts of ``--sweep-tokens`` tokens: forward passes and time per
               intervention
 
-Printed: machine, torch threads, per step the wall seconds and the share of the CPU other processes
+Torch and NumPy's BLAS run with the same ``--threads``. Printed: machine, threads, per step the wall seconds and the share of the CPU other processes
 used meanwhile. The last line is ``geometry/forward ratio: X`` (target <= 0.5).
 """
 
@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 
 import workbench as wb
 from capture_overhead import peak_rss_growth, timed  # shared helpers: wall seconds, others' CPU share, peak RSS
@@ -50,9 +51,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--sweep-prompts", type=int, default=4)
     parser.add_argument("--sweep-tokens", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="torch and BLAS threads (both the same)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)  # NumPy's BLAS gets the same threads as torch: like with like
     model = wb.load_model(args.model)
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"with {torch.get_num_threads()} thread(s); model {model.name} ({model.source}; {model.dtype}), "

@@ -312,13 +312,12 @@ def write_page(folders: dict[str, Path], out: Path, page: Path) -> str:
     studies = {s["summary"]["name"]: s for s in (load_study(f) for f in folders.values())}
     table = markdown_table([summary(name, s) for name, s in studies.items()])
     configs = "; ".join(f"{name}: {s['summary']['config']['prompts']} prompts x {s['summary']['config']['prompt_tokens']} "
-                        f"tokens, {s['summary']['config']['windows']} trajectories, "
-                        f"{sum(s['summary']['seconds'].values()) / 60:.0f} min" for name, s in studies.items())
+                        f"tokens, {s['summary']['config']['windows']} trajectories" for name, s in studies.items())
     figures = "\n".join(f"- [{p.stem}](geometry/{p.name})" for p in sorted((out / "geometry").glob("*.svg")))
     write_text_atomic(page, f"""# Token geometry and layerwise updates in the embedded models
 
-Produced by `workbench geometry` on the bundled pydoc corpus ({configs}); regenerate the figures from
-saved results with `workbench gallery`. Depth t is the residual entering block t (t = 0: the embeddings; the
+Produced by `workbench geometry` on the bundled pydoc corpus ({configs}; each step's seconds are in the
+saved `summary.json`); regenerate the figures from saved results with `workbench gallery`. Depth t is the residual entering block t (t = 0: the embeddings; the
 last depth: what leaves the last block). ID: GRIDE maximum likelihood at neighbour ranks n1 -> 2 n1 (scale 2 is
 TwoNN; every scale up to 256 is saved), on each prompt's distinct token vectors (Viswanathan et al.); overlap:
 share of each token's nearest neighbour kept from one depth to the next; shuffles cut a prompt into 4^s blocks
