@@ -43,8 +43,8 @@ def test_depths_stack_pre_and_last_post():
 
 
 def test_known_clouds():
-    """Depth 0: a 3-D Gaussian in 10 dims; depth 1: the same points scaled (neighbours kept: overlap 1);
-    depth 2: depth 1 with the points' order reversed (neighbourhoods scrambled); cosine of +/- pairs known."""
+    """Depth 0: a 3-D Gaussian in 10 dims; depth 1: the same points scaled (neighbours kept: overlap 1, cosines
+    unchanged); depth 2: other points in place of each (a random permutation: neighbourhoods scrambled)."""
     rng = np.random.default_rng(0)
     n, d = 400, 10
     base = np.zeros((n, d))
