@@ -8,6 +8,7 @@ import torch
 import xarray as xr
 from sklearn.decomposition import PCA
 
+from workbench.analyses import trajectories
 from workbench.analyses.trajectories import chunk_windows, fit_linear_drift, trajectory_svd, truncation_kl
 from workbench.corpus import paragraphs
 from workbench.probes import hooks
@@ -162,3 +163,18 @@ def test_smollm2_lines_of_thought(smollm2):
     assert out["top1_agreement"].sel(rank=smollm2.d_model) == 1.0
     fit = fit_linear_drift(states, rank=8)
     assert all(np.isfinite(fit[m]).all() for m in ("linear_drift", "no_update", "mean_update", "noise_std"))
+
+
+def test_bundle_view_is_the_pooled_pca():
+    """Hand-built: states in a 3-D subspace keep every pairwise distance in the view; independent: sklearn's PCA
+    on the pooled states gives the same coordinates up to each axis's sign."""
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(0)
+    states = rng.normal(size=(12, 5, 3)) @ rng.normal(size=(3, 16))  # (trajectory, layer, d_model)
+    view = trajectories.bundle_view(states).values
+    flat, pooled = view.reshape(-1, 3), states.reshape(-1, 16)
+    dist = lambda x: np.linalg.norm(x[:, None] - x[None], axis=-1)  # noqa: E731
+    np.testing.assert_allclose(dist(flat), dist(pooled), atol=1e-9)
+    ref = PCA(3).fit_transform(pooled)
+    np.testing.assert_allclose(np.abs(flat), np.abs(ref), atol=1e-8)

@@ -40,6 +40,7 @@ import xarray as xr
 
 from ..numerics import kl_from_logprobs, log_softmax
 from ..probes import hooks
+from ..probes.interventions import patch_residual
 from ..probes.sites import K, RESID_PRE, V
 
 
@@ -121,26 +122,23 @@ def residual_patch_kl(handle, ids_a: torch.Tensor, ids_b: torch.Tensor, layers=N
     """
     layers = _layers(handle, layers)
     ids_a, ids_b = _pair(ids_a, ids_b)
-    resid: dict = {}
-    out_a = hooks.forward(handle, ids_a, reads=[(RESID_PRE, l) for l in layers],
-                          on_site=lambda s, l, t: resid.__setitem__(l, t.detach().clone()))
-    logp_a = log_softmax(out_a.logits)
+    resid_a, resid_b = ({} for _ in range(2))
+    logp_a = log_softmax(hooks.forward(handle, ids_a, reads=[(RESID_PRE, l) for l in layers],
+                                       on_site=lambda s, l, t: resid_a.__setitem__(l, t.detach().clone())).logits)
+    hooks.forward(handle, ids_b, reads=[(RESID_PRE, l) for l in layers], logits=False,
+                  on_site=lambda s, l, t: resid_b.__setitem__(l, t.detach().clone()))
 
-    def kl(edits=None) -> torch.Tensor:  # (b, p)
-        return kl_from_logprobs(logp_a, log_softmax(hooks.forward(handle, ids_b, edits=edits).logits))
-
-    def last_only(r):
-        def edit(h):
-            h = h.clone()
-            h[:, -1] = r[:, -1].to(h.device, h.dtype)
-            return h
-        return edit
+    def kl() -> torch.Tensor:  # (b, p): B's forward pass, under whatever patch is active, against A's output
+        return kl_from_logprobs(logp_a, log_softmax(hooks.forward(handle, ids_b).logits))
 
     full, last = [], []
     for l in layers:
-        r = resid[l]
-        full.append(float(kl({(RESID_PRE, l): lambda h, r=r: r.to(h.device, h.dtype)}).max()))
-        last.append(float(kl({(RESID_PRE, l): last_only(r)})[:, -1].max()))
+        with patch_residual(handle, l, resid_a[l]):
+            full.append(float(kl().max()))
+        last_only = resid_b[l].clone()
+        last_only[:, -1] = resid_a[l][:, -1]
+        with patch_residual(handle, l, last_only):
+            last.append(float(kl()[:, -1].max()))
     ds = xr.Dataset({"kl_full": ("layer", full), "kl_last_position": ("layer", last),
                      "kl_unpatched_last_position": ((), float(kl()[:, -1].max()))}, coords={"layer": layers})
     ds["kl_full"].attrs.update(long_name="max over positions of KL(p_A || p_B, full resid_pre[l] of A)", units="nats")

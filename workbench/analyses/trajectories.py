@@ -243,3 +243,16 @@ def fit_linear_drift(states, train_fraction: float = 0.8, ridge: float = 1e-3, s
         attrs={"analysis": "fit_linear_drift", "model": "x[t+1] = x[t] + A_t x[t] + b_t + noise_std_t * eps",
                "n_train": n_train, "n_test": n - n_train, "ridge": ridge, "rank": rank or d, "seed": seed},
     )
+
+
+def bundle_view(states, n_components: int = 3) -> xr.DataArray:
+    """(trajectory, layer, axis): every state projected on the top principal directions of all states together
+    (all layers pooled and centred), a common frame in which the bundle of trajectories can be drawn."""
+    da = _states(states)
+    x = np.asarray(da.values, np.float64)
+    flat = x.reshape(-1, x.shape[-1])
+    centred = flat - flat.mean(0)
+    basis = np.linalg.svd(centred, full_matrices=False)[2][:n_components]
+    view = (centred @ basis.T).reshape(x.shape[0], x.shape[1], n_components)
+    return xr.DataArray(view, dims=("trajectory", "layer", "axis"), coords={"layer": da["layer"].values}
+                        if "layer" in da.coords else None, name="view")

@@ -135,15 +135,10 @@ def _trajectories(handle, docs, config, progress):
     # in the top principal directions: at full rank the fit overfits (320 training trajectories, 576 dims for SmolLM2)
     rank = min(128, handle.d_model, int(round(0.8 * len(windows))))
     drift = trajectories.fit_linear_drift(array, seed=config.seed, rank=rank).rename(layer="transition")
-    # a 3-D view: every state projected on the top 3 principal directions of all states together
-    flat = states.reshape(-1, states.shape[-1]).double()
-    centred = flat - flat.mean(0)
-    _, _, v = torch.linalg.svd(centred, full_matrices=False)
-    view = (centred @ v[:3].T).reshape(states.shape[0], states.shape[1], 3).float().numpy()
     drift.attrs = {f"drift_{k}": v for k, v in drift.attrs.items()}  # its 'model' is an equation, its 'rank' a basis
     kl.attrs = {("truncation_layer" if k == "layer" else k): v for k, v in kl.attrs.items()}
     out = xr.merge([svd, kl, drift], combine_attrs="drop_conflicts")
-    out["view"] = (("trajectory", "layer", "axis"), view)
+    out["view"] = (("trajectory", "layer", "axis"), trajectories.bundle_view(array).values)
     out.attrs.update(windows=len(windows), window_tokens=config.window_tokens)
     return out
 
