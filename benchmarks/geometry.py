@@ -63,7 +63,7 @@ def main() -> None:
     windows = with_bos(prompt_windows(corpus_stream(model.tokenizer), args.prompts, args.tokens - (bos is not None)), bos)
     n_tokens = sum(map(len, windows))
 
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the system temp folder: never inside the repository
         store = Path(tmp) / "states.zarr"
         seconds, others = timed(lambda: wb.capture(model, windows, ["resid_pre", "resid_post"], out=store,
                                                    batch_size=args.batch_size, progress=False))
