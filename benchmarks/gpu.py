@@ -20,10 +20,12 @@ ended by ``torch.cuda.synchronize()``:
   capture   ``wb.capture(model, texts, probes, batch_size=batch)`` (torch backend), which also
             copies what it keeps to host memory and builds the run
 
-Then throughput, the issue's target: tokens/s of ``--batches`` plain forwards against one capture
-of the same sequences (``batch_size=--batch``) with the reduced probes, bfloat16, for random-init
-Llama-3.2-1B and Llama-3-8B shapes (7.4 B parameters with SmolLM2's vocabulary), and the peak GPU
-memory of each.
+Then throughput, the issue's target: tokens/s of ``--batches`` plain forwards (each batch's token
+ids copied from host memory to the GPU) against one capture of the same token ids
+(``batch_size=--batch``) with the reduced probes, bfloat16, for random-init Llama-3.2-1B and
+Llama-3-8B shapes (7.4 B parameters with SmolLM2's vocabulary), and the peak GPU memory; a capture
+from the texts (which also tokenises them) is timed alongside. ``--profile`` adds torch.profiler's
+kernel tables of both and a cProfile of the capture.
 
 Probe sets: ``full`` = all-layer ``resid_pre, resid_post`` + ``attn_received, value_norm`` (the CPU
 benchmark's set: two d_model floats per token and layer go to the host), ``reduced`` =
@@ -78,20 +80,33 @@ def compare(methods: dict, rounds: int) -> dict[str, list[float]]:
     return walls
 
 
-def profile(fn) -> None:
-    """Where one call's time goes: cProfile, top 25 functions by own time (GPU waits show in .cpu/.item)."""
+def profile(plain, capture) -> None:
+    """Where the time goes: the GPU kernels of a plain pass and of a capture side by side (torch.profiler,
+    top 12 by own device time), then cProfile of one capture (top 20 functions by own host time)."""
     import cProfile
     import io
     import pstats
 
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for label, fn in (("plain", plain), ("capture", capture)):
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        print(f"\n--- {label}: GPU kernels by own device time")
+        print(events.table(sort_by=key, row_limit=12, max_name_column_width=60))
     prof = cProfile.Profile()
     torch.cuda.synchronize()
     prof.enable()
-    fn()
+    capture()
     torch.cuda.synchronize()
     prof.disable()
     buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(20)
     print("\n".join(line for line in buf.getvalue().splitlines()[3:] if line.strip()))
 
 
@@ -101,7 +116,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--batches", type=int, default=8, help="batches in the throughput comparison (default 8)")
-    parser.add_argument("--profile", action="store_true", help="also a cProfile of one capture of the 1B shape")
+    parser.add_argument("--profile", action="store_true", help="also kernel and host profiles of the 1B shape")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA device; on the CPU run benchmarks/capture_overhead.py.")
@@ -138,30 +153,35 @@ def main() -> None:
 
     loaded.clear()
     print(f"\nthroughput over {args.batches} batches of {args.batch} x {args.tokens} tokens, bfloat16, probes "
-          f"{','.join(PROBE_SETS['reduced'])} (target: capture >= 0.9x plain):")
+          f"{','.join(PROBE_SETS['reduced'])} (target: capture >= 0.9x plain). Both start from the same token ids "
+          "in host memory; capture from the texts (tokenising them too) for information:")
     for name in ("random-llama-1b", "random-llama-3-8b"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         model = wb.load_model(name, device="cuda", dtype="bfloat16")
         ids, texts, _ = make_inputs(model.tokenizer, args.batch * args.batches, args.tokens)
-        batches = [ids[i : i + args.batch].cuda() for i in range(0, len(ids), args.batch)]
+        id_lists = ids.tolist()
+        batches = [ids[i : i + args.batch] for i in range(0, len(ids), args.batch)]
 
         def plain_all():
             with torch.no_grad():
                 for batch in batches:
+                    batch = batch.to("cuda")
                     model.hf_model.base_model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False)
 
-        def capture_all():
-            return wb.capture(model, texts, probes=PROBE_SETS["reduced"], batch_size=args.batch, progress=False)
+        def capture_from(inputs):
+            return lambda: wb.capture(model, inputs, probes=PROBE_SETS["reduced"], batch_size=args.batch,
+                                      progress=False)
 
-        walls = compare({"plain": plain_all, "capture": capture_all}, max(3, args.rounds // 2))
-        n_tokens = ids.numel()
-        plain_tps, capture_tps = n_tokens / min(walls["plain"]), n_tokens / min(walls["capture"])
-        print(f"  {name:<20} plain {plain_tps:9.0f} tok/s, capture {capture_tps:9.0f} tok/s: "
-              f"capture/plain throughput {capture_tps / plain_tps:.2f}; peak GPU memory "
+        walls = compare({"plain": plain_all, "ids": capture_from(id_lists), "texts": capture_from(texts)},
+                        max(3, args.rounds // 2))
+        tps = {k: ids.numel() / min(w) for k, w in walls.items()}
+        print(f"  {name:<20} plain {tps['plain']:8.0f} tok/s, capture {tps['ids']:8.0f} tok/s from token ids, "
+              f"{tps['texts']:8.0f} from texts: capture/plain throughput {tps['ids'] / tps['plain']:.2f} "
+              f"(from texts {tps['texts'] / tps['plain']:.2f}); peak GPU memory "
               f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
         if args.profile and name == "random-llama-1b":
-            profile(capture_all)
+            profile(plain_all, capture_from(id_lists))
         model = batches = None  # free the GPU memory before the next shape loads
     loaded.clear()
 

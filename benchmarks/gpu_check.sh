@@ -15,6 +15,6 @@ python3 -c "import sys, torch, transformers, transformer_lens, nnsight, xarray, 
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" \
   2>&1 | tee -a "$OUT/gpu.txt"
 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -rs 2>&1 | tee "$OUT/tests.log"
-timeout ${BENCH_TIMEOUT:-180} python3 benchmarks/gpu.py 2>&1 | tee "$OUT/bench.log"
+timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/gpu.py ${BENCH_ARGS:---rounds 5} 2>&1 | tee "$OUT/bench.log"
 timeout ${BYTES_TIMEOUT:-120} python3 benchmarks/byte_level.py --model random-llama-1b --device cuda --bytes 200 \
   --naive-every 20 2>&1 | tee "$OUT/byte_level.log"

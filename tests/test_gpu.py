@@ -69,6 +69,26 @@ def test_bfloat16_capture_on_cuda_equals_hugging_face():
         assert _worst(s.final_norm, out.hidden_states[-1][i, :n].float().cpu()) == 0.0
 
 
+def test_bfloat16_attention_received_equals_hugging_face_patterns():
+    """attn_received in bfloat16 (sums kept in float32) against HF's own bfloat16 attention probabilities,
+    reduced in float64 here: mean over the valid queries after each key. Texts of unequal length, so some
+    batches are padded (the per-sample sums) and one is not (the whole-batch sum)."""
+    handle = wb.load_model("tiny-random-llama", device="cuda", dtype="bfloat16")
+    texts = [PROSE[0], PROSE[1][:40], PROSE[2][:60]]
+    padded = wb.capture(handle, texts, ["attn_received"], progress=False)
+    one_by_one = wb.capture(handle, texts, ["attn_received"], batch_size=1, progress=False)
+    out, enc = _hf_forward(handle, texts)
+    for (i, ids), run in [(item, run) for item in enumerate(enc) for run in (padded, one_by_one)]:
+        n = len(ids)
+        for layer in range(handle.n_layers):
+            a = out.attentions[layer][i, :, :n, :n].double().cpu().numpy()  # (head, q, k)
+            want = np.full(a.shape[:2], np.nan)
+            for k in range(n - 1):
+                want[:, k] = a[:, k + 1 :, k].mean(axis=1)
+            got = run.attn_received.isel(sample=i).sel(layer=layer).values[:, :n]
+            assert _worst(got, want) <= 1e-5, (i, layer)
+
+
 @pytest.mark.parametrize("backend", ["nnsight", "transformer_lens"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_backends_agree_on_cuda(backend, arch):

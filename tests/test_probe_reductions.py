@@ -85,3 +85,21 @@ def test_logit_summaries_mask_the_token_before_padding():
     nxt = logit_summaries(logits, ids, top_k=1, valid=valid)["next_token_logprob"][0]
     assert nxt[0].item() == pytest.approx(-math.log(4))
     assert math.isnan(nxt[1].item()) and math.isnan(nxt[2].item())
+
+
+def test_attention_received_from_lengths_equals_the_masked_product():
+    """Right-padded batches: the per-sample sums over valid query rows (what capture uses, lengths known on
+    the host) give the masked product's numbers, with padding rows full of attention that must not count."""
+    torch.manual_seed(0)
+    a = torch.softmax(torch.randn(3, 2, 6, 6), -1)  # padding query rows hold non-zero weights
+    lengths = [6, 4, 1]
+    valid = torch.arange(6)[None, :] < torch.tensor(lengths)[:, None]
+    a = a.tril() * valid[:, None, None, :]  # causal, no attention onto padding keys
+    want = attention_received(a, valid)
+    got = attention_received(a, valid, lengths)
+    assert torch.allclose(got, want, equal_nan=True, atol=1e-6)
+    assert torch.isnan(got[2]).all()  # a one-token sample: no key has a later query
+    full = attention_received(a[:1], valid[:1], [6])
+    assert torch.allclose(full, want[:1], equal_nan=True, atol=1e-6)
+    # by hand: key 0 of sample 1 (length 4) receives the mean of rows 1..3 at column 0
+    assert got[1, 0, 0].item() == pytest.approx(a[1, 0, 1:4, 0].mean().item(), abs=1e-6)

@@ -42,7 +42,7 @@ class CapturePlan:
 
     model: ModelHandle
     texts: list[str]
-    encoded: list[tuple[list[int], list[tuple[int, int]]]]
+    encoded: list[tuple[list[int], np.ndarray]]  # token ids, (n, 2) UTF-8 byte spans
     probes: list
     backend: str
     batch_size: int
@@ -207,9 +207,9 @@ def run_rows(plan: CapturePlan, rows, buffers: "RunBuffers", bar, row_offset: in
         for row, i in enumerate(samples):
             input_ids[row, : lengths[row]] = torch.tensor(plan.encoded[i][0])
             valid[row, : lengths[row]] = True
-        input_ids, valid = input_ids.to(model.device), valid.to(model.device)
+        input_ids, valid = _to_device(input_ids, model.device), _to_device(valid, model.device)
         ctx = BatchContext(input_ids=input_ids, valid=valid, w_o_factor=factor, n_heads=model.n_heads,
-                           top_k=plan.top_k)
+                           top_k=plan.top_k, lengths=lengths)
         collector = BatchCollector(plan.probes, ctx, buffers.writer(batch), skip=skip)
         run_batch(plan.backend, model, input_ids, valid.long(), collector.sites, collector)
         if previous is not None:  # on a GPU: store the last batch while this one computes
@@ -218,6 +218,14 @@ def run_rows(plan: CapturePlan, rows, buffers: "RunBuffers", bar, row_offset: in
         previous = (collector, batch, lengths)
     if previous is not None:
         finish_batch(*previous)
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """To a GPU through pinned memory without waiting: a copy from pageable memory would block the host
+    until the GPU has finished the batch before, instead of letting it queue this one meanwhile."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def run_attrs(plan: CapturePlan) -> dict:
@@ -258,10 +266,11 @@ def _check_texts(texts) -> list:
     if not texts:
         raise ValueError("No texts given: pass a string or a non-empty list of strings.")
     if all(isinstance(t, list) for t in texts):
-        bad = [i for i, t in enumerate(texts) if not t or not all(isinstance(x, (int, np.integer)) for x in t)]
+        arrays = [np.asarray(t) if t and all(isinstance(x, (int, np.integer)) for x in t[:1]) else None for t in texts]
+        bad = [i for i, a in enumerate(arrays) if a is None or a.ndim != 1 or a.dtype.kind not in "iu"]
         if bad:
             raise TypeError(f"pre-tokenised input must be non-empty lists of token ids; item(s) {bad[:5]} are not.")
-        return [[int(x) for x in t] for t in texts]
+        return [a.astype(np.int64).tolist() for a in arrays]
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
         raise TypeError(f"texts must be strings (or all token-id lists); item(s) {bad} are not.")
@@ -271,6 +280,16 @@ def _check_texts(texts) -> list:
     return texts
 
 
+def token_strings(tokenizer, ids) -> dict[int, str]:
+    """Each token id's decoded string (``tokenizer.decode([id])``), kept on the tokenizer: each
+    vocabulary entry is decoded once per session, however many captures label their tokens with it."""
+    cache = tokenizer.__dict__.setdefault("_workbench_token_strings", {})
+    missing = sorted(set(ids) - cache.keys())
+    if missing:
+        cache.update(zip(missing, tokenizer.batch_decode([[t] for t in missing])))
+    return cache
+
+
 def _pretokenised(tokenizer, texts: list[list[int]]) -> tuple[list[str], list]:
     """Texts and spans for token-id input: each token's decoded string, concatenated; spans index into that text."""
     vocab = len(tokenizer)
@@ -278,27 +297,31 @@ def _pretokenised(tokenizer, texts: list[list[int]]) -> tuple[list[str], list]:
     if bad:
         raise ValueError(f"token ids out of range 0..{vocab - 1} in item(s) {bad[:5]}.")
     unique = sorted({t for ids in texts for t in ids})
-    pieces = dict(zip(unique, tokenizer.batch_decode([[t] for t in unique])))
+    pieces = token_strings(tokenizer, unique)
+    n_bytes = np.zeros(vocab, dtype=np.int64)
+    n_bytes[unique] = [len(pieces[t].encode()) for t in unique]
     out_texts, encoded = [], []
     for ids in texts:
-        ends = np.cumsum([len(pieces[t].encode()) for t in ids]).tolist()
-        encoded.append((list(ids), list(zip([0] + ends[:-1], ends))))
-        out_texts.append("".join(pieces[t] for t in ids))
+        ends = np.cumsum(n_bytes[ids])
+        encoded.append((ids, np.stack([ends - n_bytes[ids], ends], axis=1)))
+        out_texts.append("".join(map(pieces.__getitem__, ids)))
     return out_texts, encoded
 
 
-def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """Each text's token ids and the UTF-8 byte span (start, end) of each token (one batched tokenizer call)."""
+def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[tuple[list[int], np.ndarray]]:
+    """Each text's token ids and the UTF-8 byte span (start, end) of each token, as an (n, 2) array
+    (one batched tokenizer call)."""
     enc = tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     out = []
     for text, ids, spans in zip(texts, enc["input_ids"], enc["offset_mapping"]):
+        spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
         if text.isascii():  # one byte per character
-            offsets = [(int(a), int(b)) for a, b in spans]
+            offsets = spans
         else:  # UTF-8 length of each character from its code point, then character -> byte offset
             points = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
             byte_at = np.zeros(len(text) + 1, dtype=np.int64)
             byte_at[1:] = np.cumsum(1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000))
-            offsets = [(int(byte_at[a]), int(byte_at[b])) for a, b in spans]
+            offsets = byte_at[spans]
         out.append((list(ids), offsets))
     return out
 
@@ -381,15 +404,13 @@ def run_coords(plan: CapturePlan) -> dict:
     token_id = np.full((n_samples, width), -1, dtype=np.int64)
     byte_start = np.zeros((n_samples, width), dtype=np.int64)
     byte_end = np.zeros((n_samples, width), dtype=np.int64)
-    token = np.full((n_samples, width), "", dtype=object)
-    unique = sorted({t for ids, _ in encoded for t in ids})  # each vocabulary entry decoded once
-    strings = dict(zip(unique, model.tokenizer.batch_decode([[t] for t in unique])))
     for i, (ids, offsets) in enumerate(encoded):
-        n = len(ids)
-        token_id[i, :n] = ids
-        byte_start[i, :n] = [s for s, _ in offsets]
-        byte_end[i, :n] = [e for _, e in offsets]
-        token[i, :n] = [strings[t] for t in ids]
+        token_id[i, : len(ids)] = ids
+        byte_start[i, : len(ids)], byte_end[i, : len(ids)] = offsets[:, 0], offsets[:, 1]
+    unique = np.unique(token_id[token_id >= 0])
+    strings = token_strings(model.tokenizer, unique.tolist())
+    table = np.array([strings[t] for t in unique.tolist()] + [""])  # padding (-1) looks up the last entry, ""
+    token = table[np.where(token_id >= 0, np.searchsorted(unique, token_id), len(unique))]
     n_tokens = np.array([len(e[0]) for e in encoded], dtype=np.int64)
     coords = {
         "sample": np.arange(n_samples),
@@ -397,7 +418,7 @@ def run_coords(plan: CapturePlan) -> dict:
         "text": ("sample", np.array(texts, dtype=str)),
         "n_tokens": ("sample", n_tokens),
         "token_id": (("sample", "pos"), token_id),
-        "token": (("sample", "pos"), token.astype(str)),
+        "token": (("sample", "pos"), token),
         "byte_start": (("sample", "pos"), byte_start),
         "byte_end": (("sample", "pos"), byte_end),
         "valid": (("sample", "pos"), np.arange(width)[None, :] < n_tokens[:, None]),

@@ -27,6 +27,7 @@ class BatchContext:
     w_o_factor: Callable[[int], torch.Tensor]  # layer -> (head, d_h, d_h): R with R^T R = W_O^h W_O^h^T
     n_heads: int
     top_k: int
+    lengths: list[int] | None = None  # each sample's valid positions, its first ones (right padding); on the host
 
 
 @dataclass(frozen=True)
@@ -70,19 +71,30 @@ def _identity(name: str):
     return reduce
 
 
-def attention_received(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def attention_received(weights: torch.Tensor, valid: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
     """Mean attention each key receives from the valid queries strictly after it.
 
     ``received[b, h, k] = sum_{q > k, valid q} A[b, h, q, k] / #{q > k, valid q}``;
     NaN where no query follows the key (the last token). For key 0 this is the
     attention-sink score averaged over queries > 0 (Guo et al., "Active-Dormant
-    Attention Heads"). Dims: (b, head, q, k) -> (b, head, k).
+    Attention Heads"). Dims: (b, head, q, k) -> (b, head, k), float32 (sums accumulate in
+    float32 whatever the weights' dtype).
+
+    ``lengths`` (known on the host): each sample's valid positions are its first ``lengths[b]``
+    (right padding, as capture batches). The column sums are then plain sums over those query
+    rows, which are memory-bound on a GPU; without it, a (1 x q) @ (q x k) product per head
+    with the valid mask (same numbers, for any mask).
     """
     # Causal attention is zero above the diagonal, so the sum over queries after the key is
     # the column sum over valid queries minus the key's attention to itself.
-    valid_f = valid.to(weights.dtype)
-    column = (valid_f[:, None, None, :] @ weights).squeeze(-2)  # sum over valid queries; matmul, not einsum: 20x faster
-    diagonal = weights.diagonal(dim1=-2, dim2=-1) * valid_f.unsqueeze(1)
+    valid_f = valid.float()
+    if lengths is None:
+        column = (valid.to(weights.dtype)[:, None, None, :] @ weights).squeeze(-2).float()  # matmul: 20x einsum on CPU
+    elif all(n == weights.shape[-2] for n in lengths):
+        column = weights.sum(-2, dtype=torch.float32)
+    else:
+        column = torch.stack([weights[b, :, :n].sum(-2, dtype=torch.float32) for b, n in enumerate(lengths)])
+    diagonal = weights.diagonal(dim1=-2, dim2=-1).float() * valid_f.unsqueeze(1)
     count = (valid_f.flip(-1).cumsum(-1).flip(-1) - valid_f).unsqueeze(1)  # valid queries after each key
     return (column - diagonal) / count  # 0/0 -> NaN where no later query
 
@@ -148,7 +160,7 @@ def _reduce_resid_norm(x, ctx, layer):
 
 
 def _reduce_attn_received(x, ctx, layer):
-    return {"attn_received": attention_received(x, ctx.valid)}
+    return {"attn_received": attention_received(x, ctx.valid, ctx.lengths)}
 
 
 def _reduce_value_norm(x, ctx, layer):
