@@ -92,13 +92,16 @@ def profile(plain, capture) -> None:
 
     for label, fn in (("plain", plain), ("capture", capture)):
         torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             fn()
             torch.cuda.synchronize()
         events = prof.key_averages()
         key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
         print(f"\n--- {label}: GPU kernels by own device time")
-        print(events.table(sort_by=key, row_limit=12, max_name_column_width=60))
+        print(events.table(sort_by=key, row_limit=10, max_name_column_width=60))
+        print(f"\n--- {label}: host time by operator and input shapes")
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=14,
+                                                                max_name_column_width=30))
     prof = cProfile.Profile()
     torch.cuda.synchronize()
     prof.enable()
@@ -181,6 +184,11 @@ def main() -> None:
               f"(from texts {tps['texts'] / tps['plain']:.2f}); peak GPU memory "
               f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
         if args.profile and name == "random-llama-1b":
+            one = {p: (lambda p=p: wb.capture(model, id_lists, probes=[p], batch_size=args.batch, progress=False))
+                   for p in PROBE_SETS["reduced"]}
+            walls = compare({"plain": plain_all, **one}, 3)
+            print("  one probe at a time, capture/plain throughput: " + ", ".join(
+                f"{p} {min(walls['plain']) / min(walls[p]):.2f}" for p in one))
             profile(plain_all, capture_from(id_lists))
         model = batches = None  # free the GPU memory before the next shape loads
     loaded.clear()

@@ -160,3 +160,33 @@ def test_value_norms_follow_weight_edits_between_captures():
     after = wb.capture(handle, ["The cat sat on the mat."], ["value_norm"], progress=False).value_norm
     # layer 0's values depend on the embeddings alone, so only its W_O changed: its norms double
     np.testing.assert_allclose(after.sel(layer=0), 2 * before.sel(layer=0), rtol=1e-5)
+
+
+def test_layers_gathered_per_batch_store_what_per_layer_stores_do(tiny, monkeypatch):
+    """Small per-layer values are gathered into one array per variable and batch (stored at the batch's end);
+    forcing every value through the per-layer path instead, or only the residuals, stores the same numbers
+    in the same places, with padding and shared residuals. (On a GPU, where values wait on the device and
+    large ones flush mid-batch, tests/test_gpu.py compares the same settings against the CPU.)"""
+    import sys
+
+    from workbench.probes.collector import BatchCollector
+
+    capture_module = sys.modules["workbench.capture"]  # the module, not the function wb.capture
+
+    probes = ["resid_pre", "resid_post", "resid_norm", "attn_received", "value_norm", "logits", "attn_out"]
+    texts = [PROSE[0], PROSE[1][:30], PROSE[2][:70]]
+    gathered = wb.capture(tiny, texts, probes, batch_size=2, progress=False)
+
+    def collector(**settings):
+        class Collector(BatchCollector):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **{**kwargs, **settings})
+
+        return Collector
+
+    # every value per layer; then norms and attention gathered, residuals per layer
+    for settings in ({"stack_bytes": 0, "defer_bytes": 1}, {"stack_bytes": 4096, "defer_bytes": 1}):
+        monkeypatch.setattr(capture_module, "BatchCollector", collector(**settings))
+        other = wb.capture(tiny, texts, probes, batch_size=2, progress=False)
+        for name in gathered.data_vars:
+            np.testing.assert_array_equal(gathered[name].values, other[name].values, err_msg=f"{name} {settings}")

@@ -18,8 +18,8 @@ from .conftest import PROSE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-ALL_PROBES = ["resid_pre", "resid_post", "final_norm", "attn_pattern", "attn_received", "value_norm", "logits",
-              "attn_out", "mlp_out"]
+ALL_PROBES = ["resid_pre", "resid_post", "resid_norm", "final_norm", "attn_pattern", "attn_received", "value_norm",
+              "logits", "attn_out", "mlp_out"]
 ARCHITECTURES = ["llama", "gpt2", "gpt_neox", "bloom", "falcon", "qwen2", "mixtral", "gemma2", "gemma3_text", "olmo2"]
 TEXTS = PROSE[:3]
 
@@ -51,6 +51,29 @@ def test_capture_on_cuda_equals_cpu(arch):
     assert b.attrs["device"].startswith("cuda") and a.attrs["device"] == "cpu"
     worst = {name: _worst(a[name], b[name]) for name in a.data_vars if name != "top_k_ids"}
     assert max(worst.values()) <= 1e-4, f"{arch}: {worst}"
+
+
+def test_capture_on_cuda_with_every_storing_path_equals_cpu(monkeypatch):
+    """Values gathered per batch on the device, values flushed to the host mid-batch (here after every one)
+    while others are still being gathered, and every value per layer: all store the CPU capture's numbers."""
+    import sys
+
+    from workbench.probes.collector import BatchCollector
+
+    capture_module = sys.modules["workbench.capture"]
+    probes = ["resid_pre", "resid_post", "resid_norm", "attn_received", "value_norm", "logits", "attn_out"]
+    texts = [PROSE[0], PROSE[1][:30], PROSE[2][:70]]
+    ref = wb.capture(wb.load_model("tiny-random-llama"), texts, probes, batch_size=2, progress=False)
+    gpu = wb.load_model("tiny-random-llama", device="cuda")
+    for settings in ({}, {"stack_bytes": 4096, "defer_bytes": 1}, {"stack_bytes": 0, "defer_bytes": 1}):
+        class Collector(BatchCollector):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **{**kwargs, **settings})
+
+        monkeypatch.setattr(capture_module, "BatchCollector", Collector)
+        run = wb.capture(gpu, texts, probes, batch_size=2, progress=False)
+        worst = {name: _worst(ref[name], run[name]) for name in ref.data_vars if name != "top_k_ids"}
+        assert max(worst.values()) <= 1e-4, (settings, worst)
 
 
 def test_bfloat16_capture_on_cuda_equals_hugging_face():

@@ -6,7 +6,9 @@ The run's layout is written down once, in :mod:`workbench.schema`.
 from __future__ import annotations
 
 import json
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -197,27 +199,42 @@ def run_rows(plan: CapturePlan, rows, buffers: "RunBuffers", bar, row_offset: in
         buffers.mask_padding(batch, lengths)
         bar.update(sum(lengths))
 
+    # On a GPU, a batch is stored by a second thread while this one queues the next batch: the host's
+    # work per batch then overlaps the GPU's instead of adding to it. At most one batch is being stored.
+    storing = ThreadPoolExecutor(1, thread_name_prefix="workbench-store") if model.device.type == "cuda" else None
+    stored = None  # the future of the batch being stored
     previous = None
-    for start in range(0, len(order), plan.batch_size):
-        samples = order[start : start + plan.batch_size]
-        batch = [i - row_offset for i in samples]
-        lengths = [len(plan.encoded[i][0]) for i in samples]
-        input_ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
-        valid = torch.zeros(input_ids.shape, dtype=torch.bool)
-        for row, i in enumerate(samples):
-            input_ids[row, : lengths[row]] = torch.tensor(plan.encoded[i][0])
-            valid[row, : lengths[row]] = True
-        input_ids, valid = _to_device(input_ids, model.device), _to_device(valid, model.device)
-        ctx = BatchContext(input_ids=input_ids, valid=valid, w_o_factor=factor, n_heads=model.n_heads,
-                           top_k=plan.top_k, lengths=lengths)
-        collector = BatchCollector(plan.probes, ctx, buffers.writer(batch), skip=skip)
-        run_batch(plan.backend, model, input_ids, valid.long(), collector.sites, collector)
-        if previous is not None:  # on a GPU: store the last batch while this one computes
+    try:
+        for start in range(0, len(order), plan.batch_size):
+            samples = order[start : start + plan.batch_size]
+            batch = [i - row_offset for i in samples]
+            lengths = [len(plan.encoded[i][0]) for i in samples]
+            input_ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
+            valid = torch.zeros(input_ids.shape, dtype=torch.bool)
+            for row, i in enumerate(samples):
+                input_ids[row, : lengths[row]] = torch.tensor(plan.encoded[i][0])
+                valid[row, : lengths[row]] = True
+            input_ids, valid = _to_device(input_ids, model.device), _to_device(valid, model.device)
+            ctx = BatchContext(input_ids=input_ids, valid=valid, w_o_factor=factor, n_heads=model.n_heads,
+                               top_k=plan.top_k, lengths=lengths)
+            collector = BatchCollector(plan.probes, ctx, buffers.writer(batch), model.n_layers, skip=skip)
+            run_batch(plan.backend, model, input_ids, valid.long(), collector.sites, collector)
+            collector.flush()  # copies to the host queued behind this batch's kernels
+            if storing is not None:
+                if stored is not None:
+                    stored.result()  # raises what storing the batch before raised
+                stored = storing.submit(finish_batch, collector, batch, lengths)
+            else:
+                if previous is not None:
+                    finish_batch(*previous)
+                previous = (collector, batch, lengths)
+        if stored is not None:
+            stored.result()
+        if previous is not None:
             finish_batch(*previous)
-        collector.flush()
-        previous = (collector, batch, lengths)
-    if previous is not None:
-        finish_batch(*previous)
+    finally:
+        if storing is not None:
+            storing.shutdown(wait=True)
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -350,22 +367,41 @@ class RunBuffers:
                 # Uninitialised on purpose: every batch writes its rows in full and mask_padding fills the rest of
                 # each row (positions past its length), so a fill here would only cost one more pass over the memory.
                 self.arrays[name] = np.empty([sizes[d] for d in dims], dtype=plan.dtype(name))
+        self._faulting = None
+        if plan.model.device.type == "cuda":
+            # The first write to fresh memory costs a page fault per 4 KiB, paid by the thread that stores
+            # each batch while the GPU would wait for its next one. Touch the memory now instead, on
+            # torch's threads and off the GIL, while the first batch computes; the first store waits for it.
+            bases = {id(a.base if a.base is not None else a): a.base if a.base is not None else a
+                     for a in self.arrays.values()}
+            self._faulting = threading.Thread(
+                target=lambda: [torch.from_numpy(b).zero_() for b in bases.values()], daemon=True)
+            self._faulting.start()
+
+    def _wait_for_memory(self) -> None:
+        if self._faulting is not None:
+            self._faulting.join()
+            self._faulting = None
 
     def writer(self, rows: list[int]):
         rows_index = np.asarray(rows)
+        contiguous = bool(len(rows)) and (np.diff(rows_index) == 1).all()
 
-        def store(name: str, layer: int | None, value: np.ndarray) -> None:
+        def store(name: str, layer: int | slice | None, value: np.ndarray) -> None:
+            self._wait_for_memory()
             array = self.arrays[name]
             dims = self.dims[name]
             index: list = [rows_index]
             it = iter(value.shape[1:])
             for d in dims[1:]:
                 if d == "layer":
-                    index.append(layer)
+                    index.append(layer)  # a layer, or slice(None): all layers, the value's axis in place
+                    if isinstance(layer, slice):
+                        next(it)
                 else:
                     index.append(slice(0, next(it)))
-            if len(rows) == self.n_samples and (rows_index == np.arange(len(rows))).all():
-                index[0] = slice(None)  # basic indexing: writes without a temporary copy
+            if contiguous:
+                index[0] = slice(rows[0], rows[0] + len(rows))  # basic indexing: writes without a temporary copy
             if array.dtype == np.float16 and value.dtype != np.float16:  # torch casts 10x faster than numpy
                 value = torch.from_numpy(np.ascontiguousarray(value)).to(torch.float16).numpy()
             array[tuple(index)] = value  # a compact dtype's overflow (inf) is reported by check_range
@@ -373,6 +409,7 @@ class RunBuffers:
         return store
 
     def mask_padding(self, rows: list[int], lengths: list[int]) -> None:
+        self._wait_for_memory()
         for row, n in zip(rows, lengths):
             for name, array in self.arrays.items():
                 fill = -1 if np.issubdtype(array.dtype, np.integer) else np.nan

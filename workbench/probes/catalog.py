@@ -8,6 +8,7 @@ same numbers.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,7 +21,8 @@ from . import sites as S
 
 @dataclass
 class BatchContext:
-    """What a reduction may need besides the site tensor."""
+    """What a reduction may need besides the site tensor (made once per batch; what several layers'
+    reductions derive from the batch alone is computed once, on first use)."""
 
     input_ids: torch.Tensor  # (b, p)
     valid: torch.Tensor  # (b, p) bool, False on padding
@@ -28,6 +30,11 @@ class BatchContext:
     n_heads: int
     top_k: int
     lengths: list[int] | None = None  # each sample's valid positions, its first ones (right padding); on the host
+
+    @functools.cached_property
+    def later_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(valid as float (b, p), number of valid queries after each key (b, 1, p)), for :func:`attention_received`."""
+        return _later_queries(self.valid)
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,13 @@ def _identity(name: str):
     return reduce
 
 
-def attention_received(weights: torch.Tensor, valid: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+def _later_queries(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    valid_f = valid.float()
+    return valid_f, (valid_f.flip(-1).cumsum(-1).flip(-1) - valid_f).unsqueeze(1)
+
+
+def attention_received(weights: torch.Tensor, valid: torch.Tensor, lengths: list[int] | None = None,
+                       later_queries: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Mean attention each key receives from the valid queries strictly after it.
 
     ``received[b, h, k] = sum_{q > k, valid q} A[b, h, q, k] / #{q > k, valid q}``;
@@ -83,11 +96,12 @@ def attention_received(weights: torch.Tensor, valid: torch.Tensor, lengths: list
     ``lengths`` (known on the host): each sample's valid positions are its first ``lengths[b]``
     (right padding, as capture batches). The column sums are then plain sums over those query
     rows, which are memory-bound on a GPU; without it, a (1 x q) @ (q x k) product per head
-    with the valid mask (same numbers, for any mask).
+    with the valid mask (same numbers, for any mask). ``later_queries``: ``_later_queries(valid)``,
+    when the caller keeps it for all layers of a batch.
     """
     # Causal attention is zero above the diagonal, so the sum over queries after the key is
     # the column sum over valid queries minus the key's attention to itself.
-    valid_f = valid.float()
+    valid_f, count = later_queries if later_queries is not None else _later_queries(valid)
     if lengths is None:
         column = (valid.to(weights.dtype)[:, None, None, :] @ weights).squeeze(-2).float()  # matmul: 20x einsum on CPU
     elif all(n == weights.shape[-2] for n in lengths):
@@ -95,7 +109,6 @@ def attention_received(weights: torch.Tensor, valid: torch.Tensor, lengths: list
     else:
         column = torch.stack([weights[b, :, :n].sum(-2, dtype=torch.float32) for b, n in enumerate(lengths)])
     diagonal = weights.diagonal(dim1=-2, dim2=-1).float() * valid_f.unsqueeze(1)
-    count = (valid_f.flip(-1).cumsum(-1).flip(-1) - valid_f).unsqueeze(1)  # valid queries after each key
     return (column - diagonal) / count  # 0/0 -> NaN where no later query
 
 
@@ -156,11 +169,11 @@ def logit_summaries(
 
 
 def _reduce_resid_norm(x, ctx, layer):
-    return {"resid_norm": x.float().norm(dim=-1)}
+    return {"resid_norm": torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)}
 
 
 def _reduce_attn_received(x, ctx, layer):
-    return {"attn_received": attention_received(x, ctx.valid, ctx.lengths)}
+    return {"attn_received": attention_received(x, ctx.valid, ctx.lengths, ctx.later_queries)}
 
 
 def _reduce_value_norm(x, ctx, layer):
