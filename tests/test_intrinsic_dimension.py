@@ -114,10 +114,25 @@ def test_neighbour_distances_match_brute_force():
     points = rng.normal(size=(50, 7)) * 100 + 1e4  # far from the origin: the centring matters
     brute = np.linalg.norm(points[:, None] - points[None], axis=-1)
     np.fill_diagonal(brute, np.inf)
-    for k in (5, 30):  # partial sort, full sort
+    for k in (5, 30, 48, 49):  # partial sorts, and every other point
         dist, idx = idm.neighbour_distances(points, k)
         np.testing.assert_allclose(dist, np.sort(brute, 1)[:, :k], rtol=1e-9)
         np.testing.assert_array_equal(idx, np.argsort(brute, 1)[:, :k])
+        for n_indices in (1, 3, k):  # fewer indices than distances, ranked the same way
+            _, some = idm.neighbour_distances(points, k, n_indices=n_indices, gram=idm.centred_gram(points))
+            np.testing.assert_array_equal(some, np.argsort(brute, 1)[:, :n_indices])
+
+
+def test_cosine_statistics_match_pairwise_brute_force():
+    """Cosines from the centred Gram matrix (with its mean put back), against every pair computed directly."""
+    rng = np.random.default_rng(1)
+    for offset in (0.0, 50.0):  # a cloud about the origin, and one far from it (cosines near 1)
+        points = rng.normal(size=(40, 6)) + offset
+        unit = points / np.linalg.norm(points, axis=1, keepdims=True)
+        pairs = np.array([unit[i] @ unit[j] for i in range(40) for j in range(i + 1, 40)])
+        mean, std = idm.cosine_similarity_stats(points)
+        assert mean == pytest.approx(pairs.mean(), rel=1e-12)
+        assert std == pytest.approx(pairs.std(), rel=1e-6)
 
 
 def test_overlap_hand_built():

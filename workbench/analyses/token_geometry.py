@@ -24,11 +24,14 @@ Dims: (sample, pos, layer, d_model) -> (sample, depth[, scale | k]).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 import xarray as xr
 from scipy import stats
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from . import intrinsic_dimension as idm
@@ -79,10 +82,15 @@ def check_prompts(run: xr.Dataset, max_rank: int) -> None:
 
 
 def token_geometry(run: xr.Dataset, *, max_rank: int = 256, ks: Sequence[int] | None = None,
-                   depths: Sequence[int] | None = None, progress: bool = True) -> xr.Dataset:
+                   depths: Sequence[int] | None = None, workers: int | None = None,
+                   progress: bool = True) -> xr.Dataset:
     """ID over scales, neighbourhood overlap and cosine statistics for every prompt and depth of ``run``.
 
     ``ks``: neighbour counts for the overlap (default 1, 2, 4, ..., up to 32 and ``max_rank``).
+    ``workers``: prompts measured at once (default: the CPUs this process may use, at most 8), each
+    on its own thread with NumPy's BLAS on one thread: the products, sorts and partitions release
+    the GIL, and a prompt's clouds are too small for a multi-threaded product to pay (results do
+    not depend on it).
     """
     states = residual_depths(run)
     n_depth = states.sizes["depth"]
@@ -96,6 +104,7 @@ def token_geometry(run: xr.Dataset, *, max_rank: int = 256, ks: Sequence[int] | 
     ks = sorted(set(ks)) if ks is not None else [k for k in (1, 2, 4, 8, 16, 32) if k <= max_rank]
     if ks[0] < 1 or ks[-1] > max_rank:
         raise ValueError(f"overlap ranks k must lie in 1..max_rank={max_rank}, got {ks}.")
+    workers = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     scales = _scales(max_rank)
     n_s, n_t = run.sizes["sample"], len(depths)
     ids, errs, dist_n2 = (np.full((n_s, n_t, len(scales)), np.nan) for _ in range(3))
@@ -103,7 +112,9 @@ def token_geometry(run: xr.Dataset, *, max_rank: int = 256, ks: Sequence[int] | 
     cos_mean, cos_std = np.full((n_s, n_t), np.nan), np.full((n_s, n_t), np.nan)
     n_points, n_dup = np.zeros((n_s, n_t), int), np.zeros((n_s, n_t), int)
     valid = run["valid"].values
-    for s in tqdm(range(n_s), desc="token geometry", disable=not progress):
+
+    def measure(s: int) -> None:
+        """Every depth of prompt ``s``, written into its own rows of the arrays above."""
         cloud = np.asarray(states.isel(sample=s).values, np.float64)[valid[s]]  # (pos, depth, d)
         neighbours = {}  # depth -> neighbour indices, when every token vector there is distinct
         for i, t in enumerate(depths):
@@ -111,9 +122,10 @@ def token_geometry(run: xr.Dataset, *, max_rank: int = 256, ks: Sequence[int] | 
             n_points[s, i] = len(points)
             if len(points) < 3:  # e.g. one token repeated: nothing to measure at this depth (NaN)
                 continue
-            cos_mean[s, i], cos_std[s, i] = idm.cosine_similarity_stats(points)
+            gram = idm.centred_gram(points)  # one product for the cosines and the neighbours
+            cos_mean[s, i], cos_std[s, i] = idm.cosine_similarity_stats(points, gram=gram)
             top = min(max(max_rank, ks[-1]), len(points) - 1)
-            dist, idx = idm.neighbour_distances(points, top)
+            dist, idx = idm.neighbour_distances(points, top, n_indices=min(ks[-1], top), gram=gram)
             est = idm.gride_scales(points, max_rank=max_rank, distances=dist[:, : min(max_rank, top)])
             m = len(est["n2"])
             ids[s, i, :m], errs[s, i, :m], dist_n2[s, i, :m] = est["id"], est["id_error"], est["scale"]
@@ -127,6 +139,12 @@ def token_geometry(run: xr.Dataset, *, max_rank: int = 256, ks: Sequence[int] | 
                     keep = _distinct_rows(a) & _distinct_rows(b)
                     if keep.sum() > ks[-1]:
                         overlap[s, i - 1] = idm.overlap_curve(a[keep], b[keep], ks)
+
+    with threadpool_limits(1 if workers > 1 else None), ThreadPoolExecutor(workers) as pool, \
+            tqdm(total=n_s, desc="token geometry", disable=not progress) as bar:
+        for done in as_completed([pool.submit(measure, s) for s in range(n_s)]):
+            done.result()  # raises what measuring that prompt raised
+            bar.update()
     coords = {"sample": run["sample"].values, "depth": depths, "scale": scales, "k": ks}
     ds = xr.Dataset(
         {
