@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.capture import InputTooLongError
+from workbench.capturing import InputTooLongError
 
 from .conftest import PROSE, hf_forward
 
@@ -167,11 +167,8 @@ def test_layers_gathered_per_batch_store_what_per_layer_stores_do(tiny, monkeypa
     forcing every value through the per-layer path instead, or only the residuals, stores the same numbers
     in the same places, with padding and shared residuals. (On a GPU, where values wait on the device and
     large ones flush mid-batch, tests/test_gpu.py compares the same settings against the CPU.)"""
-    import sys
-
+    import workbench.capturing as capture_module
     from workbench.probes.collector import BatchCollector
-
-    capture_module = sys.modules["workbench.capture"]  # the module, not the function wb.capture
 
     probes = ["resid_pre", "resid_post", "resid_norm", "attn_received", "value_norm", "logits", "attn_out"]
     texts = [PROSE[0], PROSE[1][:30], PROSE[2][:70]]

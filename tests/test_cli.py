@@ -148,3 +148,38 @@ def test_plan_prints_size_memory_and_time(tmp_path):
     assert result.exit_code == 0, result.output
     assert "run size" in result.output and "peak memory" in result.output and "time: about" in result.output
     assert not (tmp_path / "r.zarr").exists()
+
+
+def test_version_and_help_load_no_heavy_library():
+    """`workbench --help` and `--version` import neither torch, transformers nor xarray (they made --help
+    take seconds); the version is the installed package's."""
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    code = ("import sys; from workbench.cli import app\n"
+            "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'xarray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"workbench {version('workbench')}"
+
+
+def test_help_shows_switches_as_switches_and_values_by_name():
+    result = runner.invoke(app, ["capture", "--help"], terminal_width=120)
+    assert result.exit_code == 0
+    assert "<bool>" not in result.output and "<str>" not in result.output and "<int>" not in result.output
+    assert "--truncate" in result.output and "--no-truncate" in result.output
+    line = next(line for line in result.output.splitlines() if "--batch-size" in line)
+    assert " N " in line
+    study = runner.invoke(app, ["geometry", "--help"], terminal_width=120).output
+    assert "--no-recompute" in study and "<" not in study
+
+
+def test_models_table_fits_80_columns():
+    result = runner.invoke(app, ["models"], terminal_width=80)
+    assert result.exit_code == 0
+    assert max(map(len, result.output.splitlines())) <= 80
+    assert "…" not in result.output  # nothing cut
+    assert "smollm2-135m:" in result.output  # the descriptions, below the table

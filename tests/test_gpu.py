@@ -56,11 +56,8 @@ def test_capture_on_cuda_equals_cpu(arch):
 def test_capture_on_cuda_with_every_storing_path_equals_cpu(monkeypatch):
     """Values gathered per batch on the device, values flushed to the host mid-batch (here after every one)
     while others are still being gathered, and every value per layer: all store the CPU capture's numbers."""
-    import sys
-
+    import workbench.capturing as capture_module
     from workbench.probes.collector import BatchCollector
-
-    capture_module = sys.modules["workbench.capture"]
     probes = ["resid_pre", "resid_post", "resid_norm", "attn_received", "value_norm", "logits", "attn_out"]
     texts = [PROSE[0], PROSE[1][:30], PROSE[2][:70]]
     ref = wb.capture(wb.load_model("tiny-random-llama"), texts, probes, batch_size=2, progress=False)

@@ -6,11 +6,42 @@
     wb.save_run(run, "runs/cat.zarr")
 """
 
-from .capture import InputTooLongError, capture
-from .models import ModelHandle, ModelNotAvailableError, list_models, load_model, load_tokenizer
-from .probes import DEFAULT_PROBES, PROBES, UnknownProbeError
-from .runs import RunExistsError, open_run, save_run
-from .schema import InvalidRunError, validate_run
+import importlib
+
+# Names are imported on first use (PEP 562), so `workbench --help` and light imports do not load
+# torch, transformers and xarray.
+_LAZY = {
+    "InputTooLongError": "capturing", "capture": "capturing",
+    "ModelHandle": "models", "ModelNotAvailableError": "models", "list_models": "models", "load_model": "models",
+    "load_tokenizer": "models",
+    "DEFAULT_PROBES": "probes", "PROBES": "probes", "UnknownProbeError": "probes",
+    "RunExistsError": "runs", "open_run": "runs", "save_run": "runs",
+    "InvalidRunError": "schema", "validate_run": "schema",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+def version() -> str:
+    """The installed package's version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("workbench")
+    except PackageNotFoundError:  # run from a checkout without installing
+        return "0+unknown"
+
 
 __all__ = [
     "DEFAULT_PROBES",
@@ -28,4 +59,5 @@ __all__ = [
     "open_run",
     "save_run",
     "validate_run",
+    "version",
 ]

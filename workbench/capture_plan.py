@@ -57,7 +57,7 @@ def estimate_capture(model, texts, probes, *, batch_size: int = 8, residual_dtyp
                      max_tokens: int | None = None, truncate: bool = False, out=None,
                      time_one_batch: bool = True) -> CaptureEstimate:
     """Size, memory and time of ``capture(model, texts, probes, ...)`` before running it."""
-    from .capture import capture, plan_capture
+    from .capturing import capture, plan_capture
 
     plan = plan_capture(model, texts, probes, backend="torch", batch_size=batch_size, max_tokens=max_tokens,
                         truncate=truncate, top_k=5, add_special_tokens=True, residual_dtype=residual_dtype)

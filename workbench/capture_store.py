@@ -69,7 +69,7 @@ def fingerprint(plan) -> str:
 
 
 def capture_to_store(plan, out: Path, *, overwrite: bool, progress: bool) -> xr.Dataset:
-    from .capture import RunBuffers, run_attrs, run_coords, run_rows
+    from .capturing import RunBuffers, run_attrs, run_coords, run_rows
 
     stage = staging_path(out)
     key = fingerprint(plan)

@@ -11,8 +11,47 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Look inside language models: capture, explore, export.")
+
+class _HelpSwitch:
+    """--help shown as the switch it is (typer prints a value type, <bool>, for it)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_HelpSwitch, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_HelpSwitch, typer.core.TyperGroup):
+    command_class = _Command
+
+
+def switch(name: str, help: str, default: bool = False):
+    """A boolean option as a pair of switches, ``--name/--no-name``, shown without a value."""
+    return typer.Option(default, f"--{name}/--no-{name}", help=help, metavar="")
+
+
+def _version(show: bool) -> None:
+    if show:
+        from . import version
+
+        console.print(f"workbench {version()}")
+        raise typer.Exit()
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_Group,
+                  help="Look inside language models: capture, explore, export.")
 console = Console()
+
+
+@app.callback()
+def _main(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, metavar="",
+                                            help="Print the version and exit.")) -> None:
+    """Look inside language models: capture, explore, export."""
 
 DEMO_RUN = Path("runs/demo.zarr")
 GALLERY_DIR = Path("gallery")
@@ -35,10 +74,9 @@ def _user_errors():
             RunExistsError, InvalidRunError, MissingProbeError, ExportError)
 
 
-@app.command()
+@app.command(cls=_Command)
 def models(
-    architectures: bool = typer.Option(False, "--architectures",
-                                       help="List the tested architectures and any probe each cannot give."),
+    architectures: bool = switch("architectures", "List the tested architectures and any probe each cannot give."),
 ) -> None:
     """List the embedded models: installed or not, size, layers, d_model, heads, vocab."""
     from .models import list_models
@@ -58,39 +96,45 @@ def models(
                       "with a TransformerLens adapter load too; load_model names any probe they cannot give.")
         return
 
+    rows = list_models()
     table = Table(title="Models (any Hugging Face folder works too)")
     table.add_column("name", no_wrap=True)
     for column in ("installed", "MB", "layers", "d_model", "heads", "vocab"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("about")
-    for row in list_models():
-        table.add_row(
-            row["name"], "yes" if row["installed"] else "no",
-            *(str(row.get(k, "?")) for k in ("size_mb", "layers", "d_model", "heads", "vocab")),
-            row.get("note", row["description"]),
-        )
-    console.print(table)
+        table.add_column(column, no_wrap=True, justify="left" if column == "installed" else "right")
+    for row in rows:
+        table.add_row(row["name"], "yes" if row["installed"] else "no",
+                      *(str(row.get(k, "?")) for k in ("size_mb", "layers", "d_model", "heads", "vocab")))
+    console.print(table)  # about 75 columns: the descriptions follow as text, so an 80-column terminal fits
+    for row in rows:
+        console.print(f"[bold]{row['name']}[/]: {row.get('note', row['description'])}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def capture(
-    out: Path = typer.Option(..., "--out", help="Run to write: PATH.zarr, streamed batch by batch (rerun the "
-                             "command to resume), or PATH.nc (in memory, then saved)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Embedded name, HF folder; default smollm2-135m."),
-    corpus: str = typer.Option("pydoc", "--corpus", help="'pydoc' (bundled) or a .txt/.jsonl file."),
+    out: Path = typer.Option(..., "--out", metavar="PATH", help="Run to write: PATH.zarr, streamed batch by "
+                             "batch (rerun the command to resume), or PATH.nc (in memory, then saved)."),
+    model: Optional[str] = typer.Option(None, "--model", metavar="NAME", help="Embedded name, HF folder; default "
+                                        "smollm2-135m."),
+    corpus: str = typer.Option("pydoc", "--corpus", metavar="NAME|FILE",
+                               help="'pydoc' (bundled) or a .txt/.jsonl file."),
     probes: str = typer.Option(",".join(("resid_pre", "attn_received", "value_norm", "logits")), "--probes",
-                               help="Comma-separated probe names (see workbench.PROBES)."),
-    backend: str = typer.Option("torch", "--backend", help="torch (default), nnsight or transformer_lens."),
-    limit: Optional[int] = typer.Option(16, "--limit", help="Use at most this many samples of the corpus (0: all)."),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Longest sample in tokens (default: model context)."),
-    truncate: bool = typer.Option(False, "--truncate", help="Cut longer samples instead of failing."),
-    residual_dtype: str = typer.Option("float32", "--residual-dtype",
+                               metavar="A,B,...", help="Comma-separated probe names (see workbench.PROBES)."),
+    backend: str = typer.Option("torch", "--backend", metavar="NAME", help="torch, nnsight or transformer_lens."),
+    limit: Optional[int] = typer.Option(16, "--limit", metavar="N",
+                                        help="Use at most this many samples of the corpus (0: all)."),
+    batch_size: int = typer.Option(8, "--batch-size", metavar="N", help="Samples per forward pass."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", metavar="N",
+                                             help="Longest sample in tokens (default: model context)."),
+    truncate: bool = switch("truncate", "Cut longer samples instead of failing."),
+    residual_dtype: str = typer.Option("float32", "--residual-dtype", metavar="DTYPE",
                                        help="float32 or float16 (half the disk) for residuals and updates."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run at --out."),
+    overwrite: bool = switch("overwrite", "Replace an existing run at --out."),
 ) -> None:
     """Capture probes over a corpus and save the run; into a .zarr store it streams (memory bounded by
     one batch) and, interrupted (Ctrl-C, SIGKILL, power cut), the same command continues where it stopped.
+
+    Writes only --out. The default 16 pydoc samples take about half a minute on the embedded model
+    (2 CPU threads); `workbench plan` estimates any other size first.
     """
     import workbench as wb
 
@@ -132,20 +176,25 @@ def capture(
                   f"probes {run.attrs['probes']})")
 
 
-@app.command()
+@app.command(cls=_Command)
 def plan(
-    model: Optional[str] = typer.Option(None, "--model", help="Embedded name, HF folder; default smollm2-135m."),
-    corpus: str = typer.Option("pydoc", "--corpus", help="'pydoc' (bundled) or a .txt/.jsonl file."),
+    model: Optional[str] = typer.Option(None, "--model", metavar="NAME", help="Embedded name, HF folder; default "
+                                        "smollm2-135m."),
+    corpus: str = typer.Option("pydoc", "--corpus", metavar="NAME|FILE",
+                               help="'pydoc' (bundled) or a .txt/.jsonl file."),
     probes: str = typer.Option(",".join(("resid_pre", "attn_received", "value_norm", "logits")), "--probes",
-                               help="Comma-separated probe names (see workbench.PROBES)."),
-    limit: Optional[int] = typer.Option(0, "--limit", help="Use at most this many samples of the corpus (0: all)."),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    residual_dtype: str = typer.Option("float32", "--residual-dtype", help="float32 or float16."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where the run would be streamed (checks that disk)."),
-    truncate: bool = typer.Option(False, "--truncate", help="Cut samples longer than the model's context."),
+                               metavar="A,B,...", help="Comma-separated probe names (see workbench.PROBES)."),
+    limit: Optional[int] = typer.Option(0, "--limit", metavar="N",
+                                        help="Use at most this many samples of the corpus (0: all)."),
+    batch_size: int = typer.Option(8, "--batch-size", metavar="N", help="Samples per forward pass."),
+    residual_dtype: str = typer.Option("float32", "--residual-dtype", metavar="DTYPE", help="float32 or float16."),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="PATH",
+                                       help="Where the run would be streamed (checks that disk)."),
+    truncate: bool = switch("truncate", "Cut samples longer than the model's context."),
 ) -> None:
     """Before capturing: bytes on disk, peak memory and time of `workbench capture` with the same options
-    (one batch is timed), and whether it fits."""
+    (one batch is timed), and whether it fits. Writes nothing; takes seconds (the model loads, one batch
+    runs)."""
     import workbench as wb
 
     from .capture_plan import estimate_capture
@@ -167,10 +216,10 @@ def plan(
     console.print(estimate.report(), markup=False, highlight=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def gallery(
-    run: Path = typer.Option(DEMO_RUN, "--run", help="A saved run with the resid_pre probe."),
-    out: Path = typer.Option(GALLERY_DIR, "--out", help="Folder for the figures."),
+    run: Path = typer.Option(DEMO_RUN, "--run", metavar="PATH", help="A saved run with the resid_pre probe."),
+    out: Path = typer.Option(GALLERY_DIR, "--out", metavar="FOLDER", help="Folder for the figures."),
 ) -> None:
     """Regenerate every figure (SVG, PDF, PNG), page and table from saved runs (seconds to a few minutes).
 
@@ -229,17 +278,20 @@ def _study_command(study):
     params = []
     if study.per_model:
         params.append(inspect.Parameter("models", inspect.Parameter.KEYWORD_ONLY, annotation=list[str],
-                                        default=typer.Option(list(study.default_models), "--model",
+                                        default=typer.Option(list(study.default_models), "--model", metavar="NAME",
                                                              help="Repeat for several models.")))
     for option in study.options:
+        metavar = {int: "N", float: "X"}.get(option.type, "TEXT")
         params.append(inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, annotation=option.type,
-                                        default=typer.Option(option.default, option.flag, help=option.help)))
+                                        default=typer.Option(option.default, option.flag, help=option.help,
+                                                             metavar=metavar)))
     params += [
         inspect.Parameter("recompute", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                          default=typer.Option(False, "--recompute/--no-recompute",
-                                               help="Recompute and replace saved results.")),
+                          default=switch("recompute", "Recompute and replace saved results (else only the "
+                                         "missing ones are computed).")),
         inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
-                          default=typer.Option(GALLERY_DIR, "--out", help="Gallery folder for figures and the table.")),
+                          default=typer.Option(GALLERY_DIR, "--out", metavar="FOLDER",
+                                               help="Gallery folder for figures and the table.")),
     ]
     command.__signature__ = inspect.Signature(params)
     command.__doc__ = study.help
@@ -251,19 +303,23 @@ def _register_studies() -> None:
     from .studies.registry import STUDIES
 
     for study in STUDIES.values():
-        app.command(study.name)(_study_command(study))
+        app.command(study.name, cls=_Command)(_study_command(study))
 
 
 _register_studies()
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
-    model: Optional[str] = typer.Option(None, "--model", help="Default: the embedded smollm2-135m."),
-    samples: int = typer.Option(8, "--samples", help="Paragraphs of the bundled corpus to capture."),
-    backend: str = typer.Option("torch", "--backend", help="torch (default), nnsight or transformer_lens."),
+    model: Optional[str] = typer.Option(None, "--model", metavar="NAME", help="Default: the embedded smollm2-135m."),
+    samples: int = typer.Option(8, "--samples", metavar="N", help="Paragraphs of the bundled corpus to capture."),
+    backend: str = typer.Option("torch", "--backend", metavar="NAME", help="torch, nnsight or transformer_lens."),
 ) -> None:
-    """Load the default model, capture the bundled corpus, save the run, write the gallery."""
+    """Load the default model, capture the bundled corpus, save the run, write the gallery.
+
+    Writes runs/demo.zarr and the residual-norm figures in gallery/; under a minute once the model is
+    converted (the first load converts the GGUF once, about half a minute more).
+    """
     import workbench as wb
 
     from .corpus import paragraphs
@@ -305,10 +361,10 @@ def demo(
     console.print("In Python: run = workbench.open_run('runs/demo.zarr')")
 
 
-@app.command()
+@app.command(cls=_Command)
 def lab(
-    port: int = typer.Option(8888, "--port"),
-    browser: bool = typer.Option(False, "--browser/--no-browser", help="Open a browser window."),
+    port: int = typer.Option(8888, "--port", metavar="N", help="Port on 127.0.0.1."),
+    browser: bool = switch("browser", "Open a browser window."),
 ) -> None:
     """Start JupyterLab on the notebooks, listening on loopback only."""
     args = [sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={NOTEBOOKS_DIR}", "--ip=127.0.0.1",

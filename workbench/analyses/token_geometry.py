@@ -115,10 +115,10 @@ def token_geometry(run: xr.Dataset, *, max_rank: int = 256, ks: Sequence[int] | 
 
     def measure(s: int) -> None:
         """Every depth of prompt ``s``, written into its own rows of the arrays above."""
-        cloud = np.asarray(states.isel(sample=s).values, np.float64)[valid[s]]  # (pos, depth, d)
+        cloud = states.isel(sample=s).values[valid[s]]  # (pos, depth, d) in the run's dtype
         neighbours = {}  # depth -> neighbour indices, when every token vector there is distinct
         for i, t in enumerate(depths):
-            points, n_dup[s, i] = idm.unique_points(cloud[:, t])
+            points, n_dup[s, i] = idm.unique_points(np.asarray(cloud[:, t], np.float64))
             n_points[s, i] = len(points)
             if len(points) < 3:  # e.g. one token repeated: nothing to measure at this depth (NaN)
                 continue
@@ -135,7 +135,7 @@ def token_geometry(run: xr.Dataset, *, max_rank: int = 256, ks: Sequence[int] | 
                 if t in neighbours and t - 1 in neighbours and len(points) > ks[-1]:
                     overlap[s, i - 1] = idm.overlap_from_neighbours(neighbours[t - 1], neighbours[t], ks)
                 else:  # duplicates at either depth: the tokens distinct at both
-                    a, b = cloud[:, t - 1], cloud[:, t]
+                    a, b = np.asarray(cloud[:, t - 1], np.float64), np.asarray(cloud[:, t], np.float64)
                     keep = _distinct_rows(a) & _distinct_rows(b)
                     if keep.sum() > ks[-1]:
                         overlap[s, i - 1] = idm.overlap_curve(a[keep], b[keep], ks)

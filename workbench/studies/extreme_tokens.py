@@ -15,7 +15,7 @@ import xarray as xr
 
 from ..analyses import extreme_tokens as et
 from ..analyses.residual_norms import residual_norms
-from ..capture import capture
+from ..capturing import capture
 from ..corpus import domain_samples, load_corpus
 from ..plots.export import export_figure
 from ..models import ModelHandle

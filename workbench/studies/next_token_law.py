@@ -23,7 +23,7 @@ import xarray as xr
 from ..analyses.lens import lens_statistics, lens_summary
 from ..analyses.linear_readout import UnstableFitWarning
 from ..analyses.next_token_law import future_token_probes, law_fit, prediction_residuals
-from ..capture import capture
+from ..capturing import capture
 from ..corpus import load_corpus, paragraphs
 from ..plots.export import export_figure
 from ..models import ModelHandle

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..runs import write_text_atomic
 
 RUNS = Path("runs")
 
@@ -119,6 +118,7 @@ def _parse_layers(spec: Optional[str]):
 
 def _page(path: Path, title: str, intro: str, table: str, rest: str = "", note: bool = True) -> str:
     weights = f"\n{EMBEDDED_WEIGHTS_NOTE}\n" if note else ""
+    from ..runs import write_text_atomic  # xarray: loaded only when writing
     write_text_atomic(path, f"# {title}\n\n{intro}\n\n{table}\n{weights}{rest}")
     return table
 
@@ -126,6 +126,7 @@ def _page(path: Path, title: str, intro: str, table: str, rest: str = "", note: 
 def _with_weights_note(page: Path) -> str:
     """Append the weights note to a page a study module wrote; returns the page's text as it was."""
     text = page.read_text(encoding="utf-8")
+    from ..runs import write_text_atomic  # xarray: loaded only when writing
     write_text_atomic(page, text.rstrip("\n") + f"\n\n{EMBEDDED_WEIGHTS_NOTE}\n")
     return text
 
@@ -390,6 +391,7 @@ def sync_readme_tables(readme: Path, gallery_dir: Path) -> bool:
 
     new = _BLOCK.sub(replace, text)
     if new != text:
+        from ..runs import write_text_atomic  # xarray: loaded only when writing
         write_text_atomic(readme, new)
     return new != text
 
