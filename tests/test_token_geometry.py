@@ -95,13 +95,14 @@ def test_id_loss_correlation_known_order():
 
 
 def test_saved_run_gives_the_same_geometry(tiny, tmp_path):
-    """Streamed to disk and read lazily (dask), one prompt at a time: the same numbers as in memory."""
+    """Streamed to disk and read lazily (dask), one prompt at a time, on one worker thread or several at
+    once: the same numbers as in memory."""
     windows = [list(np.random.default_rng(i).integers(10, 500, 40)) for i in range(3)]
     in_memory = wb.capture(tiny, windows, ["resid_pre", "resid_post", "logits"], progress=False)
     wb.capture(tiny, windows, ["resid_pre", "resid_post", "logits"], out=tmp_path / "run.zarr", progress=False)
     lazy = open_run(tmp_path / "run.zarr")
-    a = tg.token_geometry(in_memory, max_rank=16, progress=False)
-    b = tg.token_geometry(lazy, max_rank=16, progress=False)
+    a = tg.token_geometry(in_memory, max_rank=16, workers=1, progress=False)
+    b = tg.token_geometry(lazy, max_rank=16, workers=3, progress=False)
     xr.testing.assert_identical(a.drop_attrs(), b.drop_attrs())
     np.testing.assert_allclose(tg.prompt_loss(lazy), tg.prompt_loss(in_memory))
 
