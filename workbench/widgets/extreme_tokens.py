@@ -11,7 +11,7 @@ import xarray as xr
 
 from ..analyses.extreme_tokens import domain_sink_scores, received_by_key
 from ..plots.export import export_figure
-from .base import Explorer
+from .base import Explorer, row
 
 
 class ExtremeTokenExplorer(Explorer):
@@ -52,10 +52,10 @@ class ExtremeTokenExplorer(Explorer):
         for control in (self.prompt, self.layer, self.head, self.exclude_sink):
             control.observe(self.redraw, names="value")
         self.view = widgets.VBox([
-            widgets.HBox([self.domain, self.prompt]),
-            widgets.HBox([self.layer, self.head, self.exclude_sink]),
+            row(self.domain, self.prompt),
+            row(self.layer, self.head, self.exclude_sink),
             self.grid,
-            widgets.HBox([self.pattern, self.bars]),
+            row(self.pattern, self.bars),
             self._export_controls("figures/attention_pattern"),
         ])
         self.redraw()

@@ -12,7 +12,7 @@ import xarray as xr
 from ..plots.export import export_figure
 from ..plots.geometry import geometry_curves
 from ..plots.theme import OKABE_ITO
-from .base import Explorer
+from .base import Explorer, row
 
 MEDIAN = "median"
 
@@ -56,7 +56,7 @@ class GeometryExplorer(Explorer):
         for control in (self.prompt, self.level):
             control.observe(self.redraw, names="value")
         self.depth.observe(self._depth_moved, names="value")
-        controls = widgets.HBox([self.depth, self.prompt, self.level], layout=widgets.Layout(flex_flow="row wrap"))
+        controls = row(self.depth, self.prompt, self.level)
         parts = [controls, self.caption, self.curves] + ([self.bundle] if self.bundle is not None else [])
         self.view = widgets.VBox(parts + [self._export_controls("figures/token_geometry")],
                                  layout=widgets.Layout(width="100%", max_width="1100px"))

@@ -11,7 +11,7 @@ import xarray as xr
 
 from ..plots.export import export_figure
 from ..plots.next_token_law import LENS_METRICS, as_decoder, lens_heatmap, lens_top_k_figure
-from .base import Explorer
+from .base import Explorer, row
 
 
 class LensExplorer(Explorer):
@@ -54,8 +54,8 @@ class LensExplorer(Explorer):
         for control in (self.metric, self.layer, self.start):
             control.observe(self.redraw, names="value")
         self.view = widgets.VBox([
-            widgets.HBox([self.model, self.lens, self.sample]),
-            widgets.HBox([self.layer, self.start, self.metric]),
+            row(self.model, self.lens, self.sample),
+            row(self.layer, self.start, self.metric),
             self.top_k,
             self.overview,
             self._export_controls("figures/lens_top_k"),

@@ -11,7 +11,7 @@ import xarray as xr
 from ..analyses import residual_norm_peaks
 from ..plots.export import export_figure
 from ..plots import residual_norm_by_position, residual_norm_profile
-from .base import Explorer
+from .base import Explorer, row
 
 
 class ResidualNormExplorer(Explorer):
@@ -38,8 +38,8 @@ class ResidualNormExplorer(Explorer):
         self.layer.observe(self._redraw, names="value")
         self.view = widgets.VBox(
             [
-                widgets.HBox([self.prompt, self.layer]),
-                widgets.HBox([self.bars, self.profile]),
+                row(self.prompt, self.layer),
+                row(self.bars, self.profile),
                 self._export_controls("figures/residual_norms"),
             ]
         )

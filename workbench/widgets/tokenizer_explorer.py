@@ -12,7 +12,7 @@ from ..analyses.tokenizer_fairness import fairness_table, parallel_counts
 from ..corpus import parallel_corpus
 from ..plots.export import export_figure
 from ..plots.tokenizers import OKABE_ITO
-from .base import Explorer
+from .base import Explorer, row
 
 _SHADES = ["#dbeaf7", "#fbe6c2", "#d5efe5", "#f3dcea"]  # light Okabe-Ito tints, alternating per token
 CUSTOM = "(your own text)"
@@ -76,7 +76,7 @@ class TokenizerExplorer(Explorer):
         self.language.observe(self._language_changed, names="value")
         self.text.observe(self.redraw, names="value")
         self.view = widgets.VBox([
-            widgets.HBox([self.tokenizer, self.language], layout=widgets.Layout(flex_flow="row wrap")),
+            row(self.tokenizer, self.language),
             self.text, self.counts, self.tokens, self.bars, self._export_controls("figures/tokenizer_premium"),
         ], layout=widgets.Layout(width="100%", max_width="1100px"))
         self.redraw()
