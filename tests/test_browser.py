@@ -196,7 +196,7 @@ def move_every_control(page, explorer, shot, name: str) -> None:
         shot(f"{name}-dropdown{i}", explorer)
 
 
-@pytest.mark.parametrize("notebook", ["00_quickstart.ipynb", "04_geometry_and_updates.ipynb"])
+@pytest.mark.parametrize("notebook", ["00_quickstart.ipynb", "04_geometry_and_updates.ipynb", "05_tokenizers.ipynb"])
 def test_notebook_in_a_browser(notebook, lab, browser, tmp_path):
     base, token, root = lab
     shutil.copy(NOTEBOOKS / notebook, root)
