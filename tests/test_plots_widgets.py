@@ -101,3 +101,21 @@ def test_gallery_index_collects_each_study_table_with_links_fixed(tmp_path):
     assert "### Figures" in index and "(next_token_law/law.svg)" in index
     assert "(tokenization_bias/error_vs_steps.svg)" in index
     assert "Extreme-token" not in index  # sections without a page are left out
+
+
+def test_export_hides_only_choreographers_torn_message_log(tmp_path, caplog):
+    """Chromium's reply split across two pipe reads makes choreographer log a traceback and carry on: the export
+    leaves that one record out (its files are checked instead) and lets every other log record through."""
+    import logging
+
+    from workbench.plots.export import _skip_torn_messages
+
+    log = logging.getLogger("choreographer.channels.pipe")
+    log.addFilter(_skip_torn_messages)
+    try:
+        with caplog.at_level(logging.ERROR, logger="choreographer.channels.pipe"):
+            log.error("JSONError decoding message. Ignoring")
+            log.error("Error in trying to decode JSON off our read.")
+    finally:
+        log.removeFilter(_skip_torn_messages)
+    assert [r.getMessage() for r in caplog.records] == ["Error in trying to decode JSON off our read."]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -54,8 +55,27 @@ def export_figure(
 
     # write_images ignores the layout's size unless it is passed explicitly (plotly 6 / kaleido 1).
     width, height = fig.layout.width or 700, fig.layout.height or 500
-    pio.write_images(
-        [fig] * len(paths), paths, format=list(formats), scale=[PNG_SCALE if f == "png" else 1 for f in formats],
-        width=[width] * len(paths), height=[height] * len(paths),
-    )
+    pipe_log = logging.getLogger("choreographer.channels.pipe")
+    pipe_log.addFilter(_skip_torn_messages)
+    try:
+        pio.write_images(
+            [fig] * len(paths), paths, format=list(formats), scale=[PNG_SCALE if f == "png" else 1 for f in formats],
+            width=[width] * len(paths), height=[height] * len(paths),
+        )
+    finally:
+        pipe_log.removeFilter(_skip_torn_messages)
+    empty = [p for p in paths if not p.exists() or p.stat().st_size == 0]
+    if empty:
+        raise ExportError(f"kaleido wrote nothing to {', '.join(map(str, empty))}; run the export again.")
     return paths
+
+
+def _skip_torn_messages(record: logging.LogRecord) -> bool:
+    """Leave out choreographer's "JSONError decoding message. Ignoring" traceback.
+
+    Now and then Chromium's reply reaches choreographer's pipe reader split across two reads; it logs
+    the torn half with a full traceback (an error-looking block in a notebook cell, seen in the
+    browser tests) and carries on. The export is checked instead: every file must exist and be
+    non-empty, else :class:`ExportError`.
+    """
+    return record.getMessage() != "JSONError decoding message. Ignoring"
