@@ -201,9 +201,9 @@ def run_rows(plan: CapturePlan, rows, buffers: "RunBuffers", bar, row_offset: in
 
     # On a GPU, a batch is stored by a second thread while this one queues the next batch: the host's
     # work per batch then overlaps the GPU's instead of adding to it. At most one batch is being stored.
+    # On the CPU the forward pass is the work, and each batch is stored as soon as it is done.
     storing = ThreadPoolExecutor(1, thread_name_prefix="workbench-store") if model.device.type == "cuda" else None
     stored = None  # the future of the batch being stored
-    previous = None
     try:
         for start in range(0, len(order), plan.batch_size):
             samples = order[start : start + plan.batch_size]
@@ -220,18 +220,14 @@ def run_rows(plan: CapturePlan, rows, buffers: "RunBuffers", bar, row_offset: in
             collector = BatchCollector(plan.probes, ctx, buffers.writer(batch), model.n_layers, skip=skip)
             run_batch(plan.backend, model, input_ids, valid.long(), collector.sites, collector)
             collector.flush()  # copies to the host queued behind this batch's kernels
-            if storing is not None:
-                if stored is not None:
-                    stored.result()  # raises what storing the batch before raised
-                stored = storing.submit(finish_batch, collector, batch, lengths)
-            else:
-                if previous is not None:
-                    finish_batch(*previous)
-                previous = (collector, batch, lengths)
+            if storing is None:
+                finish_batch(collector, batch, lengths)
+                continue
+            if stored is not None:
+                stored.result()  # raises what storing the batch before raised
+            stored = storing.submit(finish_batch, collector, batch, lengths)
         if stored is not None:
             stored.result()
-        if previous is not None:
-            finish_batch(*previous)
     finally:
         if storing is not None:
             storing.shutdown(wait=True)
@@ -283,7 +279,7 @@ def _check_texts(texts) -> list:
     if not texts:
         raise ValueError("No texts given: pass a string or a non-empty list of strings.")
     if all(isinstance(t, list) for t in texts):
-        arrays = [np.asarray(t) if t and all(isinstance(x, (int, np.integer)) for x in t[:1]) else None for t in texts]
+        arrays = [np.asarray(t) if t and isinstance(t[0], (int, np.integer)) else None for t in texts]
         bad = [i for i, a in enumerate(arrays) if a is None or a.ndim != 1 or a.dtype.kind not in "iu"]
         if bad:
             raise TypeError(f"pre-tokenised input must be non-empty lists of token ids; item(s) {bad[:5]} are not.")

@@ -43,8 +43,7 @@ def _version(show: bool) -> None:
         raise typer.Exit()
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_Group,
-                  help="Look inside language models: capture, explore, export.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_Group)
 console = Console()
 
 
