@@ -108,9 +108,11 @@ def test_export_hides_only_choreographers_torn_message_log(tmp_path, caplog):
     leaves that one record out (its files are checked instead) and lets every other log record through."""
     import logging
 
+    import logistro
+
     from workbench.plots.export import _skip_torn_messages
 
-    log = logging.getLogger("choreographer.channels.pipe")
+    log = logistro.getLogger("choreographer.channels.pipe")  # as choreographer makes it (logging's would lack debug2)
     log.addFilter(_skip_torn_messages)
     try:
         with caplog.at_level(logging.ERROR, logger="choreographer.channels.pipe"):

@@ -55,7 +55,10 @@ def export_figure(
 
     # write_images ignores the layout's size unless it is passed explicitly (plotly 6 / kaleido 1).
     width, height = fig.layout.width or 700, fig.layout.height or 500
-    pipe_log = logging.getLogger("choreographer.channels.pipe")
+    import logistro  # choreographer's loggers: made through logistro (a plain logging.getLogger here, before
+    # choreographer is imported, would register a logger without logistro's debug2 and break it)
+
+    pipe_log = logistro.getLogger("choreographer.channels.pipe")
     pipe_log.addFilter(_skip_torn_messages)
     try:
         pio.write_images(
