@@ -98,6 +98,9 @@ def test_byte_level_analyses(handle):
     stream = model.stream("Hi cat", progress=False)
     chain = float(stream.logprob.sum())  # sum_i log P(byte i | bytes < i)
     assert abs(chain - model.prefix_logprob("Hi cat")) < 1e-4 * abs(chain)
+    step = byte_level.ByteLevelModel(handle, max_hypotheses=8).stream("Hi cat", progress=False, lookahead=False)
+    np.testing.assert_allclose(stream.probability, step.probability, atol=1e-6)  # scoring ahead changes no number
+    assert (stream.n_tokenizations.values == step.n_tokenizations.values).all()
     for baseline in (byte_baselines.naive_next_byte_distribution, byte_baselines.token_healing_next_byte_distribution):
         assert abs(float(baseline(handle, "The ca").sum()) - 1) < 1e-6
     assert byte_ensemble.bits_per_byte(model, "Hi cat") == pytest.approx(-model.prefix_logprob("Hi cat") / np.log(2) / 6,

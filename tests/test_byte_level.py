@@ -22,6 +22,7 @@ from workbench.analyses.byte_baselines import (
 from workbench.analyses.byte_ensemble import ByteLevelEnsemble, bits_per_byte
 from workbench.analyses.byte_level import ByteLevelModel, ImpossiblePrefixError, start_context
 from workbench.models import ModelHandle
+from workbench.probes import token_scoring
 from workbench.probes.token_scoring import (
     PrefixTreeScorer,
     StaleSequenceError,
@@ -55,7 +56,7 @@ def ab():
     config = LlamaConfig(vocab_size=6, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                          initializer_range=0.6, eos_token_id=0, bos_token_id=0, pad_token_id=0)
-    config._attn_implementation = "eager"
+    config._attn_implementation = "sdpa"  # the whole softmax in float64 (eager's is float32 for every dtype)
     with torch.random.fork_rng():
         torch.manual_seed(3)
         model = LlamaForCausalLM(config).double().eval()  # float64: the lemma is checked to 1e-9
@@ -222,6 +223,24 @@ def test_prefix_tree_scorer_matches_plain_forwards(tiny, shared):
         scorer.extend([(ba, 1)])
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-trunk attention", "padded cache"])
+def test_prefix_tree_scorer_frees_what_is_not_kept(tiny, shared, monkeypatch):
+    monkeypatch.setattr(token_scoring, "_COMPACT_MIN_SLOTS", 0)
+    scorer = PrefixTreeScorer(tiny, shared_trunk_attention=shared)
+    root = scorer.start([0, 17])
+    kids = scorer.extend([(root, t) for t in range(300, 310)])
+    scorer.commit([kids[7], kids[3]])  # ten slots held, two live: the pool is compacted to those two
+    assert scorer.trunk_length == 2 and scorer.usable(kids[3]) and scorer.usable(kids[7])
+    assert not scorer.usable(kids[0]) and not scorer.usable(root)
+    grand = scorer.extend([(kids[7], 5), (kids[3], 6), (kids[7], 8)])
+    scorer.commit(grand)
+    (deepest,) = scorer.extend([(grand[2], 9)])
+    for seq in [*grand, deepest]:
+        np.testing.assert_allclose(seq.logprobs, last_token_logprobs(tiny, seq.ids), atol=1e-5)
+    with pytest.raises(StaleSequenceError, match="not kept by the last commit"):
+        scorer.extend([(kids[0], 1)])
+
+
 def test_prefix_tree_scorer_past_gemmas_sliding_window(gemma3):
     window = gemma3.config.sliding_window
     ids = [gemma3.tokenizer.bos_token_id] + list(range(1000, 1000 + window + 20))
@@ -264,11 +283,29 @@ def test_properties_on_random_strings(tiny, text, cut):
     # chain rule: the stream's log-probabilities add up to log P(text) from covers, up to what was pruned
     implied = float(ds.prefix_logprob[-1]) - float(np.log1p(-ds.pruned_fraction.values).sum())
     assert float(ds.logprob.sum()) == pytest.approx(implied, rel=1e-9, abs=1e-9)
-    # any cut, also inside a UTF-8 character, computed afresh, equals the streamed row
+    # any cut, also inside a UTF-8 character, computed afresh, equals the streamed row: exactly when the stream
+    # also makes one call per step (the same float arithmetic), to float32 rounding when it scores ahead
     cut = min(cut, len(data) - 1)
     fresh = ByteLevelModel(tiny, prune=1e-6, max_hypotheses=48).next_byte_distribution(data[:cut])
-    np.testing.assert_allclose(fresh.values, probs[cut], atol=1e-12)
+    step = ByteLevelModel(tiny, prune=1e-6, max_hypotheses=48).stream(data, lookahead=False)
+    np.testing.assert_allclose(fresh.values, step.probability.values[cut], atol=1e-12)
+    np.testing.assert_allclose(fresh.values, probs[cut], atol=1e-6)
     assert all(fresh.values[b] == 0 for b in fresh.attrs["impossible_bytes"])
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_scoring_ahead_gives_the_numbers_of_one_call_per_step(name, request):
+    """stream() scores tokenizations before the walk reaches them (the text is known); which ones the walk
+    follows is decided as before, so every cut's distribution is the one-call-per-step one, in fewer calls."""
+    handle = request.getfixturevalue(name)
+    text = 'The "assert" statement:\n    assert identifier, naïve'
+    ahead = ByteLevelModel(handle).stream(text, lookahead=True)
+    step = ByteLevelModel(handle).stream(text, lookahead=False)
+    assert (ahead.n_tokenizations.values == step.n_tokenizations.values).all()
+    np.testing.assert_allclose(ahead.probability, step.probability, atol=1e-5)
+    np.testing.assert_allclose(ahead.prefix_logprob, step.prefix_logprob, rtol=1e-6)
+    np.testing.assert_allclose(ahead.pruned_fraction, step.pruned_fraction, atol=1e-6)
+    assert ahead.attrs["calls"] < step.attrs["calls"] / 2
 
 
 def test_chain_rule_on_smollm2(smollm2):

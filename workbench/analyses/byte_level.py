@@ -79,7 +79,7 @@ import numpy as np
 import xarray as xr
 
 from ..models import ModelHandle
-from ..numerics import logsumexp
+from ..numerics import log_softmax, logsumexp
 from ..probes.token_scoring import PrefixTreeScorer, ScoredSequence
 from ..tokenization.vocab_bytes import UnsupportedTokenizerError, VocabBytes, printable_byte, vocab_bytes
 
@@ -89,6 +89,7 @@ BYTES = np.arange(256)
 BYTE_CHARS = [printable_byte(b) for b in range(256)]
 _RECENT_STATES = 4  # queried states kept for reuse
 _PIN_BYTES = 256  # how far the cursor may run past a kept state before it is dropped
+_LOOKAHEAD_MARGIN = math.log(3.0)  # lookahead takes children up to 3x below the estimated pruning floor
 
 
 class ImpossiblePrefixError(ValueError):
@@ -216,6 +217,17 @@ class _Tokenization:
 
 
 @dataclass(eq=False)
+class _Ahead:
+    """A tokenization scored ahead of the walk (text known in advance), spelling ``x[:pos]``."""
+
+    seq: ScoredSequence
+    pos: int
+    logp: float
+    q: np.ndarray
+    p_special: float
+
+
+@dataclass(eq=False)
 class _State:
     """Everything known at one cut point ``x``: the tokenizations still followed and ``log P(x)``."""
 
@@ -265,6 +277,11 @@ class ByteLevelModel:
         # keep the scorer's shared trunk from growing past their tokenizations while the cursor is
         # within _PIN_BYTES of them.
         self._recent: dict[bytes, _State] = {}
+        # Lookahead (stream() of a known text): tokenizations scored before the walk reached their last byte,
+        # by token ids.
+        self._text: bytes | None = None
+        self._ahead: dict[tuple, _Ahead] = {}
+        self._cumulative: dict[ScoredSequence, np.ndarray] = {}  # cumulative sums of q, for _speculate
 
     @property
     def name(self) -> str:
@@ -292,6 +309,8 @@ class ByteLevelModel:
         state = _State(b"", [root], [], 0.0, -math.inf, 0.0, calls=self.calls)
         self._cursor = state
         self._recent.clear()  # a new scorer session: every earlier tokenization's cache is gone
+        self._ahead.clear()
+        self._cumulative.clear()
         return state
 
     def _usable(self, state: _State | None) -> bool:
@@ -365,13 +384,12 @@ class ByteLevelModel:
             ranked.append((best[0], "new", (best[1], best[2])))
         survivors = [r[2] for r in ranked if r[1] == "old"]
         kept = [(r[0], *r[2]) for r in ranked if r[1] == "new"]
-        scored = self._scorer.extend([(h.seq, t) for _, h, t in kept])
-        children = [self._new_tokenization(seq, n, lp) for seq, (lp, _, _) in zip(scored, kept)]
+        children = self._score(kept, n, logp, survivors)
         alive = survivors + children
         for key in [k for k, st in self._recent.items() if n - len(st.prefix) > _PIN_BYTES]:
             del self._recent[key]
         pinned = [h.seq for st in self._recent.values() for h in st.alive if self._scorer.usable(h.seq)]
-        self._scorer.commit([h.seq for h in alive] + pinned)
+        self._scorer.commit([h.seq for h in alive] + pinned + [a.seq for a in self._ahead.values()])
         pruned_here = logsumexp(pruned)
         new = _State(
             prefix=x,
@@ -384,6 +402,139 @@ class ByteLevelModel:
         )
         self._cursor = new
         return new
+
+    # ------------------------------------------------------------------ scoring, with lookahead on a known text
+
+    def _score(self, kept, n: int, logp_n: float, survivors) -> list[_Tokenization]:
+        """The tokenizations ``(logp, parent, token)`` ending at byte ``n``, scored (one model call at most).
+
+        Without lookahead each step's new tokenizations are one call. When the text is known
+        (:meth:`stream`), a call also scores, ahead of the walk, the children of every scored
+        tokenization that the walk may still follow (:meth:`_speculate`); a later step finds them
+        ready and needs no call. Which ones the walk keeps is decided exactly as without lookahead,
+        so the results are the same; a child the lookahead left out is scored when asked for.
+        """
+        for key in [k for k, a in self._ahead.items() if a.pos < n]:
+            del self._ahead[key]  # the walk has passed their last byte without keeping them
+        out, missing = [], []
+        for lp, h, t in kept:
+            ready = self._ahead.pop(h.seq.ids + (t,), None)
+            if ready is None:
+                missing.append((lp, h, t))
+            else:
+                out.append(_Tokenization(ready.seq, n, lp, ready.q, ready.p_special, 0, self.vocab.n_byte_tokens))
+        if not missing:
+            return out
+        requested = {h.seq.ids + (t,) for _, h, t in missing}
+        ahead = [] if self._text is None else self._speculate(n, logp_n, [*survivors, *out], requested)
+        scored = self._scorer.extend([(h.seq, t) for _, h, t in missing] + [(p, t) for p, t, _, _ in ahead])
+        out += [self._new_tokenization(seq, n, lp) for seq, (lp, _, _) in zip(scored, missing)]
+        for seq, (_, _, pos, lp) in zip(scored[len(missing) :], ahead):
+            q, p_special = byte_token_probs(seq.logprobs, self.vocab)
+            self._ahead[seq.ids] = _Ahead(seq, pos, lp, q, p_special)
+        return out
+
+    def _speculate(self, n: int, logp_n: float, alive, requested: set) -> list[tuple[ScoredSequence, int, int, float]]:
+        """Children ``(parent, token, last byte, logp)`` of scored tokenizations the walk is likely to keep after ``n``.
+
+        Every scored tokenization (followed, or scored ahead) has children that spell the known text
+        past byte ``n``, with exact log-probabilities already (the parent's next-token distribution).
+        At each byte ``m`` the walk keeps the new tokenizations whose share of ``P(x[:m])`` passes the
+        pruning threshold and ranks among the ``max_hypotheses`` largest; a child is taken if it
+        would, with a margin of 3x: ``P(x[:m])`` estimated as the larger of ``P(x[:n])`` times the
+        canonical encoding's ``P(x[:m]) / P(x[:n])`` (:meth:`_canonical_prefix_logprobs`) and the
+        covers of the scored tokenizations; the rank among the shares these give. The best child at
+        each byte is always taken. Only the cost depends on this guess, never the result: a child
+        left out is scored when the walk asks for it.
+        """
+        vocab, text = self.vocab, self._text
+        scored = [(h.seq, h.pos, h.logp, h.q) for h in alive] + [(a.seq, a.pos, a.logp, a.q) for a in self._ahead.values()]
+        horizon = min(len(text), n + vocab.max_token_bytes + 1)
+        estimate = logp_n + self._canonical[: horizon + 1] - self._canonical[n]  # log P(x[:m]), m in (n, horizon]
+        shares: dict[int, list] = {}  # m -> log shares of P(x[:m]) known: new tokenizations and longer covers
+        candidates: dict[int, list] = {}
+        taken = requested | self._ahead.keys()
+        self._cumulative = {seq: self._cumulative.get(seq) for seq, _, _, _ in scored}
+        for seq, pos, logp, q in scored:
+            cumulative = self._cumulative[seq]
+            if cumulative is None:
+                cumulative = self._cumulative[seq] = np.concatenate([[0.0], np.cumsum(q)])
+            lo, hi = 0, vocab.n_byte_tokens
+            for m in range(pos + 1, horizon + 1):
+                lo, hi = vocab.prefix_range(text[pos:m], lo, hi)
+                if lo == hi:
+                    break
+                if m <= n:
+                    continue
+                mass = cumulative[hi] - cumulative[lo]
+                if mass > 0:
+                    estimate[m] = np.logaddexp(estimate[m], logp + math.log(mass))
+                for t in vocab.tokens_equal_to(text[pos:m]):
+                    qt = q[vocab.rank[t]]
+                    if qt > 0:
+                        mass -= qt
+                        lp = logp + math.log(qt)
+                        shares.setdefault(m, []).append(lp)
+                        candidates.setdefault(m, []).append((lp, seq.ids + (t,) not in taken, seq, t))
+                if mass > 0:
+                    shares.setdefault(m, []).append(logp + math.log(mass))
+        log_prune = math.log(self.prune) if self.prune > 0 else -math.inf
+        floors = {}
+        for m, found in candidates.items():
+            found.sort(key=lambda c: -c[0])
+            floor = estimate[m] + log_prune
+            if self.max_hypotheses is not None and len(shares[m]) > self.max_hypotheses:
+                floor = max(floor, float(np.partition(shares[m], -self.max_hypotheses)[-self.max_hypotheses]))
+            floors[m] = (floor, found[0][0])
+        # children of a tokenization scored ahead count only if the walk is likely to keep it (no margin)
+        unlikely = {a.seq for a in self._ahead.values() if a.logp < min(*floors.get(a.pos, (-math.inf, -math.inf)))}
+        out = []
+        for m, found in candidates.items():
+            floor = floors[m][0] - _LOOKAHEAD_MARGIN
+            out += [(seq, t, m, lp) for k, (lp, new, seq, t) in enumerate(found)
+                    if new and (k == 0 or lp >= floor) and seq not in unlikely]
+        return out
+
+    def _canonical_prefix_logprobs(self, data: bytes) -> np.ndarray:
+        """``log P(x[:m])`` for ``m = 0..len(data)`` summed over the covers that extend the tokenizer's own encoding.
+
+        One plain forward pass over the canonical encoding (a lower bound of the exact
+        ``P(x[:m])``, whose differences between nearby cuts guide :meth:`_speculate`). Under the same
+        byte-token-conditioned model as the walk.
+        """
+        from ..probes import hooks
+        from ..probes.sites import FINAL_NORM
+
+        import torch
+
+        vocab = self.vocab
+        ids = list(self.context_ids) + encode_bytes(self.handle, vocab, data)
+        states = {}
+        hooks.forward(self.handle, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+                      reads=[(FINAL_NORM, None)], logits=False, on_site=lambda site, layer, x: states.update(h=x))
+        sm = hooks.site_map(self.handle)
+        out = np.full(len(data) + 1, -math.inf)
+        out[0], logp, pos = 0.0, 0.0, 0
+        first = len(self.context_ids) - 1
+        for a in range(first, len(ids), 256):
+            with torch.no_grad():
+                rows = log_softmax(sm.unembed(states["h"][0, a : a + 256], normalized=True)).cpu().numpy()
+            for j, row in enumerate(rows, start=a):
+                q, _ = byte_token_probs(row, vocab)
+                cumulative = np.concatenate([[0.0], np.cumsum(q)])
+                lo, hi = 0, vocab.n_byte_tokens
+                for m in range(pos + 1, min(len(data), pos + vocab.max_token_bytes) + 1):
+                    lo, hi = vocab.prefix_range(data[pos:m], lo, hi)
+                    if lo == hi:
+                        break
+                    mass = cumulative[hi] - cumulative[lo]
+                    if mass > 0:
+                        out[m] = np.logaddexp(out[m], logp + math.log(mass))
+                if j + 1 < len(ids):
+                    t = ids[j + 1]
+                    logp += math.log(max(q[vocab.rank[t]], 1e-300))
+                    pos += len(vocab.token_bytes[t])
+        return out
 
     def _next_byte(self, state: _State) -> tuple[np.ndarray, dict]:
         """Unnormalised next-byte masses (relative to the best tokenization) and the structurally possible bytes."""
@@ -494,10 +645,12 @@ class ByteLevelModel:
         for _, state, num, _, _ in self._walk(as_bytes(text)):
             yield byte_distribution(num / num.sum(), "next_byte_probability", self._attrs(state))
 
-    def stream(self, text, progress: bool | None = None) -> xr.Dataset:
+    def stream(self, text, progress: bool | None = None, lookahead: bool = True) -> xr.Dataset:
         """Walk the cut point along ``text`` byte by byte: the exact next-byte distribution at every position.
 
-        ``progress``: a progress bar (None: only for texts over 256 bytes).
+        ``progress``: a progress bar (None: only for texts over 256 bytes). ``lookahead``: since the
+        text is known, score tokenizations ahead of the walk, many cut points per model call
+        (:meth:`_score`); the same numbers as ``lookahead=False`` (one call per step), in fewer calls.
 
         Reuses every tokenization and the KV cache from one byte to the next. Dims (pos, byte):
         ``probability[pos, b] = P(b | text[:pos])``; ``logprob[pos] = log P(text[pos] | text[:pos])``;
@@ -521,13 +674,21 @@ class ByteLevelModel:
             from tqdm.auto import tqdm
 
             walk = tqdm(walk, total=n, desc=f"exact next-byte ({self.name})", unit="B")
-        for i, state, num, info, after in walk:
-            probs[i] = num / num.sum()
-            pruned[i] = state.pruned_fraction
-            p_end[i] = info["p_end_of_text"]
-            n_tok[i] = len(state.alive)
-            calls[i] = state.calls - start_calls
-            prefix_lp[i] = after.logp
+        self._text = data if lookahead else None
+        if lookahead:
+            self._canonical = self._canonical_prefix_logprobs(data)
+        try:
+            for i, state, num, info, after in walk:
+                probs[i] = num / num.sum()
+                pruned[i] = state.pruned_fraction
+                p_end[i] = info["p_end_of_text"]
+                n_tok[i] = len(state.alive)
+                calls[i] = state.calls - start_calls
+                prefix_lp[i] = after.logp
+        finally:
+            self._text = None
+            self._ahead.clear()
+            self._cumulative.clear()
         with np.errstate(divide="ignore"):
             logprob = np.log(probs[np.arange(n), np.frombuffer(data, dtype=np.uint8)])
         total_calls = self.calls - start_calls

@@ -50,27 +50,37 @@ class StaleSequenceError(RuntimeError):
 class ScoredSequence:
     """A token sequence with its next-token log-probabilities ``(vocab,)`` (log-softmax, float32 or finer).
 
-    ``ids``: the whole sequence, context included. Its keys/values after the scorer's trunk are
-    held privately (``_keys[layer]``: (kv_heads, n, head_dim)) so that extensions need one token.
+    ``ids``: the whole sequence, context included. The keys and values of its tokens after the
+    scorer's trunk live in the scorer's slot pool (``_slots``, one slot per token from trunk length
+    ``_base`` on), so that extensions need one token.
     """
 
     ids: tuple[int, ...]
     logprobs: np.ndarray
-    _keys: list = field(repr=False, default_factory=list)
-    _values: list = field(repr=False, default_factory=list)
-    _base: int = field(repr=False, default=0)  # trunk length its private keys start at
+    _slots: tuple[int, ...] = field(repr=False, default=())
+    _base: int = field(repr=False, default=0)  # trunk length its slots start at
     _session: int = field(repr=False, default=0)
+    _epoch: int = field(repr=False, default=0)
+
+
+_COMPACT_MIN_SLOTS = 4096  # the slot pool is compacted when it holds more than this and twice the live slots
 
 
 class PrefixTreeScorer:
     """Score one-token extensions of many sequences that share a prefix, in one batched forward pass.
 
     >>> scorer = PrefixTreeScorer(handle)
-    >>> root = scorer.start([bos])                  # one forward pass over the context
+    >>> root = scorer.start([bos])                  # one forward pass over the context (the first trunk)
     >>> kids = scorer.extend([(root, 42), (root, 7)])   # one forward pass, two rows
     >>> scorer.commit(kids)                         # their common prefix becomes the shared trunk
 
-    A sequence can be extended as long as it starts with the trunk (see :meth:`commit`).
+    A sequence can be extended as long as it starts with the trunk and was passed to the last
+    :meth:`commit` that freed memory (see there); :meth:`usable` says.
+
+    Keys and values: the trunk's in one buffer per layer; every other scored token's in one slot
+    of a pool per layer, so a batch gathers each row's own keys with one indexing operation per
+    layer whatever the number of rows (per-row copies made Python the bottleneck of batches of
+    hundreds of rows).
     """
 
     def __init__(self, handle: ModelHandle, shared_trunk_attention: bool | None = None):
@@ -86,9 +96,14 @@ class PrefixTreeScorer:
         self.calls = 0
         self.positions = 0
         self._session = 0  # bumped by start(): sequences of an earlier session are gone
+        self._epoch = 0  # bumped when the pool is compacted: sequences not kept then are gone
         self._trunk_ids: tuple[int, ...] = ()
         self._trunk_k: list[torch.Tensor] = []  # per layer (kv_heads, capacity, head_dim)
         self._trunk_v: list[torch.Tensor] = []
+        self._pool_k: list[torch.Tensor] = []  # per layer (kv_heads, capacity, head_dim): one slot per token
+        self._pool_v: list[torch.Tensor] = []
+        self._used = 0
+        self._slot_pos = np.zeros(0, dtype=np.int64)  # token position of each pool slot
 
     # ------------------------------------------------------------------ public
 
@@ -98,12 +113,14 @@ class PrefixTreeScorer:
         return len(self._trunk_ids)
 
     def start(self, context_ids) -> ScoredSequence:
-        """Forget every sequence and score ``context_ids`` from scratch (one forward pass)."""
+        """Forget every sequence and score ``context_ids`` from scratch (one forward pass); the context is the trunk."""
         ids = tuple(int(t) for t in context_ids)
         if not ids:
             raise ValueError("context_ids is empty: the model needs at least one token to condition on (e.g. BOS).")
         self._session += 1
         self._trunk_ids, self._trunk_k, self._trunk_v = (), [], []
+        self._pool_k, self._pool_v, self._used = [], [], 0
+        self._slot_pos = np.zeros(0, dtype=np.int64)
         input_ids = torch.tensor([ids], device=self.handle.device)
         from transformers import DynamicCache
 
@@ -113,9 +130,9 @@ class PrefixTreeScorer:
         self.calls += 1
         self.positions += len(ids)
         logprobs = log_softmax(out.logits[0, -1]).cpu().numpy()
-        keys = [layer.keys[0] for layer in cache.layers]
-        values = [layer.values[0] for layer in cache.layers]
-        return ScoredSequence(ids, logprobs, keys, values, _base=0, _session=self._session)
+        self._append_trunk([layer.keys[0] for layer in cache.layers], [layer.values[0] for layer in cache.layers])
+        self._trunk_ids = ids
+        return ScoredSequence(ids, logprobs, (), len(ids), self._session, self._epoch)
 
     def extend(self, requests) -> list[ScoredSequence]:
         """Score ``sequence + (token,)`` for each ``(sequence, token)`` in one forward pass; returns them in order."""
@@ -124,152 +141,159 @@ class PrefixTreeScorer:
             return []
         for seq, _ in requests:
             self._check_usable(seq)
-        if self.shared_trunk_attention and self.trunk_length:
-            return self._extend_shared(requests)
         trunk = self.trunk_length
-        own = [len(seq.ids) - trunk for seq, _ in requests]
-        width = max(own)
-        b = len(requests)
+        own = [seq._slots[trunk - seq._base :] for seq, _ in requests]
         device = self.handle.device
-        cache_data = []
-        for layer in range(self._n_cache_layers(requests)):
-            ref = requests[0][0]._keys[layer] if own[0] else self._trunk_k[layer]
-            kv_heads, head_dim, dtype = ref.shape[0], ref.shape[-1], ref.dtype
-            keys = torch.zeros(b, kv_heads, width + trunk, head_dim, dtype=dtype, device=device)
-            values = torch.zeros_like(keys)
-            for i, (seq, _) in enumerate(requests):
-                start = width - own[i]
-                if trunk:
-                    keys[i, :, start : start + trunk] = self._trunk_k[layer][:, :trunk]
-                    values[i, :, start : start + trunk] = self._trunk_v[layer][:, :trunk]
-                if own[i]:
-                    skip = trunk - seq._base  # the trunk may have grown over the start of its private keys
-                    keys[i, :, start + trunk :] = seq._keys[layer][:, skip:]
-                    values[i, :, start + trunk :] = seq._values[layer][:, skip:]
-            cache_data.append((keys, values))
-        mask = torch.zeros(b, width + trunk + 1, dtype=torch.long, device=device)
-        for i in range(b):
-            mask[i, width - own[i] :] = 1
-        positions = torch.tensor([[trunk + own[i]] for i in range(b)], device=device)
+        positions = torch.tensor([trunk + len(o) for o in own], device=device)
         tokens = torch.tensor([[tok] for _, tok in requests], device=device)
-        from transformers import DynamicCache
-
-        cache = DynamicCache(ddp_cache_data=cache_data)
-        with torch.no_grad():
-            out = self.handle.hf_model(
-                input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-            )
+        forward = self._forward_shared if self.shared_trunk_attention else self._forward_padded
+        new_k, new_v, logits = forward(tokens, own, positions)
         self.calls += 1
-        self.positions += b
-        logprobs = log_softmax(out.logits[:, -1]).cpu().numpy()
-        results = []
-        for i, (seq, tok) in enumerate(requests):
-            skip = trunk - seq._base
-            keys = [torch.cat([s[:, skip:], layer.keys[i, :, -1:]], dim=1) if own[i] else layer.keys[i, :, -1:].clone()
-                    for s, layer in zip(seq._keys or [None] * len(cache.layers), cache.layers)]
-            values = [
-                torch.cat([s[:, skip:], layer.values[i, :, -1:]], dim=1) if own[i] else layer.values[i, :, -1:].clone()
-                for s, layer in zip(seq._values or [None] * len(cache.layers), cache.layers)
-            ]
-            results.append(ScoredSequence(seq.ids + (tok,), logprobs[i], keys, values, trunk, self._session))
-        return results
-
-    def _extend_shared(self, requests) -> list[ScoredSequence]:
-        """One forward pass with shared-trunk attention (see the module docstring)."""
-        trunk = self.trunk_length
-        own = [len(seq.ids) - trunk for seq, _ in requests]
-        width, b = max(own), len(requests)
-        device = self.handle.device
-        private_k, private_v = [], []
-        for layer in range(len(self._trunk_k)):
-            if width:
-                kv_heads, _, head_dim = self._trunk_k[layer].shape
-                keys = torch.zeros(b, kv_heads, width, head_dim, dtype=self._trunk_k[layer].dtype, device=device)
-                values = torch.zeros_like(keys)
-                for i, (seq, _) in enumerate(requests):
-                    if own[i]:
-                        skip = trunk - seq._base
-                        keys[i, :, width - own[i] :] = seq._keys[layer][:, skip:]
-                        values[i, :, width - own[i] :] = seq._values[layer][:, skip:]
-                private_k.append(keys)
-                private_v.append(values)
-            else:
-                private_k.append(None)
-                private_v.append(None)
-        positions = torch.tensor([trunk + o for o in own], device=device)
-        valid = torch.arange(width, device=device)[None, :] >= (width - torch.tensor(own, device=device))[:, None]
-        batch = _TreeBatch(
-            trunk_k=[k[:, :trunk] for k in self._trunk_k],
-            trunk_v=[v[:, :trunk] for v in self._trunk_v],
-            private_k=private_k,
-            private_v=private_v,
-            private_valid=valid,
-            private_positions=positions[:, None] - width + torch.arange(width, device=device)[None, :],
-            positions=positions,
-            new_k={},
-            new_v={},
-        )
-        tokens = torch.tensor([[tok] for _, tok in requests], device=device)
-        with _shared_trunk_attention(self.handle, batch), torch.no_grad():
-            out = self.handle.hf_model(input_ids=tokens, position_ids=positions[:, None], use_cache=False)
-        self.calls += 1
-        self.positions += b
-        logprobs = log_softmax(out.logits[:, -1]).cpu().numpy()
-        results = []
-        for i, (seq, tok) in enumerate(requests):
-            skip = trunk - seq._base
-            keys, values = [], []
-            for layer in range(len(self._trunk_k)):
-                new_k, new_v = batch.new_k[layer][i, :, -1:], batch.new_v[layer][i, :, -1:]
-                if own[i]:
-                    keys.append(torch.cat([seq._keys[layer][:, skip:], new_k], dim=1))
-                    values.append(torch.cat([seq._values[layer][:, skip:], new_v], dim=1))
-                else:
-                    keys.append(new_k.clone())
-                    values.append(new_v.clone())
-            results.append(ScoredSequence(seq.ids + (tok,), logprobs[i], keys, values, trunk, self._session))
-        return results
+        self.positions += len(requests)
+        logprobs = log_softmax(logits).cpu().numpy()
+        first = self._store(new_k, new_v, positions)
+        return [ScoredSequence(seq.ids + (tok,), logprobs[i], own[i] + (first + i,), trunk, self._session, self._epoch)
+                for i, (seq, tok) in enumerate(requests)]
 
     def commit(self, keep) -> None:
-        """Move the longest common prefix of ``keep`` into the shared trunk.
+        """Move the longest common prefix of ``keep`` into the shared trunk, and free what only others used.
 
-        Afterwards a sequence can be extended only if it starts with the trunk, so pass every
-        sequence you may extend again. Its own keys are never rewritten, only read from a later offset.
+        Afterwards a sequence can be extended only if it starts with the trunk; and once the slot
+        pool has grown large, only if it was in ``keep`` (the others' keys are freed). So pass every
+        sequence you may extend again. Kept sequences' keys are never changed, only moved.
         """
-        keep = list(keep)
+        keep = list({id(seq): seq for seq in keep}.values())
         if not keep:
             return
         for seq in keep:
             self._check_usable(seq)
-        common = _common_prefix_length([seq.ids for seq in keep])
-        grow = common - self.trunk_length
-        if grow <= 0:
-            return
-        donor = keep[0]
-        skip = self.trunk_length - donor._base
-        self._append_trunk([k[:, skip : skip + grow] for k in donor._keys],
-                           [v[:, skip : skip + grow] for v in donor._values])
-        self._trunk_ids = donor.ids[:common]
+        trunk = self.trunk_length
+        common = trunk + _common_prefix_length([seq.ids[trunk:] for seq in keep])  # all start with the trunk
+        if common > trunk:
+            donor = keep[0]
+            moved = torch.tensor(donor._slots[trunk - donor._base : common - donor._base], device=self.handle.device)
+            self._append_trunk([k[:, moved] for k in self._pool_k], [v[:, moved] for v in self._pool_v])
+            self._trunk_ids = donor.ids[:common]
+            trunk = common
+        live = sorted({s for seq in keep for s in seq._slots[trunk - seq._base :]})
+        if self._used > max(_COMPACT_MIN_SLOTS, 2 * len(live)):
+            order = torch.tensor(live, dtype=torch.long, device=self.handle.device)
+            for pool in (self._pool_k, self._pool_v):
+                for layer, buf in enumerate(pool):
+                    buf[:, : len(live)] = buf[:, order]
+            self._slot_pos[: len(live)] = self._slot_pos[live]
+            where = {s: i for i, s in enumerate(live)}
+            self._epoch += 1
+            for seq in keep:
+                seq._slots = tuple(where[s] for s in seq._slots[trunk - seq._base :])
+                seq._base, seq._epoch = trunk, self._epoch
+            self._used = len(live)
 
     def usable(self, seq: ScoredSequence) -> bool:
-        """Whether ``seq`` can still be extended: same session, and it starts with the trunk."""
-        return seq._session == self._session and seq.ids[: self.trunk_length] == self._trunk_ids
+        """Whether ``seq`` can still be extended: same session, its keys not freed, and it starts with the trunk."""
+        return (seq._session == self._session and seq._epoch == self._epoch
+                and seq.ids[: self.trunk_length] == self._trunk_ids)
 
     # ------------------------------------------------------------------ internals
+
+    def _forward_shared(self, tokens, own, positions):
+        """One forward pass with shared-trunk attention (see the module docstring); new keys/values and logits.
+
+        Rows see the trunk, the pool slots of their own tokens and themselves. The slots any row
+        sees are gathered once (their union: rows that share ancestors share them) and every row
+        is scored against them with one matmul per layer and a mask, as against the trunk.
+        """
+        trunk, device = self.trunk_length, positions.device
+        union = sorted({slot for o in own for slot in o})
+        column = {slot: j for j, slot in enumerate(union)}
+        visible = torch.zeros(len(own), len(union), dtype=torch.bool)
+        rows = [i for i, o in enumerate(own) for _ in o]
+        if rows:
+            visible[rows, [column[slot] for o in own for slot in o]] = True
+        index = torch.tensor(union, dtype=torch.long, device=device)
+        batch = _TreeBatch(
+            trunk_k=[k[:, :trunk] for k in self._trunk_k],
+            trunk_v=[v[:, :trunk] for v in self._trunk_v],
+            seen_k=[k[:, index] for k in self._pool_k] if union else None,
+            seen_v=[v[:, index] for v in self._pool_v] if union else None,
+            seen_visible=visible.to(device),
+            seen_positions=torch.as_tensor(self._slot_pos[union], device=device) if union else None,
+            positions=positions,
+            new_k={},
+            new_v={},
+        )
+        with _shared_trunk_attention(self.handle, batch), torch.no_grad():
+            out = self.handle.hf_model(input_ids=tokens, position_ids=positions[:, None], use_cache=False)
+        layers = range(len(self._trunk_k))
+        return [batch.new_k[l][:, :, -1] for l in layers], [batch.new_v[l][:, :, -1] for l in layers], out.logits[:, -1]
+
+    def _forward_padded(self, tokens, own, positions):
+        """One forward pass over a padded ``DynamicCache``: per row [pads | trunk | own keys], so real keys are contiguous."""
+        from transformers import DynamicCache
+
+        trunk, b, width = self.trunk_length, len(own), max(len(o) for o in own)
+        device = positions.device
+        # (b, width) slot of each row's own keys, left-padded (pads point at slot 0 and are masked)
+        slots = torch.zeros(b, width, dtype=torch.long)
+        for i, o in enumerate(own):
+            if o:
+                slots[i, width - len(o) :] = torch.tensor(o)
+        slots = slots.to(device)
+        valid = torch.arange(width, device=device)[None, :] >= (width - (positions - trunk))[:, None]
+        # index of every row's keys in [trunk | pool]: [pads (-> 0, masked) | the trunk | the row's own slots]
+        shift = (width - valid.sum(1))[:, None]
+        col = torch.arange(width + trunk, device=device)[None, :].expand(b, -1)
+        index = torch.where(col < shift, 0, col - shift)
+        if width:
+            own = slots.gather(1, (col - trunk).clamp(0, width - 1)) + trunk
+            index = torch.where(col >= shift + trunk, own, index)
+        cache_data = []
+        for k_trunk, v_trunk, k_pool, v_pool in zip(self._trunk_k, self._trunk_v, self._pool_k or [None] * len(
+                self._trunk_k), self._pool_v or [None] * len(self._trunk_v)):
+            parts_k = [k_trunk[:, :trunk]] + ([k_pool[:, : self._used]] if k_pool is not None else [])
+            parts_v = [v_trunk[:, :trunk]] + ([v_pool[:, : self._used]] if v_pool is not None else [])
+            src_k, src_v = torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
+            cache_data.append((src_k[:, index].permute(1, 0, 2, 3).contiguous(),
+                               src_v[:, index].permute(1, 0, 2, 3).contiguous()))
+        mask = torch.cat([col >= shift, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
+        cache = DynamicCache(ddp_cache_data=cache_data)
+        with torch.no_grad():
+            out = self.handle.hf_model(input_ids=tokens, attention_mask=mask.long(), position_ids=positions[:, None],
+                                       past_key_values=cache, use_cache=True)
+        return ([layer.keys[:, :, -1] for layer in cache.layers], [layer.values[:, :, -1] for layer in cache.layers],
+                out.logits[:, -1])
+
+    def _store(self, new_k, new_v, positions) -> int:
+        """Put one new key/value per row (per layer (b, kv_heads, head_dim)) into the pool; the first slot used."""
+        b, first = new_k[0].shape[0], self._used
+        if len(self._slot_pos) < first + b:
+            self._slot_pos = np.concatenate([self._slot_pos[:first], np.zeros(max(256, 2 * (first + b)), dtype=np.int64)])
+        self._slot_pos[first : first + b] = positions.cpu().numpy()
+        if not self._pool_k or self._pool_k[0].shape[1] < first + b:
+            capacity = max(256, 2 * (first + b))
+            grown = []
+            for pool, new in ((self._pool_k, new_k), (self._pool_v, new_v)):
+                bufs = []
+                for layer, x in enumerate(new):
+                    buf = torch.empty(x.shape[1], capacity, x.shape[2], dtype=x.dtype, device=x.device)
+                    if pool:
+                        buf[:, :first] = pool[layer][:, :first]
+                    bufs.append(buf)
+                grown.append(bufs)
+            self._pool_k, self._pool_v = grown
+        for layer in range(len(new_k)):
+            self._pool_k[layer][:, first : first + b] = new_k[layer].transpose(0, 1)
+            self._pool_v[layer][:, first : first + b] = new_v[layer].transpose(0, 1)
+        self._used = first + b
+        return first
 
     def _check_usable(self, seq: ScoredSequence) -> None:
         if not self.usable(seq):
             raise StaleSequenceError(
                 f"the sequence of {len(seq.ids)} tokens no longer starts with the shared trunk of "
-                f"{self.trunk_length} tokens (or belongs to an earlier start()), so its cache is gone; pass every "
-                "sequence you will extend again to commit()."
+                f"{self.trunk_length} tokens, was not kept by the last commit() that freed memory, or belongs to "
+                "an earlier start(), so its cache is gone; pass every sequence you will extend again to commit()."
             )
-
-    def _n_cache_layers(self, requests) -> int:
-        for seq, _ in requests:
-            if seq._keys:
-                return len(seq._keys)
-        return len(self._trunk_k)
 
     def _append_trunk(self, keys, values) -> None:
         n_old = self.trunk_length
@@ -300,14 +324,14 @@ _ACTIVE = threading.local()
 
 @dataclass
 class _TreeBatch:
-    """What the attention function needs for one call: the trunk, each row's own keys, positions."""
+    """What the attention function needs for one call: the trunk, the pool slots rows see, positions."""
 
     trunk_k: list  # per layer (kv_heads, T, head_dim)
     trunk_v: list
-    private_k: list  # per layer (b, kv_heads, M, head_dim) left-padded, or None when M == 0
-    private_v: list
-    private_valid: torch.Tensor  # (b, M) bool: which private slots hold a real key
-    private_positions: torch.Tensor  # (b, M) positions of the private keys
+    seen_k: list | None  # per layer (kv_heads, U, head_dim): the union of the pool slots any row sees
+    seen_v: list | None
+    seen_visible: torch.Tensor  # (b, U) bool: which of them each row sees (its own tokens after the trunk)
+    seen_positions: torch.Tensor | None  # (U,) their positions
     positions: torch.Tensor  # (b,) position of each row's new token
     new_k: dict  # filled per layer: (b, kv_heads, 1, head_dim), rotated as a cache would store it
     new_v: dict
@@ -315,11 +339,12 @@ class _TreeBatch:
 
 def _prefix_tree_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                            sliding_window=None, softcap=None, **kwargs):
-    """Attention of one new token per row over [shared trunk | the row's own keys | itself].
+    """Attention of one new token per row over [shared trunk | the pool slots it sees | itself].
 
     Same arithmetic as transformers' eager attention (scores in the query's precision, softmax
-    in float32), without materialising the trunk per row. Dims: query (b, heads, 1, d),
-    key/value (b, kv_heads, 1, d) -> (b, 1, heads, d).
+    in float32, or float64 for a float64 model), with every row scored against the one trunk and the one set of seen slots by a
+    matmul per layer, masked per row. Dims: query (b, heads, 1, d), key/value (b, kv_heads, 1, d)
+    -> (b, 1, heads, d).
     """
     batch: _TreeBatch = _ACTIVE.batch
     layer = module.layer_idx
@@ -329,35 +354,40 @@ def _prefix_tree_attention(module, query, key, value, attention_mask, dropout=0.
     groups = heads // kv_heads
     scaling = d**-0.5 if scaling is None else scaling
     q = query.reshape(b, kv_heads, groups, d)
+    q_by_head = q.permute(1, 0, 2, 3).reshape(kv_heads, b * groups, d)
+
+    def against(keys):  # (kv, n, d) -> scores (b, kv, g, n)
+        return torch.matmul(q_by_head, keys.transpose(1, 2)).reshape(kv_heads, b, groups, -1).permute(1, 0, 2, 3)
+
     trunk_k, trunk_v = batch.trunk_k[layer], batch.trunk_v[layer]
     n_trunk = trunk_k.shape[1]
-    # (kv, b * groups, d) @ (kv, d, T): every row against the one trunk
-    q_by_head = q.permute(1, 0, 2, 3).reshape(kv_heads, b * groups, d)
-    s_trunk = torch.matmul(q_by_head, trunk_k.transpose(1, 2)).reshape(kv_heads, b, groups, n_trunk)
-    s_trunk = s_trunk.permute(1, 0, 2, 3)
-    parts = [s_trunk]
-    private_k = batch.private_k[layer]
-    if private_k is not None:
-        parts.append(torch.einsum("bkgd,bkmd->bkgm", q, private_k))
+    seen_k = batch.seen_k[layer] if batch.seen_k is not None else None
+    n_seen = 0 if seen_k is None else seen_k.shape[1]
+    parts = [against(trunk_k)] + ([against(seen_k)] if n_seen else [])
     parts.append((q * key.reshape(b, kv_heads, 1, d)).sum(-1, keepdim=True))
     scores = torch.cat(parts, dim=-1) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     visible = torch.ones(b, scores.shape[-1], dtype=torch.bool, device=scores.device)
-    if private_k is not None:
-        visible[:, n_trunk : n_trunk + private_k.shape[2]] = batch.private_valid
+    if n_seen:
+        visible[:, n_trunk : n_trunk + n_seen] = batch.seen_visible
     if sliding_window is not None:
-        key_positions = torch.cat(
-            [torch.arange(n_trunk, device=scores.device)[None, :].expand(b, -1), batch.private_positions,
-             batch.positions[:, None]], dim=1)
-        visible &= (batch.positions[:, None] - key_positions) < sliding_window
+        key_positions = [torch.arange(n_trunk, device=scores.device)[None, :].expand(b, -1)]
+        if n_seen:
+            key_positions.append(batch.seen_positions[None, :].expand(b, -1))
+        key_positions.append(batch.positions[:, None])
+        visible &= (batch.positions[:, None] - torch.cat(key_positions, dim=1)) < sliding_window
     scores = scores.masked_fill(~visible[:, None, None, :], torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # as eager attention does
-    p_trunk = probs[..., :n_trunk].permute(1, 0, 2, 3).reshape(kv_heads, b * groups, n_trunk)
-    out = torch.matmul(p_trunk, trunk_v).reshape(kv_heads, b, groups, d).permute(1, 0, 2, 3)
-    if private_k is not None:
-        m = private_k.shape[2]
-        out = out + torch.einsum("bkgm,bkmd->bkgd", probs[..., n_trunk : n_trunk + m], batch.private_v[layer])
+    # softmax in float32 as eager attention does; in float64 for float64 models (exactness tests)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+
+    def weighted(p, values):  # probs (b, kv, g, n) x values (kv, n, d) -> (b, kv, g, d)
+        p = p.permute(1, 0, 2, 3).reshape(kv_heads, b * groups, -1)
+        return torch.matmul(p, values).reshape(kv_heads, b, groups, d).permute(1, 0, 2, 3)
+
+    out = weighted(probs[..., :n_trunk], trunk_v)
+    if n_seen:
+        out = out + weighted(probs[..., n_trunk : n_trunk + n_seen], batch.seen_v[layer])
     out = out + probs[..., -1:] * value.reshape(b, kv_heads, 1, d)
     return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
 
