@@ -60,7 +60,7 @@ def _handle(vocab: dict, merges: list, name: str, seed: int) -> ModelHandle:
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                          initializer_range=0.6, eos_token_id=0, bos_token_id=0, pad_token_id=0)
-    config._attn_implementation = "eager"
+    config._attn_implementation = "sdpa"  # the whole softmax in float64 (eager's is float32 for every dtype)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).double().eval()

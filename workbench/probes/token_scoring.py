@@ -6,7 +6,9 @@ probability. They share a long common prefix (the context and the text tokenized
 differ in their last few tokens. :class:`PrefixTreeScorer` keeps
 
 - one *trunk* KV cache for the longest prefix shared by every sequence still followed, and
-- for each scored sequence, the keys and values of its own tokens after the trunk,
+- a *slot pool*: the keys and values of every other scored token, one slot each; a sequence
+  knows the slots of its tokens after the trunk, so sequences that share a parent share its
+  slots, and :meth:`PrefixTreeScorer.commit` frees the slots no kept sequence uses,
 
 so scoring a batch of one-token extensions ``(sequence, token)`` is **one** forward pass of one
 token per row. :attr:`PrefixTreeScorer.calls` counts forward passes and
@@ -17,13 +19,14 @@ Two ways to run that pass:
 - *shared-trunk attention* (Llama and Gemma 3): a custom attention function, registered with
   transformers' ``AttentionInterface`` and switched on only for the duration of the call, scores
   every row's query against the one trunk cache with a single matmul per layer (no per-row copy
-  of the trunk), plus each row's own keys and the new token; sliding-window layers mask keys
+  of the trunk), and likewise against the union of the pool slots the rows see, masked so that
+  each row sees its own tokens, plus the new token itself; sliding-window layers mask keys
   ``window`` or more positions back, as Hugging Face's mask does. The model runs without a
   cache; rotary positions are passed explicitly.
 - *padded cache* (any other architecture): each row's cache is the trunk plus its own keys, left-padded
   to a common length in a transformers 5 ``DynamicCache`` (pads masked; real keys contiguous, so
   the causal and sliding-window masks Hugging Face builds from cache indices see true
-  distances). This copies the trunk once per row.
+  distances). This copies the trunk once per row (one indexing operation per layer).
 
 Both give the model's own next-token log-probabilities (tested against plain forward passes,
 also past Gemma 3's 512-token sliding window).
