@@ -92,8 +92,8 @@ import numpy as np
 import xarray as xr
 
 from ..models import ModelHandle
-from ..numerics import log_softmax, logsumexp
-from ..probes.token_scoring import PrefixTreeScorer, ScoredSequence
+from ..numerics import logsumexp
+from ..probes.token_scoring import PrefixTreeScorer, ScoredSequence, next_token_logprob_rows
 from ..tokenization.vocab_bytes import UnsupportedTokenizerError, VocabBytes, printable_byte, vocab_bytes
 
 __all__ = ["ByteLevelModel", "ImpossiblePrefixError", "UnsupportedTokenizerError", "start_context"]
@@ -176,6 +176,16 @@ def byte_token_probs(logprobs: np.ndarray, vocab: VocabBytes) -> tuple[np.ndarra
     if total <= 0:
         raise ValueError("the model puts no probability on any byte-producing token; cannot continue the text.")
     return q / total, max(0.0, (everything - total) / everything)
+
+
+def _runs(vocab: VocabBytes, data: bytes, pos: int, stop: int):
+    """Yield ``(m, lo, hi)`` for ``m = pos + 1 .. stop`` while some token starts with ``data[pos:m]``: ``sorted_ids[lo:hi]``."""
+    lo, hi = 0, vocab.n_byte_tokens
+    for m in range(pos + 1, stop + 1):
+        lo, hi = vocab.prefix_range(data[pos:m], lo, hi)
+        if lo == hi:
+            return
+        yield m, lo, hi
 
 
 def encode_bytes(handle: ModelHandle, vocab: VocabBytes, data: bytes) -> list[int]:
@@ -472,11 +482,7 @@ class ByteLevelModel:
             cumulative = self._cumulative[seq]
             if cumulative is None:
                 cumulative = self._cumulative[seq] = np.concatenate([[0.0], np.cumsum(q)])
-            lo, hi = 0, vocab.n_byte_tokens
-            for m in range(pos + 1, horizon + 1):
-                lo, hi = vocab.prefix_range(text[pos:m], lo, hi)
-                if lo == hi:
-                    break
+            for m, lo, hi in _runs(vocab, text, pos, horizon):
                 if m <= n:
                     continue
                 mass = cumulative[hi] - cumulative[lo]
@@ -515,38 +521,21 @@ class ByteLevelModel:
         ``P(x[:m])``, whose differences between nearby cuts guide :meth:`_speculate`). Under the same
         byte-token-conditioned model as the walk.
         """
-        from ..probes import hooks
-        from ..probes.sites import FINAL_NORM
-
-        import torch
-
         vocab = self.vocab
         ids = list(self.context_ids) + encode_bytes(self.handle, vocab, data)
-        states = {}
-        hooks.forward(self.handle, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
-                      reads=[(FINAL_NORM, None)], logits=False, on_site=lambda site, layer, x: states.update(h=x))
-        sm = hooks.site_map(self.handle)
         out = np.full(len(data) + 1, -math.inf)
         out[0], logp, pos = 0.0, 0.0, 0
-        first = len(self.context_ids) - 1
-        for a in range(first, len(ids), 256):
-            with torch.no_grad():
-                rows = log_softmax(sm.unembed(states["h"][0, a : a + 256], normalized=True)).cpu().numpy()
-            for j, row in enumerate(rows, start=a):
-                q, _ = byte_token_probs(row, vocab)
-                cumulative = np.concatenate([[0.0], np.cumsum(q)])
-                lo, hi = 0, vocab.n_byte_tokens
-                for m in range(pos + 1, min(len(data), pos + vocab.max_token_bytes) + 1):
-                    lo, hi = vocab.prefix_range(data[pos:m], lo, hi)
-                    if lo == hi:
-                        break
-                    mass = cumulative[hi] - cumulative[lo]
-                    if mass > 0:
-                        out[m] = np.logaddexp(out[m], logp + math.log(mass))
-                if j + 1 < len(ids):
-                    t = ids[j + 1]
-                    logp += math.log(max(q[vocab.rank[t]], 1e-300))
-                    pos += len(vocab.token_bytes[t])
+        for j, row in next_token_logprob_rows(self.handle, ids, start=len(self.context_ids) - 1):
+            q, _ = byte_token_probs(row, vocab)
+            cumulative = np.concatenate([[0.0], np.cumsum(q)])
+            for m, lo, hi in _runs(vocab, data, pos, min(len(data), pos + vocab.max_token_bytes)):
+                mass = cumulative[hi] - cumulative[lo]
+                if mass > 0:
+                    out[m] = np.logaddexp(out[m], logp + math.log(mass))
+            if j + 1 < len(ids):
+                t = ids[j + 1]
+                logp += math.log(max(q[vocab.rank[t]], 1e-300))
+                pos += len(vocab.token_bytes[t])
         return out
 
     def _next_byte(self, state: _State) -> tuple[np.ndarray, dict]:

@@ -129,7 +129,7 @@ class PrefixTreeScorer:
 
         cache = DynamicCache()
         with torch.no_grad():
-            out = self.handle.hf_model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = self.handle.hf_model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
         self.calls += 1
         self.positions += len(ids)
         logprobs = log_softmax(out.logits[0, -1]).cpu().numpy()
@@ -262,7 +262,7 @@ class PrefixTreeScorer:
         cache = DynamicCache(ddp_cache_data=cache_data)
         with torch.no_grad():
             out = self.handle.hf_model(input_ids=tokens, attention_mask=mask.long(), position_ids=positions[:, None],
-                                       past_key_values=cache, use_cache=True)
+                                       cache=cache, use_cache=True)
         return ([layer.keys[:, :, -1] for layer in cache.layers], [layer.values[:, :, -1] for layer in cache.layers],
                 out.logits[:, -1])
 
@@ -471,10 +471,31 @@ def successive_last_token_logprobs(handle: ModelHandle, sequences):
                 cache, keep = DynamicCache(), 0
         new = torch.tensor([ids[keep:]], device=handle.device)
         with torch.no_grad():
-            out = handle.hf_model(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=1,
+            out = handle.hf_model(input_ids=new, cache=cache, use_cache=True, logits_to_keep=1,
                                   position_ids=torch.arange(keep, len(ids), device=handle.device)[None])
         cached = ids
         yield log_softmax(out.logits[0, -1]).cpu().numpy(), len(ids) - keep
+
+
+def next_token_logprob_rows(handle: ModelHandle, ids, *, start: int = 0, chunk: int = 256):
+    """Yield ``(j, logprobs)`` for ``j = start..len(ids) - 1``: the next-token log-probabilities ``(vocab,)``
+    after ``ids[: j + 1]``, from one forward pass over ``ids``.
+
+    The final-norm output is unembedded ``chunk`` positions at a time, so the whole text never
+    needs a (positions, vocab) tensor (262k-token vocabularies).
+    """
+    from . import hooks
+    from .sites import FINAL_NORM
+
+    ids = [int(t) for t in ids]
+    states = {}
+    hooks.forward(handle, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), reads=[(FINAL_NORM, None)],
+                  logits=False, on_site=lambda site, layer, x: states.update(h=x))
+    sm = hooks.site_map(handle)
+    for a in range(start, len(ids), chunk):
+        with torch.no_grad():
+            rows = log_softmax(sm.unembed(states["h"][0, a : a + chunk], normalized=True)).cpu().numpy()
+        yield from enumerate(rows, start=a)
 
 
 def text_logprobs(handle: ModelHandle, sequences, *, first=None, max_batch_tokens: int = 4096,
