@@ -63,7 +63,7 @@ def lab(tmp_path_factory):
         [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", f"--LabApp.user_settings_dir={settings}",
          f"--LabApp.workspaces_dir={root / '.workspaces'}", *(["--allow-root"] if os.geteuid() == 0 else [])],
-        stdout=log, stderr=subprocess.STDOUT)
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "WORKBENCH_FIGURES": str(root / "figures")})
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):

@@ -1,6 +1,7 @@
 """Figures, the explorer widget and static export, driven headless."""
 
 import struct
+from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -9,7 +10,7 @@ import pytest
 import workbench as wb
 from workbench.analyses import residual_norm_peaks, residual_norms
 from workbench.gallery import write_residual_norm_gallery
-from workbench.plots.export import ExportError, export_figure
+from workbench.plots.export import ExportError, export_figure, figure_folder, unused_stem
 from workbench.plots import (
     COLUMN_WIDTH_PX,
     publication_layout,
@@ -65,6 +66,26 @@ def test_export_writes_vector_and_raster(run, tmp_path):
     assert paths[0].read_text().lstrip().startswith("<svg")
     assert paths[1].read_bytes()[:4] == b"%PDF"
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_button_writes_outside_the_repository_and_never_overwrites(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_FIGURES", str(tmp_path / "figs"))
+    explorer = ResidualNormExplorer(run)
+    assert explorer.export_path.value == str(tmp_path / "figs" / "residual_norms")
+    monkeypatch.delenv("WORKBENCH_FIGURES")
+    assert figure_folder() == Path.home() / "workbench-figures"  # the default: outside any checkout
+    explorer._export_clicked()
+    first = (tmp_path / "figs" / "residual_norms.svg").read_bytes()
+    explorer.layer.value = explorer.layer.max  # another view, exported to the same box: kept apart, and said so
+    explorer._export_clicked()
+    names = {p.name for p in (tmp_path / "figs").iterdir()}
+    assert names == {f"residual_norms{k}.{f}" for k in ("", "-2") for f in ("pdf", "png", "svg")}
+    assert (tmp_path / "figs" / "residual_norms.svg").read_bytes() == first
+    assert "residual_norms-2.svg" in explorer.status.value and "were kept" in explorer.status.value
+    assert unused_stem(tmp_path / "figs" / "residual_norms") == tmp_path / "figs" / "residual_norms-3"
+    explorer.export_path.value = "/proc/no/such/place/x"
+    explorer._export_clicked()
+    assert "export failed" in explorer.status.value
 
 
 def test_export_keeps_the_publication_size(tmp_path):

@@ -17,6 +17,7 @@ _LAZY = {
     "DEFAULT_PROBES": "probes", "PROBES": "probes", "UnknownProbeError": "probes",
     "RunExistsError": "runs", "open_run": "runs", "save_run": "runs",
     "InvalidRunError": "schema", "validate_run": "schema",
+    "figure_folder": "plots.export",
 }
 
 
@@ -53,6 +54,7 @@ __all__ = [
     "RunExistsError",
     "UnknownProbeError",
     "capture",
+    "figure_folder",
     "list_models",
     "load_model",
     "load_tokenizer",

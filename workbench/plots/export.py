@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import os
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -24,6 +25,27 @@ def find_chromium() -> str | None:
         if path := shutil.which(name):
             return path
     return None
+
+
+def figure_folder() -> Path:
+    """Where figures go unless told otherwise: ``$WORKBENCH_FIGURES``, else ``~/workbench-figures``.
+
+    Outside any repository, so exporting from a notebook in a checkout leaves no untracked files.
+    """
+    return Path(os.environ.get("WORKBENCH_FIGURES") or Path.home() / "workbench-figures").expanduser()
+
+
+def unused_stem(path_stem: str | Path, formats=FORMATS) -> Path:
+    """``path_stem``, or ``path_stem-2``, ``-3``, ...: the first for which no ``<stem>.<format>`` exists yet.
+
+    What the explorers' export button writes to, so that a second click never overwrites the first.
+    """
+    stem = Path(path_stem).expanduser()
+    candidate, k = stem, 1
+    while any(candidate.with_name(f"{candidate.name}.{fmt}").exists() for fmt in formats):
+        k += 1
+        candidate = stem.with_name(f"{stem.name}-{k}")
+    return candidate
 
 
 def export_figure(

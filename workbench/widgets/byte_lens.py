@@ -70,7 +70,7 @@ class ByteLens(Explorer):
             self.bars,
             self.distances,
             self.covers,
-            self._export_controls("figures/byte_lens"),
+            self._export_controls("byte_lens"),
         ])
         self.redraw()
 

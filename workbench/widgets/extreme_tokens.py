@@ -56,7 +56,7 @@ class ExtremeTokenExplorer(Explorer):
             row(self.layer, self.head, self.exclude_sink),
             self.grid,
             row(self.pattern, self.bars),
-            self._export_controls("figures/attention_pattern"),
+            self._export_controls("attention_pattern"),
         ])
         self.redraw()
 

@@ -58,7 +58,7 @@ class GeometryExplorer(Explorer):
         self.depth.observe(self._depth_moved, names="value")
         controls = row(self.depth, self.prompt, self.level)
         parts = [controls, self.caption, self.curves] + ([self.bundle] if self.bundle is not None else [])
-        self.view = widgets.VBox(parts + [self._export_controls("figures/token_geometry")],
+        self.view = widgets.VBox(parts + [self._export_controls("token_geometry")],
                                  layout=widgets.Layout(width="100%", max_width="1100px"))
         self.redraw()
 

@@ -58,7 +58,7 @@ class LensExplorer(Explorer):
             row(self.layer, self.start, self.metric),
             self.top_k,
             self.overview,
-            self._export_controls("figures/lens_top_k"),
+            self._export_controls("lens_top_k"),
         ])
         self.redraw()
 

@@ -40,7 +40,7 @@ class ResidualNormExplorer(Explorer):
             [
                 row(self.prompt, self.layer),
                 row(self.bars, self.profile),
-                self._export_controls("figures/residual_norms"),
+                self._export_controls("residual_norms"),
             ]
         )
 

@@ -77,7 +77,7 @@ class TokenizerExplorer(Explorer):
         self.text.observe(self.redraw, names="value")
         self.view = widgets.VBox([
             row(self.tokenizer, self.language),
-            self.text, self.counts, self.tokens, self.bars, self._export_controls("figures/tokenizer_premium"),
+            self.text, self.counts, self.tokens, self.bars, self._export_controls("tokenizer_premium"),
         ], layout=widgets.Layout(width="100%", max_width="1100px"))
         self.redraw()
 
