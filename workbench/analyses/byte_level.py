@@ -474,6 +474,7 @@ class ByteLevelModel:
         scored = [(h.seq, h.pos, h.logp, h.q) for h in alive] + [(a.seq, a.pos, a.logp, a.q) for a in self._ahead.values()]
         horizon = min(len(text), n + vocab.max_token_bytes + 1)
         estimate = logp_n + self._canonical[: horizon + 1] - self._canonical[n]  # log P(x[:m]), m in (n, horizon]
+        estimate[~np.isfinite(estimate)] = -math.inf  # no canonical guide there: the covers alone
         shares: dict[int, list] = {}  # m -> log shares of P(x[:m]) known: new tokenizations and longer covers
         candidates: dict[int, list] = {}
         taken = requested | self._ahead.keys()
