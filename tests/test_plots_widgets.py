@@ -106,6 +106,17 @@ def test_gallery_regenerates_from_a_saved_run(run, tmp_path):
 def test_export_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="svg"):
         export_figure(go.Figure(), tmp_path / "x", formats=("gif",))
+    # an export that dies half-way (here: one file written, then an error) leaves the old files whole
+    (tmp_path / "x.svg").write_text("old")
+
+    def dies(figs, paths, **kwargs):
+        Path(paths[0]).write_text("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("plotly.io.write_images", dies)
+    with pytest.raises(KeyboardInterrupt):
+        export_figure(go.Figure(), tmp_path / "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.svg"] and (tmp_path / "x.svg").read_text() == "old"
     monkeypatch.setattr("workbench.plots.export.find_chromium", lambda: None)
     with pytest.raises(ExportError, match="apt-get install chromium"):
         export_figure(go.Figure(), tmp_path / "x")

@@ -86,7 +86,7 @@ Dims: every distribution is a DataArray over ``byte`` (coordinate 0..255, with a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import xarray as xr
@@ -240,17 +240,6 @@ class _Tokenization:
 
 
 @dataclass(eq=False)
-class _Ahead:
-    """A tokenization scored ahead of the walk (text known in advance), spelling ``x[:pos]``."""
-
-    seq: ScoredSequence
-    pos: int
-    logp: float
-    q: np.ndarray
-    p_special: float
-
-
-@dataclass(eq=False)
 class _State:
     """Everything known at one cut point ``x``: the tokenizations still followed and ``log P(x)``."""
 
@@ -303,7 +292,7 @@ class ByteLevelModel:
         # Lookahead (stream() of a known text): tokenizations scored before the walk reached their last byte,
         # by token ids.
         self._text: bytes | None = None
-        self._ahead: dict[tuple, _Ahead] = {}
+        self._ahead: dict[tuple, _Tokenization] = {}
         self._cumulative: dict[ScoredSequence, np.ndarray] = {}  # cumulative sums of q, for _speculate
 
     @property
@@ -445,7 +434,7 @@ class ByteLevelModel:
             if ready is None:
                 missing.append((lp, h, t))
             else:
-                out.append(_Tokenization(ready.seq, n, lp, ready.q, ready.p_special, 0, self.vocab.n_byte_tokens))
+                out.append(replace(ready, logp=lp))  # the walk's own arithmetic (the same value)
         if not missing:
             return out
         requested = {h.seq.ids + (t,) for _, h, t in missing}
@@ -453,8 +442,7 @@ class ByteLevelModel:
         scored = self._scorer.extend([(h.seq, t) for _, h, t in missing] + [(p, t) for p, t, _, _ in ahead])
         out += [self._new_tokenization(seq, n, lp) for seq, (lp, _, _) in zip(scored, missing)]
         for seq, (_, _, pos, lp) in zip(scored[len(missing) :], ahead):
-            q, p_special = byte_token_probs(seq.logprobs, self.vocab)
-            self._ahead[seq.ids] = _Ahead(seq, pos, lp, q, p_special)
+            self._ahead[seq.ids] = self._new_tokenization(seq, pos, lp)
         return out
 
     def _speculate(self, n: int, logp_n: float, alive, requested: set) -> list[tuple[ScoredSequence, int, int, float]]:
@@ -471,15 +459,16 @@ class ByteLevelModel:
         left out is scored when the walk asks for it.
         """
         vocab, text = self.vocab, self._text
-        scored = [(h.seq, h.pos, h.logp, h.q) for h in alive] + [(a.seq, a.pos, a.logp, a.q) for a in self._ahead.values()]
+        scored = [*alive, *self._ahead.values()]
         horizon = min(len(text), n + vocab.max_token_bytes + 1)
         estimate = logp_n + self._canonical[: horizon + 1] - self._canonical[n]  # log P(x[:m]), m in (n, horizon]
         estimate[~np.isfinite(estimate)] = -math.inf  # no canonical guide there: the covers alone
         shares: dict[int, list] = {}  # m -> log shares of P(x[:m]) known: new tokenizations and longer covers
         candidates: dict[int, list] = {}
         taken = requested | self._ahead.keys()
-        self._cumulative = {seq: self._cumulative.get(seq) for seq, _, _, _ in scored}
-        for seq, pos, logp, q in scored:
+        self._cumulative = {h.seq: self._cumulative.get(h.seq) for h in scored}
+        for h in scored:
+            seq, pos, logp, q = h.seq, h.pos, h.logp, h.q
             cumulative = self._cumulative[seq]
             if cumulative is None:
                 cumulative = self._cumulative[seq] = np.concatenate([[0.0], np.cumsum(q)])

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import plotly.graph_objects as go
@@ -82,16 +83,26 @@ def export_figure(
 
     pipe_log = logistro.getLogger("choreographer.channels.pipe")
     pipe_log.addFilter(_skip_torn_messages)
+    # written beside the targets, checked, then renamed into place: an interrupted or failed export
+    # leaves the old files whole, never half-written ones
+    scratch = Path(tempfile.mkdtemp(dir=stem.parent, prefix=f".{stem.name}.export-"))
     try:
-        pio.write_images(
-            [fig] * len(paths), paths, format=list(formats), scale=[PNG_SCALE if f == "png" else 1 for f in formats],
-            width=[width] * len(paths), height=[height] * len(paths),
-        )
+        drafts = [scratch / p.name for p in paths]
+        try:
+            pio.write_images(
+                [fig] * len(drafts), drafts, format=list(formats),
+                scale=[PNG_SCALE if f == "png" else 1 for f in formats],
+                width=[width] * len(drafts), height=[height] * len(drafts),
+            )
+        finally:
+            pipe_log.removeFilter(_skip_torn_messages)
+        empty = [p for p, d in zip(paths, drafts) if not d.exists() or d.stat().st_size == 0]
+        if empty:
+            raise ExportError(f"kaleido wrote nothing to {', '.join(map(str, empty))}; run the export again.")
+        for draft, path in zip(drafts, paths):
+            os.replace(draft, path)
     finally:
-        pipe_log.removeFilter(_skip_torn_messages)
-    empty = [p for p in paths if not p.exists() or p.stat().st_size == 0]
-    if empty:
-        raise ExportError(f"kaleido wrote nothing to {', '.join(map(str, empty))}; run the export again.")
+        shutil.rmtree(scratch, ignore_errors=True)
     return paths
 
 
