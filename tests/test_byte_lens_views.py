@@ -231,6 +231,7 @@ def test_figures_carry_the_analysis_values(along, merged, chars):
 
 def test_byte_lens_slider_models_covers_and_export(tiny, chars, tmp_path):
     lens = ByteLens({"tiny": tiny, "chars": chars}, text="ab ba ab", cut=4, top=6, n_covers=5)
+    lens.wait(60)
     assert list(lens._byte_models) == ["tiny"]  # built lazily: only the model shown
     expected = compare_next_byte(ByteLevelModel(tiny), "ab b")
     bars = {t.name: t for t in lens.bars.data}
@@ -239,6 +240,7 @@ def test_byte_lens_slider_models_covers_and_export(tiny, chars, tmp_path):
     before = list(bars["exact"].y)
     lens.cut.value = 3  # after the space
     assert lens.prefix == b"ab "
+    lens.wait(60)
     after = {t.name: t for t in lens.bars.data}
     assert list(after["exact"].y) != before
     expected = compare_next_byte(ByteLevelModel(tiny), "ab ")
@@ -252,13 +254,16 @@ def test_byte_lens_slider_models_covers_and_export(tiny, chars, tmp_path):
     first = lens.results_for("tiny", b"ab ")
     assert lens.results_for("tiny", b"ab ") is first  # cached per (model, prefix)
     lens.model.value = "chars"
+    lens.wait(60)
     assert set(lens._byte_models) == {"tiny", "chars"}
     np.testing.assert_allclose(lens.current[0].total_variation, 0.0, atol=1e-9)  # naive is exact for characters
     lens.text.value = "ba"
     assert lens.cut.max == 2 and lens.cut.value == 2
+    lens.wait(60)
     lens.model.value = "tiny"
     lens.text.value = "café"
     lens.cut.value = 4
+    lens.wait(60)
     assert "inside a multi-byte UTF-8 character" in lens.where.value
     paths = lens.export(tmp_path / "lens", formats=("svg",))
     assert [p.name for p in paths] == ["lens.svg", "lens_covers.svg"]

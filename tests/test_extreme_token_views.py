@@ -1,5 +1,7 @@
 """Extreme-token figures and the explorer, driven headless."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,7 @@ from workbench.plots import (
     value_norm_vs_attention,
 )
 from workbench.widgets import ExtremeTokenExplorer
+from workbench.widgets.base import SELECTED
 
 from .conftest import PROSE
 
@@ -80,19 +83,44 @@ def test_explorer_head_click_domain_and_sink_toggle(run, tmp_path):
     assert paths[0].read_text().lstrip().startswith("<svg")
 
 
-def test_explorer_loads_patterns_lazily(tiny):
-    run = wb.capture(tiny, PROSE[:2], ["attn_received"], progress=False)
+def test_explorer_loads_patterns_in_the_background_once_per_prompt(tiny):
+    run = wb.capture(tiny, PROSE[:3], ["attn_received"], progress=False)
     calls = []
+    started, release = threading.Event(), threading.Event()
 
-    def source(sample, layer):
-        calls.append((sample, layer))
+    def source(sample):
+        calls.append(sample)
+        started.set()
+        release.wait(10)  # a capture that takes a while
         one = wb.capture(tiny, str(run.text.values[sample]), ["attn_pattern"], progress=False)
-        return one.attn_pattern.isel(sample=0).sel(layer=layer).values
+        return one.attn_pattern.isel(sample=0).values
 
     explorer = ExtremeTokenExplorer(run, pattern_source=source)
+    assert "capturing the attention patterns of prompt 0" in explorer.busy.value  # says what it waits for
+    assert started.wait(30)
+    explorer.prompt.value = 1  # moved on while prompt 0 is still being captured
+    explorer.prompt.value = 2
+    release.set()
+    explorer.wait(60)
+    assert calls == [0, 2]  # prompt 1 was passed over, never captured
+    assert explorer.busy.value == ""
+    expected = wb.capture(tiny, str(run.text.values[2]), ["attn_pattern"], progress=False)
+    n = int(run.n_tokens[2])
+    np.testing.assert_allclose(explorer.pattern.data[0].z, expected.attn_pattern.isel(sample=0).sel(layer=explorer.layer.value, head=0).values[:n, :n])
     explorer.head.value = 1
-    explorer.layer.value = 0
-    explorer.layer.value = 1
-    assert calls == [(0, 1), (0, 0)]  # each (prompt, layer) computed once
+    explorer.layer.value = 0  # at hand: drawn at once, in this thread
+    assert explorer.pattern.layout.title.text == "layer 0 head 1, prompt 2"
+    assert calls == [0, 2]
+    explorer.select_key(1)  # linked: the key is outlined in the pattern and its bar is coloured
+    assert explorer.pattern.layout.shapes[0].x0 == 0.5
+    assert explorer.bars.data[0].marker.color[1] == SELECTED
     with pytest.raises(ValueError, match="attn_pattern"):
         ExtremeTokenExplorer(run)
+
+
+def test_explorer_shows_a_failed_capture_and_raises_it_on_wait(tiny):
+    run = wb.capture(tiny, PROSE[:2], ["attn_received"], progress=False)
+    explorer = ExtremeTokenExplorer(run, pattern_source=lambda sample: np.zeros((1, 1, 1, 1)))
+    with pytest.raises(ValueError, match="expected"):
+        explorer.wait(30)
+    assert "failed" in explorer.busy.value and "expected" in explorer.busy.value

@@ -176,6 +176,7 @@ def test_lens_explorer_slider_selectors_lazy_tuned_and_export(tiny, logit_stats,
     explorer.lens.value = "tuned"
     explorer.lens.value = "logit"
     explorer.lens.value = "tuned"
+    explorer.wait(30)
     assert calls == ["tuned"]  # computed once, when first shown
     assert (explorer.layer.value, explorer.sample.value, explorer.start.value) == (0, 1, 2)  # choices kept
     np.testing.assert_allclose(np.array(explorer.top_k.data[0].z, dtype=float),
@@ -193,6 +194,7 @@ def test_lens_explorer_slider_selectors_lazy_tuned_and_export(tiny, logit_stats,
 
 def test_lens_explorer_from_models_computes_lazily(tiny, run):
     explorer = LensExplorer.from_models({"tiny": run}, {"tiny": tiny})
+    explorer.wait(60)
     assert explorer.lens.options == ("logit",)
     expected = lens_statistics(run, tiny)
     n = min(16, int(run.valid[0].sum()))

@@ -1,5 +1,6 @@
 """Figures, the explorer widget and static export, driven headless."""
 
+import json
 import struct
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from workbench.plots import (
     residual_norm_profile,
 )
 from workbench.widgets import ResidualNormExplorer
+from workbench.widgets.base import show_figure
 
 from .conftest import PROSE
 
@@ -57,6 +59,20 @@ def test_explorer_redraws_on_slider_and_prompt(run):
     assert "sample 2" in explorer.bars.layout.title.text
     assert explorer.profile.layout.shapes[0].x0 == 0  # the chosen layer is marked
     assert explorer._repr_mimebundle_()  # renders as a widget
+    explorer._profile_clicked(None, type("Points", (), {"xs": [1]})(), None)  # what a click on layer 1 sends
+    assert explorer.layer.value == 1 and explorer.profile.layout.shapes[0].x0 == 1  # linked: the bars follow
+    np.testing.assert_allclose(explorer.bars.data[0].y, norms.isel(sample=2).sel(layer=1).values[:n])
+
+
+def test_figures_with_gaps_reach_the_page_as_strict_json():
+    """The widget channel sends strict JSON: NaN would fail ("Out of range float values are not JSON
+    compliant") and the view would not update. show_figure sends gaps as null."""
+    z = np.array([[1.0, np.nan], [np.inf, 2.0]])
+    target = go.FigureWidget()
+    show_figure(target, go.Figure([go.Heatmap(z=z), go.Scatter(x=[0, 1], y=[np.nan, 0.5], text=["a", "b"])]))
+    json.dumps([t.to_plotly_json() for t in target.data], allow_nan=False)  # raises on NaN
+    assert [list(r) for r in target.data[0].z] == [[1.0, None], [None, 2.0]]
+    assert list(target.data[1].y) == [None, 0.5] and list(target.data[1].text) == ["a", "b"]
 
 
 def test_export_writes_vector_and_raster(run, tmp_path):

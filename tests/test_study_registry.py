@@ -83,3 +83,13 @@ def test_text_writes_replace_whole_files(tmp_path, monkeypatch):
     except OSError:
         pass
     assert target.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["page.md"]  # old kept, no temp left
+
+
+def test_saved_study_is_found_in_the_working_folder_or_one_up(tmp_path):
+    from workbench.studies.registry import saved_study
+
+    (tmp_path / "runs" / "byte_level").mkdir(parents=True)
+    (tmp_path / "notebooks").mkdir()
+    assert saved_study("byte_level", tmp_path) == tmp_path / "runs" / "byte_level"
+    assert saved_study("byte_level", tmp_path / "notebooks") == tmp_path / "runs" / "byte_level"  # a notebook's folder
+    assert saved_study("next_token_law", tmp_path / "notebooks") is None

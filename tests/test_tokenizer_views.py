@@ -27,6 +27,7 @@ def test_token_spans_cover_the_text_byte_for_byte(toks):
 
 def test_explorer_controls_change_what_is_shown(toks, tmp_path):
     ex = TokenizerExplorer(toks, language="eng")
+    ex.wait(60)
     first = ex.counts.value
     assert "English</b> needs <b>1.00x" in first
     ex.language.value = "mya"
@@ -40,6 +41,7 @@ def test_explorer_controls_change_what_is_shown(toks, tmp_path):
     assert highlighted == ["mya"]
     before = list(bar.y)
     ex.tokenizer.value = "gemma3-270m"
+    ex.wait(60)
     assert list(ex.bars.data[0].y) != before and "gemma3-270m" in ex.bars.layout.title.text
     ex.language.value = CUSTOM
     ex.text.value = "Hello world"

@@ -17,7 +17,7 @@ _LAZY = {
     "DEFAULT_PROBES": "probes", "PROBES": "probes", "UnknownProbeError": "probes",
     "RunExistsError": "runs", "open_run": "runs", "save_run": "runs",
     "InvalidRunError": "schema", "validate_run": "schema",
-    "figure_folder": "plots.export",
+    "figure_folder": "plots.export", "saved_study": "studies.registry",
 }
 
 
@@ -58,6 +58,7 @@ __all__ = [
     "list_models",
     "load_model",
     "load_tokenizer",
+    "saved_study",
     "open_run",
     "save_run",
     "validate_run",

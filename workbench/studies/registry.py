@@ -19,6 +19,17 @@ from typing import Any, Callable, Optional
 
 RUNS = Path("runs")
 
+
+def saved_study(folder_name: str, start: str | Path = ".") -> Path | None:
+    """``runs/<folder_name>`` as a ``workbench <study>`` command saved it, looked for in ``start`` (the working
+    folder) and its parent, so a notebook in ``notebooks/`` finds what the CLI saved at the repository root;
+    None when neither has it. Nothing is looked for next to the installed package."""
+    start = Path(start).resolve()
+    for base in (start, start.parent):
+        if (base / RUNS / folder_name).is_dir():
+            return base / RUNS / folder_name
+    return None
+
 # Where the numbers come from, for every table of a study on the embedded models.
 EMBEDDED_WEIGHTS_NOTE = ("Weights: the embedded 4-bit GGUF files (SmolLM2-135M-Instruct Q4_1, Gemma 3 270M Q4_K_M), "
                          "dequantised to float32 by transformers.")

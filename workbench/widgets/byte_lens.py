@@ -14,7 +14,7 @@ from ..analyses.byte_level import ByteLevelModel
 from ..plots.export import export_figure
 from ..models import ModelHandle
 from ..plots.byte_level import covers_table, next_byte_bars
-from .base import Explorer, row
+from .base import Explorer, Work, row, show_figure
 
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog. Le café est fermé."
 
@@ -59,20 +59,21 @@ class ByteLens(Explorer):
         self.distances = widgets.HTML()
         self.bars = go.FigureWidget()
         self.covers = go.FigureWidget()
-        self.model.observe(self.redraw, names="value")
-        self.cut.observe(self.redraw, names="value")
+        self.model.observe(self.update, names="value")
+        self.cut.observe(self.update, names="value")
         self.text.observe(self._text_changed, names="value")
         self.view = widgets.VBox([
             row(self.model),
             self.text,
             self.cut,
             self.where,
+            self._start_work(),
             self.bars,
             self.distances,
             self.covers,
             self._export_controls("byte_lens"),
         ])
-        self.redraw()
+        self.update()
 
     # ---------------------------------------------------------------- state
 
@@ -100,6 +101,13 @@ class ByteLens(Explorer):
             self._results[key] = (compare_next_byte(model, prefix), cover_encodings(model, prefix, top=self.n_covers))
         return self._results[key]
 
+    def pending_work(self) -> Work | None:
+        name, prefix = self.model.value, self.prefix
+        if (name, prefix) in self._results:
+            return None
+        return Work(f"computing the exact next-byte distribution of {name} after byte {len(prefix)}",
+                    lambda: self.results_for(name, prefix))
+
     @property
     def current(self) -> tuple[xr.Dataset, xr.Dataset]:
         return self.results_for(self.model.value, self.prefix)
@@ -109,7 +117,7 @@ class ByteLens(Explorer):
         with self.cut.hold_trait_notifications():
             self.cut.max = n
             self.cut.value = min(self.cut.value, n)
-        self.redraw()
+        self.update()
 
     # ---------------------------------------------------------------- drawing
 
@@ -126,14 +134,11 @@ class ByteLens(Explorer):
         comparison, covers = self.current
         return next_byte_bars(comparison, top=self.top), covers_table(covers)
 
-    def redraw(self, _change=None) -> None:
+    def draw(self) -> None:
         self.where.value = self._describe_cut()
         comparison, _ = self.current
         for target, source in zip((self.bars, self.covers), self._figures()):
-            with target.batch_update():
-                target.data = []
-                target.add_traces(source.data)
-                target.layout = source.layout
+            show_figure(target, source)
         self.bars.layout.height = 320
         self.covers.layout.height = 60 + 22 * (self.n_covers + 2)
         tv = comparison["total_variation"]
@@ -145,6 +150,7 @@ class ByteLens(Explorer):
 
     def export(self, path_stem: str | Path, formats=("svg", "pdf", "png")) -> list[Path]:
         """Write the current bars (``path_stem``) and covers table (``path_stem_covers``), publication theme."""
+        self.wait()
         stem = Path(path_stem)
         bars, covers = self._figures()
         written = export_figure(bars, stem, formats=formats, columns="two", height=240)

@@ -12,7 +12,7 @@ import xarray as xr
 from ..plots.export import export_figure
 from ..plots.geometry import geometry_curves
 from ..plots.theme import OKABE_ITO
-from .base import Explorer, row
+from .base import Explorer, row, show_figure
 
 MEDIAN = "median"
 
@@ -53,14 +53,14 @@ class GeometryExplorer(Explorer):
         self.caption = widgets.HTML()
         self.curves = go.FigureWidget(layout=dict(height=300, autosize=True))
         self.bundle = go.FigureWidget(layout=dict(height=420, autosize=True)) if trajectories is not None else None
-        for control in (self.prompt, self.level):
-            control.observe(self.redraw, names="value")
-        self.depth.observe(self._depth_moved, names="value")
+        for control in (self.prompt, self.level, self.depth):
+            control.observe(self.update, names="value")
         controls = row(self.depth, self.prompt, self.level)
-        parts = [controls, self.caption, self.curves] + ([self.bundle] if self.bundle is not None else [])
+        parts = [controls, self._start_work(), self.caption, self.curves] + ([self.bundle] if self.bundle is not None else [])
         self.view = widgets.VBox(parts + [self._export_controls("token_geometry")],
                                  layout=widgets.Layout(width="100%", max_width="1100px"))
-        self.redraw()
+        self._drawn_selection = None
+        self.update()
 
     @classmethod
     def from_study(cls, folder: str | Path) -> "GeometryExplorer":
@@ -120,7 +120,7 @@ class GeometryExplorer(Explorer):
         return (f"depth {self.depth.value}: ID (TwoNN) <b>{float(ids.median()):.1f}</b>{over}; "
                 f"{removed} duplicate token vector{'s' if removed != 1 else ''} removed")
 
-    def _depth_moved(self, _change=None) -> None:
+    def _move_depth(self) -> None:
         """Only the depth marker and the caption move: no figure is rebuilt."""
         with self.curves.batch_update():
             for shape in self.curves.layout.shapes:
@@ -134,18 +134,16 @@ class GeometryExplorer(Explorer):
                 marker.name = f"depth {self.depth.value}"
         self.caption.value = self._caption()
 
-    def redraw(self, _change=None) -> None:
-        self.level.disabled = not self._shuffled()  # shuffled captures exist only for the first prompts
-        source = self.figure()
-        with self.curves.batch_update():
-            self.curves.data = []
-            self.curves.add_traces(source.data)
-            self.curves.layout = source.layout
-        if self.bundle is not None and not self.bundle.data:
-            source = self.bundle_figure()
-            self.bundle.add_traces(source.data)
-            self.bundle.layout = source.layout
-        self._depth_moved()
+    def draw(self) -> None:
+        """Rebuild the curves when the prompt or level changed; otherwise move the depth marker only."""
+        selection = (self.prompt.value, self.level.value)
+        if selection != self._drawn_selection:
+            self.level.disabled = not self._shuffled()  # shuffled captures exist only for the first prompts
+            show_figure(self.curves, self.figure())
+            if self.bundle is not None and not self.bundle.data:
+                show_figure(self.bundle, self.bundle_figure())
+            self._drawn_selection = selection
+        self._move_depth()
 
     def export(self, path_stem: str | Path, formats=("svg", "pdf", "png")) -> list[Path]:
         """Write the curves as shown (and the trajectory view, as ``<stem>_trajectories``), publication theme."""

@@ -11,7 +11,7 @@ import xarray as xr
 
 from ..plots.export import export_figure
 from ..plots.next_token_law import LENS_METRICS, as_decoder, lens_heatmap, lens_top_k_figure
-from .base import Explorer, row
+from .base import Explorer, Work, layer_slider, row, show_figure
 
 
 class LensExplorer(Explorer):
@@ -37,30 +37,27 @@ class LensExplorer(Explorer):
         self.positions_shown = positions_shown
         self.model = widgets.Dropdown(options=self.models, value=self.models[0], description="model")
         self.lens = widgets.Dropdown(description="lens")
-        self.sample = widgets.Dropdown(description="prompt")
+        self.sample = widgets.Dropdown(description="prompt", layout=widgets.Layout(width="min(460px, 100%)"))
         self.metric = widgets.Dropdown(options=[(label, key) for key, label in LENS_METRICS.items()],
                                        value="cross_entropy", description="colour")
-        self.layer = widgets.IntSlider(min=0, max=1, description="layer")
-        self.start = widgets.IntSlider(min=0, max=0, description="from token")
+        self.layer = layer_slider(2)
+        self.start = widgets.IntSlider(min=0, max=0, description="from token", layout=widgets.Layout(width="min(420px, 100%)"))
         self.top_k = go.FigureWidget()
         self.overview = go.FigureWidget()
-        self._syncing = False
-        self._drawn = False
+        self._shown: tuple[str, str] | None = None  # the (model, lens) whose ranges the controls have
         self._set_lens_options()
-        self._set_stats_options()
         self.model.observe(self._model_changed, names="value")
-        self.lens.observe(self._lens_changed, names="value")
-        self.sample.observe(self._sample_changed, names="value")
-        for control in (self.metric, self.layer, self.start):
-            control.observe(self.redraw, names="value")
+        for control in (self.lens, self.sample, self.metric, self.layer, self.start):
+            control.observe(self.update, names="value")
         self.view = widgets.VBox([
             row(self.model, self.lens, self.sample),
             row(self.layer, self.start, self.metric),
+            self._start_work(),
             self.top_k,
             self.overview,
             self._export_controls("lens_top_k"),
         ])
-        self.redraw()
+        self.update()
 
     @classmethod
     def from_models(cls, runs: dict, models: dict, lenses: dict | None = None, **kwargs) -> LensExplorer:
@@ -89,51 +86,44 @@ class LensExplorer(Explorer):
     def current(self) -> xr.Dataset:
         return self.stats_for(self.model.value, self.lens.value)
 
+    def pending_work(self) -> Work | None:
+        model, lens = self.model.value, self.lens.value
+        if (model, lens) in self._stats or not callable(self._sources[(model, lens)]):
+            return None  # at hand
+        return Work(f"computing the {lens} lens statistics of {model}", lambda: self.stats_for(model, lens))
+
     def _set_lens_options(self) -> None:
         options = [lens for model, lens in self._sources if model == self.model.value]
         keep = self.lens.value if self.lens.value in options else options[0]
-        self._syncing = True
         self.lens.options = options
         self.lens.value = keep
-        self._syncing = False
-
-    def _set_stats_options(self) -> None:
-        """Prompt, layer and position ranges of the current statistics (keeping choices where they still fit)."""
-        stats = self.current
-        self._syncing = True
-        texts = [str(t) for t in stats["text"].values] if "text" in stats.coords else [""] * stats.sizes["sample"]
-        options = [(f"{i}: {t[:50]}", i) for i, t in enumerate(texts)]
-        keep = self.sample.value if self.sample.value is not None and self.sample.value < len(options) else 0
-        self.sample.options = options
-        self.sample.value = keep
-        n_layers = stats.sizes["layer"]
-        layer = min(self.layer.value, n_layers - 1) if self._drawn else n_layers // 2
-        self.layer.max = n_layers - 1
-        self.layer.value = layer
-        self._set_start_range()
-        self._syncing = False
-
-    def _set_start_range(self) -> None:
-        n = int(self.current["valid"].isel(sample=self.sample.value).sum())
-        self.start.max = max(n - self.positions_shown, 0)
-        self.start.value = min(self.start.value, self.start.max)
 
     def _model_changed(self, _change=None) -> None:
-        self._set_lens_options()
-        self._set_stats_options()
-        self.redraw()
+        with self._lock:  # one update once both model and lens are set
+            self._drawing, drawing = True, self._drawing
+            try:
+                self._set_lens_options()
+            finally:
+                self._drawing = drawing
+        self.update()
 
-    def _lens_changed(self, _change=None) -> None:
-        if not self._syncing:
-            self._set_stats_options()
-            self.redraw()
-
-    def _sample_changed(self, _change=None) -> None:
-        if not self._syncing:
-            self._syncing = True
-            self._set_start_range()
-            self._syncing = False
-            self.redraw()
+    def _fit_controls(self) -> None:
+        """Prompt, layer and position ranges of the statistics shown (keeping choices where they still fit)."""
+        stats = self.current
+        if self._shown != (self.model.value, self.lens.value):
+            texts = [str(t) for t in stats["text"].values] if "text" in stats.coords else [""] * stats.sizes["sample"]
+            options = [(f"{i}: {t[:50]}", i) for i, t in enumerate(texts)]
+            keep = self.sample.value if self.sample.value is not None and self.sample.value < len(options) else 0
+            self.sample.options = options
+            self.sample.value = keep
+            n_layers = stats.sizes["layer"]
+            layer = min(self.layer.value, n_layers - 1) if self._shown else n_layers // 2
+            self.layer.max = n_layers - 1
+            self.layer.value = layer
+            self._shown = (self.model.value, self.lens.value)
+        n = int(stats["valid"].isel(sample=self.sample.value).sum())
+        self.start.max = max(n - self.positions_shown, 0)
+        self.start.value = min(self.start.value, self.start.max)
 
     # ---------------------------------------------------------------- drawing
 
@@ -147,19 +137,21 @@ class LensExplorer(Explorer):
         overview.add_hline(y=self.layer.value, line=dict(color="white", width=2))
         return top_k, overview
 
-    def redraw(self, _change=None) -> None:
-        if self._syncing:
-            return
-        self._drawn = True
+    def draw(self) -> None:
+        self._fit_controls()
         for target, source in zip((self.top_k, self.overview), self._figures()):
-            with target.batch_update():
-                target.data = []
-                target.add_traces(source.data)
-                target.layout = source.layout
+            show_figure(target, source)
         self.top_k.layout.height = 90 + 26 * self.current.sizes["k"]
         self.overview.layout.height = max(300, 14 * self.current.sizes["layer"] + 140)
+        self.overview.data[0].on_click(self._overview_clicked)
+
+    def _overview_clicked(self, trace, points, state) -> None:
+        """Linked views: a click on the layer x position map picks that layer for the top-k table."""
+        if points.ys:
+            self.layer.value = int(points.ys[0])
 
     def export(self, path_stem: str | Path, formats=("svg", "pdf", "png")) -> list[Path]:
         """Write the current top-k view (publication theme, two columns)."""
+        self.wait()
         return export_figure(go.Figure(self.top_k), path_stem, formats=formats, columns="two",
                              height=90 + 26 * self.current.sizes["k"])

@@ -11,7 +11,7 @@ import xarray as xr
 from ..analyses import residual_norm_peaks
 from ..plots.export import export_figure
 from ..plots import residual_norm_by_position, residual_norm_profile
-from .base import Explorer, row
+from .base import Explorer, layer_slider, prompt_dropdown, row
 
 
 class ResidualNormExplorer(Explorer):
@@ -27,18 +27,18 @@ class ResidualNormExplorer(Explorer):
         self.norms = self.peaks["norm"]
         n_layers = self.norms.sizes["layer"]
         texts = [str(t) for t in run["text"].values]
-        self.prompt = widgets.Dropdown(
-            options=[(f"{i}: {t[:60]}", i) for i, t in enumerate(texts)], value=0, description="prompt"
-        )
-        self.layer = widgets.IntSlider(value=n_layers // 2, min=0, max=n_layers - 1, description="layer",
-                                       continuous_update=True)
+        self.prompt = prompt_dropdown(texts)
+        self.layer = layer_slider(n_layers)
         self.bars = go.FigureWidget(self._bars_figure())
         self.profile = go.FigureWidget(self._profile_figure())
-        self.prompt.observe(self._redraw, names="value")
-        self.layer.observe(self._redraw, names="value")
+        self.prompt.observe(self.update, names="value")
+        self.layer.observe(self.update, names="value")
+        for trace in self.profile.data:
+            trace.on_click(self._profile_clicked)
         self.view = widgets.VBox(
             [
                 row(self.prompt, self.layer),
+                self._start_work(),
                 row(self.bars, self.profile),
                 self._export_controls("residual_norms"),
             ]
@@ -50,7 +50,12 @@ class ResidualNormExplorer(Explorer):
     def _profile_figure(self) -> go.Figure:
         return residual_norm_profile(self.peaks, self.prompt.value, self.layer.value)
 
-    def _redraw(self, _change=None) -> None:
+    def _profile_clicked(self, trace, points, state) -> None:
+        """Linked views: a click on the profile picks that layer for the bars."""
+        if points.xs:
+            self.layer.value = int(points.xs[0])
+
+    def draw(self) -> None:
         for target, source in ((self.bars, self._bars_figure()), (self.profile, self._profile_figure())):
             with target.batch_update():
                 for trace, new in zip(target.data, source.data):
@@ -60,4 +65,5 @@ class ResidualNormExplorer(Explorer):
 
     def export(self, path_stem: str | Path, formats=("svg", "pdf", "png")) -> list[Path]:
         """Write the current bar view to ``path_stem`` in each format (publication theme)."""
+        self.wait()
         return export_figure(go.Figure(self.bars), path_stem, formats=formats)

@@ -12,7 +12,7 @@ from ..analyses.tokenizer_fairness import fairness_table, parallel_counts
 from ..corpus import parallel_corpus
 from ..plots.export import export_figure
 from ..plots.tokenizers import OKABE_ITO
-from .base import Explorer, row
+from .base import Explorer, Work, row, show_figure
 
 _SHADES = ["#dbeaf7", "#fbe6c2", "#d5efe5", "#f3dcea"]  # light Okabe-Ito tints, alternating per token
 CUSTOM = "(your own text)"
@@ -72,14 +72,15 @@ class TokenizerExplorer(Explorer):
         self.counts = widgets.HTML()
         self.tokens = widgets.HTML(layout=widgets.Layout(width="100%"))
         self.bars = go.FigureWidget()
-        self.tokenizer.observe(self.redraw, names="value")
+        self.tokenizer.observe(self.update, names="value")
         self.language.observe(self._language_changed, names="value")
-        self.text.observe(self.redraw, names="value")
+        self.text.observe(self.update, names="value")
         self.view = widgets.VBox([
             row(self.tokenizer, self.language),
-            self.text, self.counts, self.tokens, self.bars, self._export_controls("tokenizer_premium"),
+            self.text, self._start_work(), self.counts, self.tokens, self.bars,
+            self._export_controls("tokenizer_premium"),
         ], layout=widgets.Layout(width="100%", max_width="1100px"))
-        self.redraw()
+        self.update()
 
     def _article(self, language: str) -> str:
         return self.corpus[language]["articles"][0]
@@ -91,11 +92,17 @@ class TokenizerExplorer(Explorer):
             self._tables[name] = fairness_table(parallel_counts({name: self.tokenizers[name]}, texts)).isel(tokenizer=0)
         return self._tables[name]
 
+    def pending_work(self) -> Work | None:
+        name = self.tokenizer.value
+        if name in self._tables:
+            return None
+        return Work(f"counting {name}'s tokens for 30 articles in {len(self.corpus)} languages", lambda: self.table(name))
+
     def _language_changed(self, change) -> None:
         if change["new"] != CUSTOM:
             with self.text.hold_trait_notifications():
                 self.text.value = self._article(change["new"])
-        self.redraw()
+        self.update()
 
     # ---------------------------------------------------------------- drawing
 
@@ -121,7 +128,7 @@ class TokenizerExplorer(Explorer):
         fig.update_xaxes(tickangle=-90, tickfont_size=9)
         return fig
 
-    def redraw(self, _change=None) -> None:
+    def draw(self) -> None:
         name, lang = self.tokenizer.value, self.language.value
         text = self.text.value
         n_tokens = len(token_spans(self.tokenizers[name], text)) if text else 0
@@ -136,12 +143,9 @@ class TokenizerExplorer(Explorer):
             line += f" (English UDHR with this tokenizer: {float(eng.bytes_per_token.sel(language='eng')):.2f} bytes per token)"
         self.counts.value = line
         self.tokens.value = self.token_html()
-        source = self.figure()
-        with self.bars.batch_update():
-            self.bars.data = []
-            self.bars.add_traces(source.data)
-            self.bars.layout = source.layout
+        show_figure(self.bars, self.figure())
 
     def export(self, path_stem: str | Path, formats=("svg", "pdf", "png")) -> list[Path]:
         """Write the premium bars as shown (selected language highlighted), publication theme."""
+        self.wait()
         return export_figure(self.figure(), Path(path_stem), formats=formats, columns="two", height=260)
