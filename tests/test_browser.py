@@ -16,74 +16,28 @@ Screenshots of each state go to the test's temporary folder; with ``WORKBENCH_SC
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is a test dependency: make setup")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+from .browser import (CHROMIUM, NOTEBOOKS, jupyter_lab, move_every_control, overflow, run_notebook,  # noqa: E402
+                      stderr_outputs)
+
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make setup installs it)")
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 WIDTHS = (1280, 1920)
-SETTINGS = {  # JupyterLab user settings for the test server
-    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},  # every cell in the page
-    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false",
-                                                                       "checkForUpdates": False},
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """(base URL, token, root folder) of a JupyterLab server on loopback; stopped after the module."""
     root = tmp_path_factory.mktemp("lab")
-    settings = root / ".settings"
-    for name, value in SETTINGS.items():
-        path = settings / name  # <settings>/@jupyterlab/<extension>/<plugin>.jupyterlab-settings
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(value))
-    port, token = _free_port(), secrets.token_hex(16)
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", f"--LabApp.user_settings_dir={settings}",
-         f"--LabApp.workspaces_dir={root / '.workspaces'}", *(["--allow-root"] if os.geteuid() == 0 else [])],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "WORKBENCH_FIGURES": str(root / "figures")})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError("JupyterLab exited: " + (root / "server.log").read_text()[-2000:])
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("JupyterLab did not answer within 2 minutes")
+    with jupyter_lab(root, env={"WORKBENCH_FIGURES": str(root / "figures")}) as (base, token):
         yield base, token, root
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -114,89 +68,7 @@ class Screens:
         return path
 
 
-def run_notebook(page, base: str, token: str, name: str, timeout_s: float = 600) -> None:
-    """Open ``name`` in JupyterLab, run all cells, wait until every code cell has run."""
-    page.goto(f"{base}/lab/workspaces/{Path(name).stem}/tree/{name}?reset&token={token}")  # a workspace of its own
-    page.wait_for_selector(".jp-Notebook", timeout=120_000)
-    try:  # JupyterLab may ask which kernel to start
-        page.get_by_role("button", name="Select", exact=True).click(timeout=5_000)
-    except playwright.TimeoutError:
-        pass
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
-    page.get_by_role("menuitem", name="Run", exact=True).click()
-    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
-    page.wait_for_function(
-        """() => {
-            const p = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')].map(e => e.textContent.trim());
-            const errors = document.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]');
-            return errors.length > 0 || (p.length > 0 && p.every(t => /^\\[\\d+\\]:$/.test(t)));
-        }""", timeout=timeout_s * 1000, polling=1000)
-
-
-def stderr_outputs(page) -> list[str]:
-    return page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]').all_inner_texts()
-
-
-def overflow(page) -> list[str]:
-    """What reaches past the notebook's cell area, or scrolls sideways inside it."""
-    return page.evaluate(
-        """() => {
-            const out = [];
-            const area = document.querySelector('.jp-Notebook').getBoundingClientRect();
-            for (const plot of document.querySelectorAll('.jp-OutputArea-output .js-plotly-plot')) {
-                const r = plot.getBoundingClientRect();
-                if (r.right > area.right + 1 || r.left < area.left - 1)
-                    out.push(`figure ${Math.round(r.left)}..${Math.round(r.right)} outside ${Math.round(area.left)}..${Math.round(area.right)}`);
-            }
-            for (const o of document.querySelectorAll('.jp-OutputArea-output')) {
-                if (o.scrollWidth > o.clientWidth + 1) {
-                    const cell = o.closest('.jp-Cell');
-                    const prompt = cell ? cell.querySelector('.jp-InputArea-prompt').textContent.trim() : '?';
-                    out.push(`output of cell ${prompt} (${o.dataset.mimeType}) scrolls sideways: ${o.scrollWidth} > ${o.clientWidth}`);
-                }
-            }
-            return out;
-        }""")
-
-
-def figure_signatures(output) -> list[str]:
-    """The drawn data of each figure in an output (its SVG layers), to tell whether a control changed them."""
-    return output.evaluate(
-        "el => [...el.querySelectorAll('.js-plotly-plot')].map(p => [...p.querySelectorAll('.main-svg')]"
-        ".map(s => s.innerHTML).join(''))")
-
-
-def changed(output, before: list[str], timeout_s: float = 10.0) -> bool:
-    end = time.time() + timeout_s
-    while time.time() < end:
-        if figure_signatures(output) != before:
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def move_every_control(page, explorer, shot, name: str) -> None:
-    """Each slider one step right (keyboard) and each dropdown to another option: every move must change a figure."""
-    handles = explorer.locator(".widget-hslider .noUi-handle")
-    for i in range(handles.count()):
-        before = figure_signatures(explorer)
-        handles.nth(i).focus()
-        page.keyboard.press("ArrowRight")
-        assert changed(explorer, before), f"{name}: moving slider {i} changed no figure"
-        shot(f"{name}-slider{i}", explorer)
-    selects = explorer.locator(".widget-dropdown select")
-    for i in range(selects.count()):
-        select = selects.nth(i)
-        n, current = select.evaluate("s => [s.options.length, s.selectedIndex]")
-        if n < 2:
-            continue
-        before = figure_signatures(explorer)
-        select.select_option(index=(current + 1) % n)
-        assert changed(explorer, before), f"{name}: choosing another option in dropdown {i} changed no figure"
-        shot(f"{name}-dropdown{i}", explorer)
-
-
-@pytest.mark.parametrize("notebook", ["00_quickstart.ipynb", "04_geometry_and_updates.ipynb", "05_tokenizers.ipynb"])
+@pytest.mark.parametrize("notebook", [p.name for p in NOTEBOOKS])
 def test_notebook_in_a_browser(notebook, lab, browser, tmp_path):
     base, token, root = lab
     shutil.copy(NOTEBOOKS / notebook, root)

@@ -1,5 +1,9 @@
-"""Every notebook runs headless, top to bottom, in a scratch folder."""
+"""Every notebook runs headless, top to bottom, in a scratch folder: where the browser tests cannot run
+(no Playwright or no Chromium). Where they can, tests/test_browser.py runs every notebook in JupyterLab
+and checks more (no stderr, console errors, controls, layout), so the notebooks are not run twice."""
 
+import importlib.util
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -9,7 +13,12 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
+IN_A_BROWSER = importlib.util.find_spec("playwright") is not None and bool(
+    shutil.which("chromium") or shutil.which("chromium-browser"))
+
+
 @pytest.mark.real
+@pytest.mark.skipif(IN_A_BROWSER, reason="tests/test_browser.py runs every notebook in JupyterLab in Chromium")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs_headless(path, tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_FIGURES", str(tmp_path / "figures"))  # the kernel inherits it

@@ -69,9 +69,13 @@ def test_figures_with_gaps_reach_the_page_as_strict_json():
     compliant") and the view would not update. show_figure sends gaps as null."""
     z = np.array([[1.0, np.nan], [np.inf, 2.0]])
     target = go.FigureWidget()
-    show_figure(target, go.Figure([go.Heatmap(z=z), go.Scatter(x=[0, 1], y=[np.nan, 0.5], text=["a", "b"])]))
+    custom = np.empty((2, 2), dtype=object)  # per-cell hover data mixing text and numbers, as lens_heatmap sends
+    custom[:] = [[("a", 1.0), ("b", np.nan)], [("c", 0.5), ("d", 2.0)]]
+    show_figure(target, go.Figure([go.Heatmap(z=z, customdata=custom),
+                                   go.Scatter(x=[0, 1], y=[np.nan, 0.5], text=["a", "b"])]))
     json.dumps([t.to_plotly_json() for t in target.data], allow_nan=False)  # raises on NaN
     assert [list(r) for r in target.data[0].z] == [[1.0, None], [None, 2.0]]
+    assert list(target.data[0].customdata[0][1]) == ["b", None]
     assert list(target.data[1].y) == [None, 0.5] and list(target.data[1].text) == ["a", "b"]
 
 

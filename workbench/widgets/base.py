@@ -49,15 +49,20 @@ def prompt_dropdown(texts, *, first: list | None = None, width: int = 60) -> wid
 
 
 def _json_safe(value):
-    """``value`` with NaN and infinities as None (gaps): the widget channel sends strict JSON, which has no NaN."""
+    """``value`` with NaN and infinities as None (gaps): the widget channel sends strict JSON, which has no NaN
+    (a NaN anywhere, e.g. in a heatmap's customdata, makes the whole update fail to reach the page)."""
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray) and value.dtype.kind == "f" and not np.isfinite(value).all():
-        out = value.astype(object)
-        out[~np.isfinite(value)] = None
-        return out.tolist()
-    if isinstance(value, (list, tuple)) and any(isinstance(v, (float, list, tuple, np.ndarray)) for v in value):
-        return [None if isinstance(v, float) and not np.isfinite(v) else _json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            out = value.astype(object)
+            out[~np.isfinite(value)] = None
+            return out.tolist()
+        return _json_safe(value.tolist()) if value.dtype.kind == "O" else value
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None
     return value
 
 
