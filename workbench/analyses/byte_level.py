@@ -92,6 +92,7 @@ import numpy as np
 import xarray as xr
 
 from ..models import ModelHandle
+from ..models.loading import holding_model_lock
 from ..numerics import logsumexp
 from ..probes.token_scoring import PrefixTreeScorer, ScoredSequence, next_token_logprob_rows
 from ..tokenization.vocab_bytes import UnsupportedTokenizerError, VocabBytes, printable_byte, vocab_bytes
@@ -579,6 +580,7 @@ class ByteLevelModel:
 
     # ------------------------------------------------------------------ public API
 
+    @holding_model_lock
     def next_byte_distribution(self, prefix) -> xr.DataArray:
         """Exact ``P(b | prefix)`` for all 256 bytes, a (byte,) DataArray summing to 1.
 
@@ -591,6 +593,7 @@ class ByteLevelModel:
         num, _ = self._next_byte(state)
         return byte_distribution(num / num.sum(), "next_byte_probability", self._attrs(state))
 
+    @holding_model_lock
     def prefix_logprob(self, prefix) -> float:
         """``log P(x)`` (nats): the probability that the text starts with ``x``, ``log sum_{t in cover(x)} P(t)``.
 
@@ -599,6 +602,7 @@ class ByteLevelModel:
         """
         return self._state_for(as_bytes(prefix)).logp
 
+    @holding_model_lock
     def covers(self, prefix) -> list[tuple[tuple[int, ...], tuple[str, ...], float]]:
         """The cover encodings of ``prefix`` that are summed, most probable first.
 
@@ -625,10 +629,12 @@ class ByteLevelModel:
 
     def _walk(self, data: bytes):
         """Yield ``(pos, state before the byte, numerator, info, state after)`` along ``data``, from the root."""
-        state = self._root()
+        with self.handle.lock:
+            state = self._root()
         for i, b in enumerate(data):
-            num, info = self._next_byte(state)
-            after = self._advance(state, b)
+            with self.handle.lock:  # one step at a time; other threads may use the model between steps
+                num, info = self._next_byte(state)
+                after = self._advance(state, b)
             yield i, state, num, info, after
             state = after
 
@@ -637,6 +643,7 @@ class ByteLevelModel:
         for _, state, num, _, _ in self._walk(as_bytes(text)):
             yield byte_distribution(num / num.sum(), "next_byte_probability", self._attrs(state))
 
+    @holding_model_lock
     def stream(self, text, progress: bool | None = None, lookahead: bool = True) -> xr.Dataset:
         """Walk the cut point along ``text`` byte by byte: the exact next-byte distribution at every position.
 
@@ -716,6 +723,7 @@ class ByteLevelModel:
             },
         )
 
+    @holding_model_lock
     def sample(self, prefix=b"", n_bytes: int = 32, seed: int = 0, temperature: float = 1.0) -> bytes:
         """Draw ``n_bytes`` bytes after ``prefix`` from the exact next-byte distribution (seeded).
 

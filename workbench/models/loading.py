@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,19 @@ class ModelNotAvailableError(RuntimeError):
     """The requested model cannot be loaded here; the message says how to get it."""
 
 
+def holding_model_lock(method):
+    """Decorates methods of objects with a ``handle`` (a ModelHandle) whose calls run forwards and keep state
+    between them (a byte-level walk, a prefix-tree cache): the whole call holds ``handle.lock``, so a second
+    thread waits instead of interleaving with it."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.handle.lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 @dataclass
 class ModelHandle:
     """A loaded model with everything the probes and runs need to know about it."""
@@ -51,6 +65,17 @@ class ModelHandle:
     hub_id: str | None = None
     _bridge: object | None = field(default=None, repr=False)
     _bridge_state: tuple | None = field(default=None, repr=False)
+    # One forward pass at a time: hooks sit on the shared modules, so another thread's forward (an explorer
+    # computing in the background while a notebook cell runs) would fire them. Re-entrant: a hooked block may
+    # run several forwards.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    def __getstate__(self):  # a copy (copy.deepcopy, pickle) has its own modules, so its own lock
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
 
     @property
     def config(self):

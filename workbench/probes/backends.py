@@ -40,12 +40,13 @@ def run_batch(backend: str, handle, input_ids: torch.Tensor, attention_mask: tor
     sites = set(sites)
     hooks.site_map(handle).require(sites)
     reads = hooks.expand(sorted(sites), handle.n_layers)
-    if backend == "torch":
-        hooks.forward(handle, input_ids, attention_mask, reads=reads, on_site=on_site, logits=LOGITS in sites)
-    elif backend == "nnsight":
-        _run_nnsight(handle, input_ids, attention_mask, reads, on_site)
-    else:
-        _run_transformer_lens(handle, input_ids, attention_mask, sites, on_site)
+    with handle.lock:  # one forward at a time per model (see ModelHandle.lock)
+        if backend == "torch":
+            hooks.forward(handle, input_ids, attention_mask, reads=reads, on_site=on_site, logits=LOGITS in sites)
+        elif backend == "nnsight":
+            _run_nnsight(handle, input_ids, attention_mask, reads, on_site)
+        else:
+            _run_transformer_lens(handle, input_ids, attention_mask, sites, on_site)
 
 
 # --------------------------------------------------------------------------- nnsight

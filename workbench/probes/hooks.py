@@ -60,6 +60,7 @@ def hooked(handle, reads: Iterable[SiteKey] = (), on_site: OnSite | None = None,
         entries.setdefault(slot, []).append((site, layer, spec, key in reads, edits.get(key)))
     fired: set = set()
     handles = []
+    handle.lock.acquire()  # no other thread's forward while these hooks are on the modules
     for slot, items in entries.items():
         module, io = modules[slot], slot[1]
         if io == "output":
@@ -71,6 +72,7 @@ def hooked(handle, reads: Iterable[SiteKey] = (), on_site: OnSite | None = None,
     finally:
         for h in handles:
             h.remove()
+        handle.lock.release()
 
 
 def raw_value(spec: SiteSpec, output=None, args=(), kwargs=None):

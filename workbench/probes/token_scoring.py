@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ..models import ModelHandle
+from ..models.loading import holding_model_lock
 from ..numerics import log_softmax
 
 
@@ -115,6 +116,7 @@ class PrefixTreeScorer:
         """Number of tokens in the shared trunk cache."""
         return len(self._trunk_ids)
 
+    @holding_model_lock
     def start(self, context_ids) -> ScoredSequence:
         """Forget every sequence and score ``context_ids`` from scratch (one forward pass); the context is the trunk."""
         ids = tuple(int(t) for t in context_ids)
@@ -137,6 +139,7 @@ class PrefixTreeScorer:
         self._trunk_ids = ids
         return ScoredSequence(ids, logprobs, (), len(ids), self._session, self._epoch)
 
+    @holding_model_lock
     def extend(self, requests) -> list[ScoredSequence]:
         """Score ``sequence + (token,)`` for each ``(sequence, token)`` in one forward pass; returns them in order."""
         requests = [(seq, int(tok)) for seq, tok in requests]
@@ -158,6 +161,7 @@ class PrefixTreeScorer:
         return [ScoredSequence(seq.ids + (tok,), logprobs[i], own[i] + (first + i,), trunk, self._session, self._epoch)
                 for i, (seq, tok) in enumerate(requests)]
 
+    @holding_model_lock
     def commit(self, keep) -> None:
         """Move the longest common prefix of ``keep`` into the shared trunk, and free what only others used.
 
@@ -430,7 +434,7 @@ def last_token_logprobs(handle: ModelHandle, ids) -> np.ndarray:
     ids = [int(t) for t in ids]
     if not ids:
         raise ValueError("ids is empty: the model needs at least one token to condition on (e.g. BOS).")
-    with torch.no_grad():
+    with handle.lock, torch.no_grad():
         out = handle.hf_model(input_ids=torch.tensor([ids], device=handle.device), use_cache=False, logits_to_keep=1)
     return log_softmax(out.logits[0, -1]).cpu().numpy()
 
@@ -441,7 +445,7 @@ def sequence_logprobs(handle: ModelHandle, ids) -> np.ndarray:
     if len(ids) < 2:
         raise ValueError("sequence_logprobs needs at least two tokens (a context token and one to score).")
     x = torch.tensor([ids], device=handle.device)
-    with torch.no_grad():
+    with handle.lock, torch.no_grad():
         out = handle.hf_model(input_ids=x, use_cache=False)
     logprobs = log_softmax(out.logits[0, :-1])
     return logprobs.gather(-1, x[0, 1:, None])[:, 0].cpu().numpy()
@@ -470,7 +474,7 @@ def successive_last_token_logprobs(handle: ModelHandle, sequences):
             except (RuntimeError, ValueError):
                 cache, keep = DynamicCache(), 0
         new = torch.tensor([ids[keep:]], device=handle.device)
-        with torch.no_grad():
+        with handle.lock, torch.no_grad():
             out = handle.hf_model(input_ids=new, cache=cache, use_cache=True, logits_to_keep=1,
                                   position_ids=torch.arange(keep, len(ids), device=handle.device)[None])
         cached = ids

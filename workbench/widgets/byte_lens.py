@@ -87,10 +87,11 @@ class ByteLens(Explorer):
 
     def byte_model(self, name: str) -> ByteLevelModel:
         """The exact byte-level model of ``name``, built on first use."""
-        if name not in self._byte_models:
-            source = self._sources[name]
-            self._byte_models[name] = (source if isinstance(source, ByteLevelModel)
-                                       else ByteLevelModel(source, **self._model_kwargs))
+        source = self._sources[name]
+        with source.lock if isinstance(source, ModelHandle) else source.handle.lock:  # built once, by one thread
+            if name not in self._byte_models:
+                self._byte_models[name] = (source if isinstance(source, ByteLevelModel)
+                                           else ByteLevelModel(source, **self._model_kwargs))
         return self._byte_models[name]
 
     def results_for(self, name: str, prefix: bytes) -> tuple[xr.Dataset, xr.Dataset]:
