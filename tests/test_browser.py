@@ -71,7 +71,7 @@ class Screens:
 @pytest.mark.parametrize("notebook", [p.name for p in NOTEBOOKS])
 def test_notebook_in_a_browser(notebook, lab, browser, tmp_path):
     base, token, root = lab
-    shutil.copy(NOTEBOOKS / notebook, root)
+    shutil.copy(next(p for p in NOTEBOOKS if p.name == notebook), root)
     page = browser.new_page(viewport={"width": WIDTHS[0], "height": 1000})
     console_errors: list[str] = []
     page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
