@@ -103,7 +103,7 @@ def python_side(model, moves: int) -> list[tuple[str, list[float]]]:
     rows.append(("lens: from-token slider", move_times(ex, ex.start, steps(ex.start, moves))))
     rows.append(("lens: colour metric", move_times(ex, ex.metric, cycle(ex.metric.options, moves))))
 
-    geo_run = wb.capture(model, texts, ["resid_post"], progress=False)
+    geo_run = wb.capture(model, texts, ["resid_pre", "resid_post"], progress=False)
     geometry = token_geometry(geo_run, max_rank=32, progress=False)
     ex = GeometryExplorer(geometry)
     depths = list(ex.depth.options)
@@ -180,7 +180,8 @@ def browser_side(model_name: str, threads: int, moves: int) -> list[tuple[str, l
         root = Path(tmp)
         cells = [nbformat.v4.new_code_cell(c.replace("THREADS", str(threads)).replace("MODEL", model_name))
                  for c in NOTEBOOK_CELLS]
-        nbformat.write(nbformat.v4.new_notebook(cells=cells), root / "widgets_benchmark.ipynb")
+        kernel = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+        nbformat.write(nbformat.v4.new_notebook(cells=cells, metadata=kernel), root / "widgets_benchmark.ipynb")
         with jupyter_lab(root, env={"WORKBENCH_FIGURES": str(root / "figures")}) as (base, token), sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
@@ -194,10 +195,12 @@ def browser_side(model_name: str, threads: int, moves: int) -> list[tuple[str, l
                 handles = explorer.locator(".widget-hslider .noUi-handle")
                 for i in range(handles.count()):
                     times = []
-                    handles.nth(i).focus()
+                    handle = handles.nth(i)
+                    handle.focus()
                     for _ in range(moves):
+                        now, top = (float(handle.get_attribute(a)) for a in ("aria-valuenow", "aria-valuemax"))
                         explorer.evaluate(WATCH_JS)
-                        page.keyboard.press("ArrowRight")
+                        page.keyboard.press("ArrowRight" if now < top else "Home")  # at the end: back to the start
                         page.wait_for_function("() => window.__wbResult !== null", timeout=40_000)
                         ms, ok = page.evaluate("() => window.__wbResult")
                         if not ok:
@@ -220,17 +223,19 @@ def main() -> None:
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with "
           f"{torch.get_num_threads()} thread(s); model {model.name} ({model.n_layers} layers, {model.dtype}; "
           f"4-bit GGUF dequantised)")
-    busy0, own0, t0 = *_cpu_ticks(), time.perf_counter()
-    rows = python_side(model, args.moves)
+    print(f"{'control':58s} {'moves':>5s} {'median ms':>10s} {'p95 ms':>8s}  others' CPU")
+    parts = [lambda: python_side(model, args.moves)]
     if not args.no_browser:
-        rows += browser_side(args.model, args.threads, args.moves)
-    busy1, own1, t1 = *_cpu_ticks(), time.perf_counter()
-    others = max(0, (busy1 - busy0) - (own1 - own0)) / ((t1 - t0) * _TICK * os.cpu_count())
-    print(f"other processes' CPU share meanwhile (the browser and the kernel included): {others:.0%}")
-    print(f"{'control':58s} {'moves':>5s} {'median ms':>10s} {'p95 ms':>8s}")
-    for name, times in rows:
-        ms = [1000 * t for t in times]
-        print(f"{name:58s} {len(ms):5d} {statistics.median(ms):10.1f} {p95(ms):8.1f}")
+        parts.append(lambda: browser_side(args.model, args.threads, args.moves))
+    for part in parts:
+        busy0, own0, t0 = *_cpu_ticks(), time.perf_counter()
+        rows = part()
+        busy1, own1, t1 = *_cpu_ticks(), time.perf_counter()
+        # in the browser part, "others" includes the JupyterLab server, the kernel and Chromium
+        others = max(0, (busy1 - busy0) - (own1 - own0)) / ((t1 - t0) * _TICK * os.cpu_count())
+        for name, times in rows:
+            ms = [1000 * t for t in times]
+            print(f"{name:58s} {len(ms):5d} {statistics.median(ms):10.1f} {p95(ms):8.1f}  {others:.0%}", flush=True)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,11 @@ def test_gallery_regenerates_from_a_saved_run(run, tmp_path):
     written = write_residual_norm_gallery(wb.open_run(saved), tmp_path / "gallery", formats=("svg",))
     assert sorted(p.name for p in written) == [
         "residual_norm_by_position.svg", "residual_norm_heatmap.svg", "residual_norm_profile.svg"]
+    again = write_residual_norm_gallery(wb.open_run(saved), tmp_path / "again", formats=("svg", "pdf"))
+    for path in written:  # the same saved run gives byte-identical figures (reviewable diffs, reproducible papers)
+        assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path.name
+    third = write_residual_norm_gallery(wb.open_run(saved), tmp_path / "third", formats=("pdf",))
+    assert [p.read_bytes() for p in third] == [p.read_bytes() for p in again if p.suffix == ".pdf"]
 
 
 def test_export_errors(tmp_path, monkeypatch):

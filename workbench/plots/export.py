@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -68,6 +69,8 @@ def export_figure(
     fig = go.Figure(fig)
     if columns is not None:
         publication_layout(fig, columns=columns, height=height)
+    for i, trace in enumerate(fig.data):  # plotly draws random trace ids into the SVG otherwise
+        trace.uid = f"trace-{i}"
     stem = Path(path_stem).expanduser()
     try:
         stem.parent.mkdir(parents=True, exist_ok=True)
@@ -99,11 +102,31 @@ def export_figure(
         empty = [p for p, d in zip(paths, drafts) if not d.exists() or d.stat().st_size == 0]
         if empty:
             raise ExportError(f"kaleido wrote nothing to {', '.join(map(str, empty))}; run the export again.")
+        for draft in drafts:
+            _make_reproducible(draft)
         for draft, path in zip(drafts, paths):
             os.replace(draft, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return paths
+
+
+_SVG_UID = re.compile(rb'id="defs-([0-9a-f]{6})"')
+_PDF_DATE = re.compile(rb"/(CreationDate|ModDate) \(D:\d{14}")
+
+
+def _make_reproducible(path: Path) -> None:
+    """The same figure gives the same bytes: plotly.js names the SVG's clip paths and defs after a random
+    6-hex id, and Chromium stamps the PDF with the time. Both are replaced in place by fixed values of the
+    same length (the PDF's byte offsets stay valid). PNGs carry neither."""
+    data = path.read_bytes()
+    if path.suffix == ".svg":
+        found = _SVG_UID.search(data)
+        if found:  # the id follows a letter or a dash wherever plotly uses it: defs-, clip, legend, ...
+            data = re.sub(rb"(?<=[a-z-])" + found.group(1), b"000000", data)
+    elif path.suffix == ".pdf":
+        data = _PDF_DATE.sub(lambda m: b"/" + m.group(1) + b" (D:20000101000000", data)
+    path.write_bytes(data)
 
 
 def _skip_torn_messages(record: logging.LogRecord) -> bool:

@@ -6,6 +6,9 @@ import numpy as np
 import plotly.graph_objects as go
 import xarray as xr
 
+# Norms span decades (the first token's ~100x peak): a log axis labelled at powers of ten, all in one format.
+LOG_DECADES = dict(yaxis_type="log", yaxis_dtick=1, yaxis_tickformat=",d")
+
 
 def _token_labels(norms: xr.DataArray, sample: int) -> list[str]:
     one = norms.isel(sample=sample)
@@ -53,7 +56,7 @@ def residual_norm_profile(peaks: xr.Dataset, sample: int = 0, layer: int | None 
     if layer is not None:
         fig.add_vline(x=layer, line_dash="dot", line_color="#888")
     fig.update_layout(
-        title="Residual norm by layer", xaxis_title="layer", yaxis_title="||h||", yaxis_type="log",
+        title="Residual norm by layer", xaxis_title="layer", yaxis_title="residual norm ‖h‖₂", **LOG_DECADES,
         legend=dict(x=0.02, y=0.98, xanchor="left", yanchor="top"),
     )
     return fig
@@ -74,7 +77,7 @@ def residual_norm_by_position(norms: xr.DataArray, sample: int = 0, layer: int =
         )
     )
     fig.update_layout(
-        title=f"Residual norm at layer {layer}, sample {sample}", xaxis_title="position", yaxis_title="||h||",
-        yaxis_type="log",
+        title=f"Residual norm at layer {layer}, sample {sample}", xaxis_title="position", yaxis_title="residual norm ‖h‖₂",
+        **LOG_DECADES,
     )
     return fig

@@ -45,6 +45,7 @@ class LensExplorer(Explorer):
         self.top_k = go.FigureWidget()
         self.overview = go.FigureWidget()
         self._shown: tuple[str, str] | None = None  # the (model, lens) whose ranges the controls have
+        self._overview_shows: tuple | None = None  # what the layer x position map was drawn for
         self._set_lens_options()
         self.model.observe(self._model_changed, names="value")
         for control in (self.lens, self.sample, self.metric, self.layer, self.start):
@@ -127,23 +128,31 @@ class LensExplorer(Explorer):
 
     # ---------------------------------------------------------------- drawing
 
-    def _figures(self) -> tuple[go.Figure, go.Figure]:
-        stats, model = self.current, self.model.value
-        window = slice(self.start.value, self.start.value + self.positions_shown)
-        decode = self.decoders[model]
-        top_k = lens_top_k_figure(stats, self.sample.value, self.layer.value, decode=decode, positions=window,
-                                  title=f"{model}, {self.lens.value} lens, layer {self.layer.value}: top-k next tokens")
-        overview = lens_heatmap(stats, self.sample.value, self.metric.value, decode=decode, positions=window)
-        overview.add_hline(y=self.layer.value, line=dict(color="white", width=2))
-        return top_k, overview
+    def _window(self) -> slice:
+        return slice(self.start.value, self.start.value + self.positions_shown)
+
+    def _top_k_figure(self) -> go.Figure:
+        model, lens, layer = self.model.value, self.lens.value, self.layer.value
+        return lens_top_k_figure(self.current, self.sample.value, layer, decode=self.decoders[model],
+                                 positions=self._window(), title=f"{model}, {lens} lens, layer {layer}: top-k next tokens")
 
     def draw(self) -> None:
+        """The top-k table always; the layer x position map only when what it shows changed (a layer move only
+        moves its marker), so a slider step sends one small figure to the page."""
         self._fit_controls()
-        for target, source in zip((self.top_k, self.overview), self._figures()):
-            show_figure(target, source)
+        show_figure(self.top_k, self._top_k_figure())
         self.top_k.layout.height = 90 + 26 * self.current.sizes["k"]
-        self.overview.layout.height = max(300, 14 * self.current.sizes["layer"] + 140)
-        self.overview.data[0].on_click(self._overview_clicked)
+        shown = (self.model.value, self.lens.value, self.sample.value, self.metric.value, self.start.value)
+        if shown != self._overview_shows:
+            overview = lens_heatmap(self.current, self.sample.value, self.metric.value, decode=self.decoders[shown[0]],
+                                    positions=self._window())
+            overview.add_hline(y=self.layer.value, line=dict(color="white", width=2))
+            show_figure(self.overview, overview)
+            self.overview.layout.height = max(300, 14 * self.current.sizes["layer"] + 140)
+            self.overview.data[0].on_click(self._overview_clicked)
+            self._overview_shows = shown
+        with self.overview.batch_update():
+            self.overview.layout.shapes[0].y0 = self.overview.layout.shapes[0].y1 = self.layer.value
 
     def _overview_clicked(self, trace, points, state) -> None:
         """Linked views: a click on the layer x position map picks that layer for the top-k table."""
