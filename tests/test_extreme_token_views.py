@@ -57,9 +57,12 @@ def test_intervention_figures(tiny):
     sweep = et.first_token_attention_scaling(tiny, PROSE[:2], scales=(0.5, 1.0, 2.0))
     fig = scaling_curves(sweep)
     assert len(fig.data) == 2 * sweep.sizes["group"]
+    colours = [(t.legendgroup, t.line.color) for t in fig.data]
+    assert len(set(colours)) == sweep.sizes["group"] == len({c for _, c in colours})  # one colour per group, both panels
     streaming = et.streaming_perplexity(tiny, " ".join(PROSE), window=8, n_sink=2)
     fig = condition_bars(streaming, "perplexity", "StreamingLLM", "perplexity")
     np.testing.assert_allclose(fig.data[0].y, streaming.perplexity.values)
+    assert fig.data[0].cliponaxis is False and fig.layout.yaxis.range[1] > streaming.perplexity.values.max()  # labels fit
 
 
 def test_explorer_head_click_domain_and_sink_toggle(run, tmp_path):

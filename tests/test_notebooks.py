@@ -34,3 +34,11 @@ def test_there_is_a_quickstart():
 
 def test_there_is_a_tokenization_bias_notebook():
     assert any(p.name == "03_tokenization_bias.ipynb" for p in NOTEBOOKS)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebooks_are_kept_without_outputs(path):
+    """Outputs stay out of git (`make executed-notebooks` writes executed copies to build/notebooks/)."""
+    notebook = nbformat.read(path, as_version=4)
+    with_outputs = [i for i, c in enumerate(notebook.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not with_outputs, f"cells {with_outputs} of {path.name} hold outputs: clear them before committing"

@@ -160,6 +160,23 @@ def test_gallery_index_collects_each_study_table_with_links_fixed(tmp_path):
     assert "Extreme-token" not in index  # sections without a page are left out
 
 
+def test_every_gallery_figure_has_a_caption_a_claim_and_its_command():
+    from workbench.gallery import caption_key, figure_captions
+    from workbench.gallery_captions import CAPTIONS
+
+    gallery = Path(__file__).resolve().parent.parent / "gallery"
+    figures = [p.relative_to(gallery) for p in gallery.rglob("*.svg") if "screenshots" not in p.parts]
+    keys = {caption_key(p) for p in figures}
+    assert caption_key("extreme_tokens/gemma3-270m/streaming.svg") == "extreme_tokens/{model}/streaming"
+    assert caption_key("geometry/shuffle_smollm2-135m.svg") == "geometry/shuffle_{model}"
+    assert not keys - set(CAPTIONS), f"figures without a caption in workbench/gallery_captions.py: {keys - set(CAPTIONS)}"
+    assert not set(CAPTIONS) - keys, f"captions of figures that are not in gallery/: {set(CAPTIONS) - keys}"
+    lines = figure_captions(gallery)
+    assert len([line for line in lines if line.startswith("- [")]) == len(figures)
+    assert any("(`workbench byte-level`)" in line and "covers_table" in line for line in lines)
+    assert any("(`workbench tokenization-bias`)" in line and "error_vs_steps" in line for line in lines)
+
+
 def test_export_hides_only_choreographers_torn_message_log(tmp_path, caplog):
     """Chromium's reply split across two pipe reads makes choreographer log a traceback and carry on: the export
     leaves that one record out (its files are checked instead) and lets every other log record through."""

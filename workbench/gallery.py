@@ -54,6 +54,47 @@ def write_gallery_index(out_dir: str | Path) -> Path:
         if prefix != ".":
             text = text.replace("](", f"]({prefix}/").replace(f"]({prefix}/http", "](http")
         parts += [f"## {title}\n", f"From [{name}]({name}).\n", text.replace("\n## ", "\n### "), ""]
+    parts += figure_captions(out_dir)
     path = out_dir / "README.md"
     write_text_atomic(path, "\n".join(parts) + "\n")
     return path
+
+
+_COMMANDS = [  # which command writes a figure, by the start of its caption key (first match)
+    ("residual_norm_", "workbench demo"), ("extreme_tokens/", "workbench extreme-tokens"),
+    ("next_token_law/", "workbench next-token-law"), ("geometry/", "workbench geometry"),
+    ("tokenizers/", "workbench tokenizers"), ("tokenization_bias/token_alignment", "workbench token-alignment"),
+    ("tokenization_bias/error_vs_steps", "workbench tokenization-bias"),
+    ("tokenization_bias/transition_heatmaps", "workbench tokenization-bias"), ("tokenization_bias/", "workbench byte-level"),
+]
+
+
+def caption_key(relative: str | Path) -> str:
+    """The key of a figure in ``gallery_captions.CAPTIONS``: its path under the gallery without the extension,
+    a per-model folder or suffix written ``{model}``."""
+    from .studies.registry import STUDIES
+
+    key = Path(relative).with_suffix("").as_posix()
+    for model in sorted({m for s in STUDIES.values() for m in s.default_models}, key=len, reverse=True):
+        key = key.replace(f"/{model}/", "/{model}/").replace(f"_{model}", "_{model}")
+    return key
+
+
+def figure_captions(out_dir: str | Path) -> list[str]:
+    """The index's caption list: every SVG under ``out_dir``, what it shows and the claim it illustrates."""
+    from .gallery_captions import CAPTIONS
+
+    out_dir = Path(out_dir)
+    lines = ["## Figure captions\n",
+             "Every figure in this folder, what it shows and the paper claim it illustrates. Models: the embedded "
+             "SmolLM2-135M and Gemma 3 270M, from their 4-bit GGUF files dequantised to float32; the command is the "
+             "one that made the figure's folder (above).\n"]
+    for svg in sorted(out_dir.rglob("*.svg")):
+        if "screenshots" in svg.parts:
+            continue
+        relative = svg.relative_to(out_dir)
+        key = caption_key(relative)
+        caption, claim = CAPTIONS[key]
+        command = next(c for prefix, c in _COMMANDS if key.startswith(prefix))
+        lines.append(f"- [{relative.with_suffix('').as_posix()}]({relative.as_posix()}) (`{command}`): {caption} *{claim}*")
+    return lines + [""]

@@ -7,6 +7,8 @@ import plotly.graph_objects as go
 import xarray as xr
 from plotly.subplots import make_subplots
 
+from .theme import OKABE_ITO
+
 
 def sink_score_heatmap(sink: xr.DataArray, title: str = "Attention-sink score") -> go.Figure:
     """Layer x head heatmap of sink scores; ``sink`` has dims (layer, head) (average the rest first)."""
@@ -53,12 +55,15 @@ def value_norm_vs_attention(received: xr.DataArray, value_norm: xr.DataArray, to
     is_sink = np.zeros_like(x, dtype=bool)
     is_sink[:, 0] = True
     fig = go.Figure()
-    for mask, name, color in ((~is_sink, "other tokens", "#7a8fa6"), (is_sink, "first token", "#d1495b")):
+    for mask, name, color in ((~is_sink, "other tokens", "#7a8fa6"), (is_sink, "first token", OKABE_ITO[5])):
         fig.add_trace(go.Scatter(x=x[mask], y=y[mask], mode="markers", name=name, text=labels[mask],
                                  marker=dict(color=color, size=5, opacity=0.7),
                                  hovertemplate="%{text}<br>received %{x:.3f}<br>value norm %{y:.2f}<extra></extra>"))
-    fig.update_layout(title="Value norm vs attention received", xaxis_title="attention received (mean over later queries)",
-                      yaxis_title="||v W_O^h||", xaxis_type="log", yaxis_type="log")
+    fig.update_layout(title="Value norm vs attention received", xaxis_title="attention received (mean over queries)",
+                      yaxis_title="value norm ‖v W_O^h‖", yaxis_type="log",
+                      # decades as powers of ten (not "100μ"); the legend inside, in the corner the points leave free
+                      xaxis=dict(type="log", dtick=1, exponentformat="power"),
+                      legend=dict(x=0.98, y=0.98, xanchor="right", yanchor="top"))
     return fig
 
 
@@ -117,13 +122,13 @@ def head_state_map(effects: xr.Dataset, labels: xr.DataArray, mode: str = "zero"
 def scaling_curves(sweep: xr.Dataset) -> go.Figure:
     """Loss and attention entropy against the first-token attention scale, one line per layer group."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("next-token loss", "attention entropy"))
-    for group in sweep["group"].values:
+    for i, group in enumerate(sweep["group"].values):
         one = sweep.sel(group=group)
         label = f"{group} ({str(one['layers'].values)})"
-        fig.add_trace(go.Scatter(x=one["scale"].values, y=one["loss"].values, mode="lines+markers", name=label,
-                                 legendgroup=str(group)), row=1, col=1)
-        fig.add_trace(go.Scatter(x=one["scale"].values, y=one["entropy"].values, mode="lines+markers", name=label,
-                                 legendgroup=str(group), showlegend=False), row=1, col=2)
+        style = dict(mode="lines+markers", name=label, legendgroup=str(group), line_color=OKABE_ITO[i % len(OKABE_ITO)])
+        fig.add_trace(go.Scatter(x=one["scale"].values, y=one["loss"].values, **style), row=1, col=1)
+        # the same colour in both panels: the one legend entry names both lines
+        fig.add_trace(go.Scatter(x=one["scale"].values, y=one["entropy"].values, showlegend=False, **style), row=1, col=2)
     fig.update_xaxes(title_text="scale of attention to the first token")
     fig.update_yaxes(title_text="nats/token", col=1)
     fig.update_yaxes(title_text="nats", col=2)
@@ -133,7 +138,11 @@ def scaling_curves(sweep: xr.Dataset) -> go.Figure:
 
 def condition_bars(result: xr.Dataset, variable: str, title: str, yaxis_title: str) -> go.Figure:
     """Bars of one variable over a ``condition`` dim (StreamingLLM, massive-activation interventions)."""
-    fig = go.Figure(go.Bar(x=[str(c) for c in result["condition"].values], y=result[variable].values,
-                           marker_color="#3b6ea8", text=np.round(result[variable].values, 2), textposition="outside"))
+    values = result[variable].values
+    fig = go.Figure(go.Bar(x=[str(c) for c in result["condition"].values], y=values, marker_color=OKABE_ITO[0],
+                           text=np.round(values, 2), textposition="outside", cliponaxis=False))
     fig.update_layout(title=title, yaxis_title=yaxis_title)
+    finite = values[np.isfinite(values)]
+    if finite.size and finite.min() >= 0:  # headroom for the labels above the tallest bar
+        fig.update_yaxes(range=[0, 1.15 * finite.max()])
     return fig

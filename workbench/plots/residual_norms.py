@@ -57,7 +57,7 @@ def residual_norm_profile(peaks: xr.Dataset, sample: int = 0, layer: int | None 
         fig.add_vline(x=layer, line_dash="dot", line_color="#888")
     fig.update_layout(
         title="Residual norm by layer", xaxis_title="layer", yaxis_title="residual norm ‖h‖₂", **LOG_DECADES,
-        legend=dict(x=0.02, y=0.98, xanchor="left", yanchor="top"),
+        legend=dict(x=0.98, y=0.02, xanchor="right", yanchor="bottom"),  # below the median line: no data there
     )
     return fig
 

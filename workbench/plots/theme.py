@@ -21,6 +21,7 @@ OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "
 pio.templates[TEMPLATE] = go.layout.Template(
     layout=dict(
         font=FONT,
+        colorway=OKABE_ITO,  # series without their own colour: the colour-blind-safe palette
         title_font_size=10,
         margin=dict(l=44, r=8, t=26, b=36),
         legend=dict(font_size=8, bgcolor="rgba(255,255,255,0.6)"),
@@ -44,7 +45,7 @@ def publication_layout(fig: go.Figure, *, columns: str = "one", height: int | No
     # a figure's own margins, fonts and axis styles win over a template: set the theme's explicitly too
     template = pio.templates[TEMPLATE].layout
     # (legend styles merged key by key: assigning the template's legend object would drop the figure's own placement)
-    fig.update_layout(font=FONT, title_font_size=10, margin=template.margin,
+    fig.update_layout(font=FONT, title_font_size=10, margin=template.margin, colorway=OKABE_ITO,
                       legend_font_size=template.legend.font.size, legend_bgcolor=template.legend.bgcolor)
     if fig.layout.annotations:  # subplot titles: theme-sized, with room under the figure title
         fig.update_annotations(font_size=9)
