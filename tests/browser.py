@@ -137,9 +137,13 @@ def move_every_control(page, explorer, shot, name: str) -> None:
     handles = explorer.locator(".widget-hslider .noUi-handle")
     for i in range(handles.count()):
         before = figure_signatures(explorer)
-        handles.nth(i).focus()
-        page.keyboard.press("ArrowRight")
-        assert changed(explorer, before), f"{name}: moving slider {i} changed no figure"
+        for _ in range(2):  # a key press can be lost while the page is still settling after the run: press again
+            handles.nth(i).focus()
+            page.keyboard.press("ArrowRight")
+            if changed(explorer, before, timeout_s=20):
+                break
+        else:
+            raise AssertionError(f"{name}: moving slider {i} (twice) changed no figure")
         shot(f"{name}-slider{i}", explorer)
     selects = explorer.locator(".widget-dropdown select")
     for i in range(selects.count()):

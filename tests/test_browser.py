@@ -87,7 +87,11 @@ def test_notebook_in_a_browser(notebook, lab, browser, tmp_path):
         explorer = explorers.nth(k)
         assert explorer.locator(".js-plotly-plot").count() >= 1
         explorer.scroll_into_view_if_needed()
-        move_every_control(page, explorer, shot, f"explorer{k}")
+        try:
+            move_every_control(page, explorer, shot, f"explorer{k}")
+        except AssertionError as err:  # say what the page said meanwhile
+            raise AssertionError(f"{err}; console errors: {console_errors}; explorer's busy line: "
+                                 f"{explorer.locator('.widget-html').all_inner_texts()}") from None
 
     page.set_viewport_size({"width": WIDTHS[1], "height": 1000})
     page.wait_for_timeout(500)
