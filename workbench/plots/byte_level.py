@@ -18,7 +18,7 @@ from plotly.subplots import make_subplots
 from ..tokenization.vocab_bytes import printable_byte
 from .tokenization_bias import ESTIMATE_COLORS
 
-COLORS = {"exact": ESTIMATE_COLORS["exact"], "naive": ESTIMATE_COLORS["naive"], "token_healing": "#2ca02c"}
+COLORS = {"exact": ESTIMATE_COLORS["exact"], "naive": ESTIMATE_COLORS["naive"], "token_healing": "#009E73"}
 LABELS = {"exact": "exact", "naive": "naive", "token_healing": "token healing"}
 MODEL_COLOR, ENSEMBLE_COLOR = "#7a8fa6", "#e08214"
 TOKEN_SHADE = "rgba(110, 120, 140, 0.22)"

@@ -11,7 +11,8 @@ import plotly.graph_objects as go
 import xarray as xr
 from plotly.subplots import make_subplots
 
-ESTIMATE_COLORS = {"true": "#222222", "naive": "#d62728", "naive_limit": "#f4a582", "exact": "#1f77b4"}
+# Okabe-Ito blue and vermillion (naive) + bluish green (token healing, plots/byte_level.py): told apart under colour-vision deficiencies
+ESTIMATE_COLORS = {"true": "#222222", "naive": "#D55E00", "naive_limit": "#f4a582", "exact": "#0072B2"}
 TOKENIZER_DASHES = ("solid", "dash", "dot", "dashdot")
 LABELS = {"naive_limit": "naive, perfect model"}
 

@@ -141,7 +141,9 @@ class ByteLens(Explorer):
         for target, source in zip((self.bars, self.covers), self._figures()):
             show_figure(target, source)
         self.bars.layout.height = 320
-        self.covers.layout.height = 60 + 22 * (self.n_covers + 2)
+        table = self.covers.data[0]  # the table is sized for a printed page: screen-sized type here
+        table.header.font.size, table.cells.font.size, table.cells.height = 13, 13, 24
+        self.covers.layout.height = 70 + 26 * (self.n_covers + 2)
         tv = comparison["total_variation"]
         kl = comparison["kl_divergence"]
         self.distances.value = " &nbsp; ".join(
