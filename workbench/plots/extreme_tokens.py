@@ -61,9 +61,9 @@ def value_norm_vs_attention(received: xr.DataArray, value_norm: xr.DataArray, to
                                  hovertemplate="%{text}<br>received %{x:.3f}<br>value norm %{y:.2f}<extra></extra>"))
     fig.update_layout(title="Value norm vs attention received", xaxis_title="attention received (mean over queries)",
                       yaxis_title="value norm ‖v W_O^h‖", yaxis_type="log",
-                      # decades as powers of ten (not "100μ"); the legend inside, in the corner the points leave free
-                      xaxis=dict(type="log", dtick=1, exponentformat="power"),
-                      legend=dict(x=0.98, y=0.98, xanchor="right", yanchor="top"))
+                      # powers of ten (not "100μ"); the legend inside, bottom left, where neither group lies
+                      xaxis=dict(type="log", exponentformat="power", tickangle=0),
+                      legend=dict(x=0.02, y=0.02, xanchor="left", yanchor="bottom"))
     return fig
 
 
