@@ -77,3 +77,23 @@ def test_registry_entry():
     entry = STUDIES["geometry"]
     assert entry.folders() == {m: study.Path("runs/geometry") / m for m in ("smollm2-135m", "gemma3-270m")}
     assert {o.flag for o in entry.options} == {"--prompts", "--prompt-tokens", "--shuffle-prompts", "--windows"}
+
+
+def test_tokenwise_figure_draws_each_fit_and_a_one_row_legend():
+    import xarray as xr
+
+    from workbench.plots.geometry import tokenwise_figure
+
+    fits, effects = {}, {}
+    for name, n in (("a", 4), ("b", 3)):
+        layers = np.arange(n)
+        fits[name] = xr.Dataset({"r2": (("layer", "fit"), np.linspace(0, 1, 2 * n).reshape(n, 2))},
+                                coords={"layer": layers, "fit": ["full", "rank 8"]})
+        effects[name] = xr.Dataset({"spearman": ("layer", np.linspace(-0.5, 0.5, n))}, coords={"layer": layers},
+                                   attrs={"fit": "full"})
+    fig = tokenwise_figure(fits, effects, {"a": 4, "b": 3})
+    drawn = [t for t in fig.data if t.x[0] is not None]
+    assert len(drawn) == 2 * 2 + 2  # two fits and one Spearman line per model
+    np.testing.assert_allclose(drawn[1].y, fits["a"].r2.sel(fit="rank 8").values)
+    assert all(t.mode == "lines" for t in drawn if "R^2" in t.name)  # no markers on some models' lines only
+    assert [t.name for t in fig.data if t.showlegend is not False] == ["a", "b", "full fit", "rank 8 fit"]

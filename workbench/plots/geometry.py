@@ -143,20 +143,27 @@ def tokenwise_figure(fits: dict[str, xr.Dataset], effects: dict[str, xr.Dataset]
     """Held-out R^2 of tokenwise fits per relative depth, and Spearman(leftover size, output change) per layer."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("held-out R^2 of u ~ f(h)", "Spearman(||u - f(h)||, KL)"),
                         horizontal_spacing=0.12)
+    # The legend names each model's colour and each fit's dash once (legend-only entries), not every line: it stays
+    # one row under the panels at two-column width.
+    fit_kinds = list(next(iter(fits.values())).fit.values) if fits else []
     for i, (name, fit) in enumerate(fits.items()):
         color = OKABE_ITO[i % len(OKABE_ITO)]
         x = _block(fit.layer.values, n_layers[name])
         for j, label in enumerate(fit.fit.values):
-            fig.add_trace(go.Scatter(x=x, y=fit.r2.sel(fit=label).values, name=f"{name}: R^2, {label} fit",
-                                     line=dict(color=color, dash=DASHES[j % 4]),
+            fig.add_trace(go.Scatter(x=x, y=fit.r2.sel(fit=label).values, mode="lines", showlegend=False,
+                                     name=f"{name}: R^2, {label} fit", line=dict(color=color, dash=DASHES[j % 4]),
                                      hovertemplate=f"{name} {label}<br>depth %{{x:.2f}}: R^2 %{{y:.2f}}<extra></extra>"),
                           row=1, col=1)
         e = effects[name]
-        fig.add_trace(go.Scatter(x=_block(e.layer.values, n_layers[name]), y=e.spearman.values,
+        fig.add_trace(go.Scatter(x=_block(e.layer.values, n_layers[name]), y=e.spearman.values, showlegend=False,
                                  name=f"{name}: Spearman, {e.attrs['fit']} fit replacing the update",
                                  mode="lines+markers", marker_size=3, line=dict(color=color),
                                  hovertemplate=f"{name}<br>depth %{{x:.2f}}: rho %{{y:.2f}}<extra></extra>"),
                       row=1, col=2)
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=name, line=dict(color=color)), row=1, col=1)
+    for j, label in enumerate(fit_kinds):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=f"{label} fit",
+                                 line=dict(color="#555", dash=DASHES[j % 4])), row=1, col=1)
     fig.update_xaxes(title_text="relative depth", range=[0, 1])
     fig.update_yaxes(range=[-0.05, 1.02], col=1)
     fig.update_yaxes(range=[-1, 1], col=2)
