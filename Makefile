@@ -36,6 +36,13 @@ $(STAMP): pyproject.toml Makefile
 	    echo "installing Debian's chromium for kaleido (static figure export)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "WARNING: no Chrome/Chromium found; static export (PNG/SVG/PDF) needs one: apt-get install chromium"; fi; }
+	@# Fonts for the scripts of the bundled parallel corpus (Devanagari, Bengali, Thai, Arabic, CJK, ...): without
+	@# them Chromium draws empty boxes in the explorers and in exported figures.
+	@fc-list : family 2>/dev/null | grep -q "Noto Sans Devanagari" || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Noto fonts for non-Latin scripts"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fonts-noto-core fonts-noto-cjk >/dev/null; \
+	  else echo "WARNING: no Noto fonts; non-Latin text shows as boxes: apt-get install fonts-noto-core fonts-noto-cjk"; fi; }
 	touch $(STAMP)
 
 lab: setup
