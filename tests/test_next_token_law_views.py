@@ -144,6 +144,11 @@ def test_lens_comparison_and_future_token_figures(tiny, logit_stats, tuned_stats
     np.testing.assert_allclose(fig.data[0].z, probes.accuracy.transpose("layer", "k").values)
     assert list(fig.data[0].x) == ["k=1", "k=2", "k=3"]
     np.testing.assert_allclose(fig.data[0].customdata[0], probes.coverage.values)
+    np.testing.assert_allclose(np.asarray(fig.data[0].text, dtype=float), probes.accuracy.transpose("layer", "k").values,
+                               atol=0.005)  # few layers: each cell labelled
+    deep = probes.isel(layer=np.arange(probes.sizes["layer"]).repeat(7)).assign_coords(
+        layer=np.arange(7 * probes.sizes["layer"]))
+    assert future_token_figure(deep).data[0].text is None  # 30 rows: no numbers piled on each other
 
 
 def test_lens_explorer_slider_selectors_lazy_tuned_and_export(tiny, logit_stats, tuned_stats, tmp_path):

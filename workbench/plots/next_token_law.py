@@ -252,10 +252,12 @@ def future_token_figure(probes: xr.Dataset, title: str | None = None) -> go.Figu
     accuracy = probes["accuracy"].transpose("layer", "k")
     ks = accuracy["k"].values
     coverage = np.broadcast_to(probes["coverage"].sel(k=ks).values, accuracy.shape)
+    # cell numbers only where a row is tall enough to hold them (at most 12 layers); the colour bar reads the rest
+    labels = dict(text=np.round(accuracy.values, 2), texttemplate="%{text}", textfont=dict(size=7)) \
+        if accuracy.shape[0] <= 12 else {}
     fig = go.Figure(
         go.Heatmap(
-            z=accuracy.values, x=[f"k={k}" for k in ks], y=accuracy["layer"].values, zmin=0, colorscale="Viridis",
-            text=np.round(accuracy.values, 2), texttemplate="%{text}", textfont=dict(size=7),
+            z=accuracy.values, x=[f"k={k}" for k in ks], y=accuracy["layer"].values, zmin=0, colorscale="Viridis", **labels,
             customdata=coverage, colorbar=dict(title="accuracy", thickness=8),
             hovertemplate="layer %{y}, token %{x} ahead<br>accuracy %{z:.3f}<br>"
                           "held-out tokens inside the classes %{customdata:.2f}<extra></extra>",
