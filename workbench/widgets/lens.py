@@ -141,7 +141,7 @@ class LensExplorer(Explorer):
         moves its marker), so a slider step sends one small figure to the page."""
         self._fit_controls()
         show_figure(self.top_k, self._top_k_figure())
-        self.top_k.layout.height = 90 + 26 * self.current.sizes["k"]
+        self.top_k.layout.height = 170 + 34 * self.current.sizes["k"]  # room for the rows above the slanted token labels
         shown = (self.model.value, self.lens.value, self.sample.value, self.metric.value, self.start.value)
         if shown != self._overview_shows:
             overview = lens_heatmap(self.current, self.sample.value, self.metric.value, decode=self.decoders[shown[0]],
