@@ -61,7 +61,7 @@ def test_extreme_token_analyses(handle):
     assert np.isfinite(effects.delta_loss.values).all()
     labels = et.classify_heads(et.domain_sink_scores(run, include_all=False).sel(layer=[0]), effects)
     assert set(np.unique(labels.values)) <= {"dormant", "active"}
-    dims = [int(np.abs(run.resid_post.sel(layer=0)).max(["sample", "pos"]).argmax())]
+    dims = [int(np.abs(run.resid_post.sel(layer=0)).max(["sample", "pos"]).argmax("d_model"))]
     massive = et.massive_activation_intervention(handle, PROSE[:2], 0, dims, abs_threshold=0.0, n_controls=1)
     assert float(massive.kl.sel(condition="original")) == 0.0 and (massive.kl >= 0).all()
     ids, mask = et._batch(handle, PROSE[:2])
