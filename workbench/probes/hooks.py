@@ -60,19 +60,19 @@ def hooked(handle, reads: Iterable[SiteKey] = (), on_site: OnSite | None = None,
         entries.setdefault(slot, []).append((site, layer, spec, key in reads, edits.get(key)))
     fired: set = set()
     handles = []
-    handle.lock.acquire()  # no other thread's forward while these hooks are on the modules
-    for slot, items in entries.items():
-        module, io = modules[slot], slot[1]
-        if io == "output":
-            handles.append(module.register_forward_hook(_output_hook(items, on_site, fired, batch_shape)))
-        else:
-            handles.append(module.register_forward_pre_hook(_input_hook(items, on_site, fired, batch_shape), with_kwargs=True))
-    try:
-        yield fired
-    finally:
-        for h in handles:
-            h.remove()
-        handle.lock.release()
+    with handle.lock:  # no other thread's forward while these hooks are on the modules
+        try:
+            for slot, items in entries.items():
+                module, io = modules[slot], slot[1]
+                if io == "output":
+                    handles.append(module.register_forward_hook(_output_hook(items, on_site, fired, batch_shape)))
+                else:
+                    handles.append(module.register_forward_pre_hook(_input_hook(items, on_site, fired, batch_shape),
+                                                                    with_kwargs=True))
+            yield fired
+        finally:  # also when placing a hook failed: no hook left behind, the lock released
+            for h in handles:
+                h.remove()
 
 
 def raw_value(spec: SiteSpec, output=None, args=(), kwargs=None):

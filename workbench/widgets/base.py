@@ -41,9 +41,15 @@ def layer_slider(n_layers: int, value: int | None = None, *, description: str = 
                              layout=widgets.Layout(width="min(420px, 100%)"))
 
 
+def prompt_options(texts, samples=None, *, width: int = 60) -> list[tuple[str, int]]:
+    """``("<index>: <start of the text>", index)`` for each of ``samples`` (default: every prompt)."""
+    samples = range(len(texts)) if samples is None else samples
+    return [(f"{i}: {str(texts[i])[:width]}", i) for i in samples]
+
+
 def prompt_dropdown(texts, *, first: list | None = None, width: int = 60) -> widgets.Dropdown:
-    """The prompt selector of every explorer: ``"<index>: <start of the text>"`` per prompt."""
-    options = list(first or []) + [(f"{i}: {str(t)[:width]}", i) for i, t in enumerate(texts)]
+    """The prompt selector of every explorer (:func:`prompt_options`), after any ``first`` options."""
+    options = list(first or []) + prompt_options(texts, width=width)
     return widgets.Dropdown(options=options, value=options[0][1] if options else None, description="prompt",
                             layout=widgets.Layout(width="min(460px, 100%)"))
 

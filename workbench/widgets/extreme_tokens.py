@@ -11,7 +11,7 @@ import xarray as xr
 
 from ..analyses.extreme_tokens import domain_sink_scores, received_by_key
 from ..plots.export import export_figure
-from .base import SELECTED, Explorer, Work, layer_slider, prompt_dropdown, row
+from .base import SELECTED, Explorer, Work, layer_slider, prompt_dropdown, prompt_options, row
 
 
 class ExtremeTokenExplorer(Explorer):
@@ -37,7 +37,7 @@ class ExtremeTokenExplorer(Explorer):
         self.key: int | None = None
         domains = ["all"] + (sorted(set(map(str, run["domain"].values))) if "domain" in run.coords else [])
         self.domain = widgets.Dropdown(options=domains, value="all", description="domain")
-        self.prompt = prompt_dropdown([str(t)[:50] for t in run["text"].values], width=50)
+        self.prompt = prompt_dropdown(run["text"].values, width=50)
         self.layer = layer_slider(run.sizes["layer"])
         self.head = widgets.BoundedIntText(value=0, min=0, max=run.sizes["head"] - 1, description="head",
                                            layout=widgets.Layout(width="12em"))
@@ -76,7 +76,7 @@ class ExtremeTokenExplorer(Explorer):
     def _set_prompt_options(self) -> None:
         texts = self.run["text"].values
         samples = self._samples()
-        self.prompt.options = [(f"{i}: {str(texts[i])[:50]}", i) for i in samples]
+        self.prompt.options = prompt_options(texts, samples, width=50)
         if self.prompt.value not in samples:
             self.prompt.value = samples[0]
 

@@ -11,7 +11,7 @@ import xarray as xr
 
 from ..plots.export import export_figure
 from ..plots.next_token_law import LENS_METRICS, as_decoder, lens_heatmap, lens_top_k_figure
-from .base import Explorer, Work, layer_slider, row, show_figure
+from .base import Explorer, Work, layer_slider, prompt_options, row, show_figure
 
 
 class LensExplorer(Explorer):
@@ -112,8 +112,8 @@ class LensExplorer(Explorer):
         """Prompt, layer and position ranges of the statistics shown (keeping choices where they still fit)."""
         stats = self.current
         if self._shown != (self.model.value, self.lens.value):
-            texts = [str(t) for t in stats["text"].values] if "text" in stats.coords else [""] * stats.sizes["sample"]
-            options = [(f"{i}: {t[:50]}", i) for i, t in enumerate(texts)]
+            texts = stats["text"].values if "text" in stats.coords else [""] * stats.sizes["sample"]
+            options = prompt_options(texts, width=50)
             keep = self.sample.value if self.sample.value is not None and self.sample.value < len(options) else 0
             self.sample.options = options
             self.sample.value = keep
