@@ -1,6 +1,7 @@
 """Extreme-token figures and the explorer, driven headless."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -99,8 +100,11 @@ def test_explorer_loads_patterns_in_the_background_once_per_prompt(tiny):
         return one.attn_pattern.isel(sample=0).values
 
     explorer = ExtremeTokenExplorer(run, pattern_source=source)
-    assert "capturing the attention patterns of prompt 0" in explorer.busy.value  # says what it waits for
     assert started.wait(30)
+    shown = time.monotonic() + 30
+    while "prompt 0" not in explorer.busy.value and time.monotonic() < shown:
+        time.sleep(0.01)
+    assert "capturing the attention patterns of prompt 0" in explorer.busy.value  # past 0.2 s: says what it waits for
     explorer.prompt.value = 1  # moved on while prompt 0 is still being captured
     explorer.prompt.value = 2
     release.set()

@@ -2,8 +2,11 @@
 
 import json
 import struct
+import threading
+import time
 from pathlib import Path
 
+import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -20,7 +23,8 @@ from workbench.plots import (
     residual_norm_profile,
 )
 from workbench.widgets import ResidualNormExplorer
-from workbench.widgets.base import show_figure
+from workbench.widgets import base as widgets_base
+from workbench.widgets.base import Explorer, Work, show_figure
 
 from .conftest import PROSE
 
@@ -77,6 +81,43 @@ def test_figures_with_gaps_reach_the_page_as_strict_json():
     assert [list(r) for r in target.data[0].z] == [[1.0, None], [None, 2.0]]
     assert list(target.data[0].customdata[0][1]) == ["b", None]
     assert list(target.data[1].y) == [None, 0.5] and list(target.data[1].text) == ["a", "b"]
+
+
+class _OneComputation(Explorer):
+    """The smallest explorer: its view needs ``compute`` run once in the background."""
+
+    def __init__(self, compute):
+        self.compute, self.done, self.drawn = compute, False, 0
+        self.view = widgets.VBox([self._start_work()])
+        self.lines = []  # every value the busy line took
+        self.busy.observe(lambda change: self.lines.append(change["new"]), names="value")
+        self.update()
+
+    def pending_work(self):
+        if self.done:
+            return None
+        return Work("computing the thing", lambda: (self.compute(), setattr(self, "done", True)))
+
+    def draw(self):
+        self.drawn += 1
+
+
+def test_busy_line_shows_only_work_that_takes_longer_than_the_threshold(monkeypatch):
+    monkeypatch.setattr(widgets_base, "BUSY_AFTER_S", 5.0)
+    quick = _OneComputation(lambda: None)
+    quick.wait(30)
+    assert quick.drawn == 1 and not any("computing" in line for line in quick.lines)  # no flicker
+
+    monkeypatch.setattr(widgets_base, "BUSY_AFTER_S", 0.05)
+    release = threading.Event()
+    slow = _OneComputation(lambda: release.wait(30))
+    deadline = time.monotonic() + 30
+    while "computing the thing" not in slow.busy.value and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "computing the thing" in slow.busy.value and "previous state" in slow.busy.value and slow.drawn == 0
+    release.set()
+    slow.wait(30)
+    assert slow.drawn == 1 and slow.busy.value == ""
 
 
 def test_export_writes_vector_and_raster(run, tmp_path):

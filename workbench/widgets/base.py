@@ -4,7 +4,8 @@ line, linked-view highlights, an export box and notebook display.
 How an explorer stays responsive: every control change calls :meth:`Explorer.update`. When everything the
 current view needs is at hand (precomputed or cached), it redraws at once, in the calling thread. When
 something must be computed first (a capture, a byte-level walk), :meth:`Explorer.pending_work` names it;
-one background thread computes it while a busy line says what is going on, and then draws. The thread
+one background thread computes it, and then draws; work still running after :data:`BUSY_AFTER_S` gets a busy
+line saying what is going on (quicker work draws without a flicker). The thread
 always computes what the controls show *now*: positions the slider passed while that work ran are never
 computed (no queue of captures while dragging). :meth:`Explorer.wait` blocks until the view is current;
 :meth:`Explorer.export` calls it, so code that sets a control and exports gets the new view.
@@ -25,6 +26,7 @@ import plotly.graph_objects as go
 from ..plots.export import FORMATS, figure_folder, unused_stem
 
 SELECTED = "#d55e00"  # Okabe-Ito vermillion: what is selected in one view, outlined in the others
+BUSY_AFTER_S = 0.2  # background work still running after this long shows the busy line
 
 
 def row(*children: widgets.Widget) -> widgets.Box:
@@ -104,6 +106,7 @@ class Explorer:
         self._lock = threading.RLock()  # re-entrant: draw() may set controls, whose observers call update()
         self._drawing = False
         self._worker: threading.Thread | None = None
+        self._running: Work | None = None  # what the worker computes now (the busy line's subject)
         self._idle = threading.Event()
         self._idle.set()
         self.last_error: Exception | None = None
@@ -127,7 +130,6 @@ class Explorer:
             if work is None:
                 self._draw_locked()
             else:
-                self._show_busy(work)
                 self._idle.clear()
                 self._worker = threading.Thread(target=self._work_loop, daemon=True, name=type(self).__name__)
                 self._worker.start()
@@ -143,9 +145,11 @@ class Explorer:
         finally:
             self._drawing = False
 
-    def _show_busy(self, work: Work) -> None:
-        self.busy.value = (f"<span style='color:#555'>&#8987; {html.escape(work.label)} ... "
-                           "(the view below still shows the previous state)</span>")
+    def _show_busy_if_still_running(self, work: Work) -> None:
+        with self._lock:
+            if self._running is work:
+                self.busy.value = (f"<span style='color:#555'>&#8987; {html.escape(work.label)} ... "
+                                   "(the view below still shows the previous state)</span>")
 
     def _work_loop(self) -> None:
         """Compute what the controls show now, again and again until nothing is missing; then draw and stop."""
@@ -157,17 +161,27 @@ class Explorer:
                     self._worker = None
                     self._idle.set()
                     return
-            self._show_busy(work)
+                self._running = work
+                if self.busy.value:  # already showing earlier work: name this one at once
+                    self._show_busy_if_still_running(work)
+            timer = threading.Timer(BUSY_AFTER_S, self._show_busy_if_still_running, args=(work,))
+            timer.daemon = True
+            timer.start()
             try:
                 work.run()
             except Exception as err:
                 self.last_error = err
                 with self._lock:
+                    self._running = None
                     self.busy.value = (f"<span style='color:#b00'><b>failed</b> while {html.escape(work.label)}: "
                                        f"{html.escape(str(err))}</span>")
                     self._worker = None
                     self._idle.set()
                 return
+            finally:
+                timer.cancel()
+            with self._lock:
+                self._running = None
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the view shows the current controls (raises what the background work raised)."""
