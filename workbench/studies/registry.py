@@ -309,7 +309,7 @@ STUDIES: dict[str, Study] = {
             "tokenization-bias", "Tokenization bias: the Markov-chain ground truth",
             "Tokenization bias on a known Markov chain (Phan et al., 2024): MPE and BPE toy models, naive vs exact.\n\n"
             "Results (and checkpoints) are saved under runs/tokenization_bias and reused unless --recompute; figures "
-            "and summary.md go to GALLERY/tokenization_bias. About 10 min on 2 CPU cores.",
+            "and summary.md go to GALLERY/tokenization_bias. About 2 min on 2 CPU cores.",
             RUNS / "tokenization_bias", "tokenization_bias/summary.md", "results.nc", _run_tokenization_bias,
             _write_tokenization_bias, weights_note=False,
         ),
