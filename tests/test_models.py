@@ -9,6 +9,8 @@ import torch
 import workbench as wb
 from workbench.models.loading import _cache_root
 
+from .conftest import PROSE
+
 
 def test_unknown_model_names_the_model_and_the_choices():
     with pytest.raises(wb.ModelNotAvailableError) as err:
@@ -105,3 +107,39 @@ def test_partial_gemma_gguf_is_rebuilt_not_left_to_block_loads(tmp_path, monkeyp
     assert _gemma3_gguf() == target
     assert _sha256(target) == parts.EXPECTED_SHA256
     assert [p.name for p in target.parent.iterdir() if "tmp" in p.name] == []
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_a_device_mapped_model_with_offloaded_layers_captures_like_the_plain_model(architecture, tmp_path):
+    """load_model(device_map=...): layer 1 (and, for GPT-2, the fused-QKV Conv1D weights W_O is read from) lives
+    on disk between forwards, run through accelerate's hooks; every probe (value_norm reads W_O of the
+    offloaded layer) equals the model loaded whole, through every backend; device_map="auto" loads too."""
+    plain = wb.load_model(f"tiny-random-{architecture}")
+    plain.hf_model.save_pretrained(tmp_path / "model")
+    plain.tokenizer.save_pretrained(tmp_path / "model")
+    blocks = plain.sites.blocks_path
+    device_map = {name: "cpu" for name, _ in plain.hf_model.named_children()}  # lm_head, ...
+    base = blocks.rsplit(".", 1)[0]
+    device_map.pop(base.split(".")[0])
+    device_map.update({f"{base}.{name}": "cpu" for name, _ in plain.hf_model.get_submodule(base).named_children()
+                       if f"{base}.{name}" != blocks})
+    device_map.update({f"{blocks}.0": "cpu", f"{blocks}.1": "disk"})
+    mapped = wb.load_model(str(tmp_path / "model"), device_map=device_map, offload_folder=tmp_path / "offload")
+    offloaded = mapped.hf_model.get_submodule(f"{blocks}.1")
+    assert {p.device.type for p in offloaded.parameters()} == {"meta"} and mapped.device.type == "cpu"
+    probes = list(wb.PROBES)
+    for backend in ("torch", "nnsight", "transformer_lens"):
+        run = wb.capture(mapped, PROSE[:2], probes, backend=backend, progress=False)
+        expected = wb.capture(plain, PROSE[:2], probes, backend=backend, progress=False)
+        for probe in expected.data_vars:
+            np.testing.assert_allclose(run[probe].values, expected[probe].values, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{backend} {probe}")
+    assert {p.device.type for p in offloaded.parameters()} == {"meta"}  # still offloaded after reading W_O
+    auto = wb.load_model(str(tmp_path / "model"), device_map="auto")  # one CPU here: accelerate keeps it whole
+    np.testing.assert_allclose(wb.capture(auto, PROSE[0], ["resid_post"], progress=False).resid_post.values,
+                               wb.capture(plain, PROSE[0], ["resid_post"], progress=False).resid_post.values,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="offload_folder"):
+        wb.load_model(str(tmp_path / "model"), device_map=device_map)
+    with pytest.raises(ValueError, match="built in memory"):
+        wb.load_model("tiny-random-llama", device_map="auto")

@@ -123,6 +123,12 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the model's device, or for a device-mapped model (``load_model(device_map=...)``)
+        the device its input embedding runs on."""
+        if getattr(self.hf_model, "hf_device_map", None):  # accelerate runs each module on its execution device
+            hook = getattr(self.hf_model.get_input_embeddings(), "_hf_hook", None)
+            if getattr(hook, "execution_device", None) is not None:
+                return torch.device(hook.execution_device)
         return next(self.hf_model.parameters()).device
 
     @property
@@ -307,6 +313,8 @@ def load_model(
     attn_implementation: str = "eager",
     trust_remote_code: bool = False,
     allow_download: bool = False,
+    device_map: str | dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> ModelHandle:
     """Load a model by name and return a :class:`ModelHandle`.
 
@@ -317,6 +325,11 @@ def load_model(
     hub look-ups stay offline otherwise). Attention is eager by default so the probes can
     read attention probabilities. The site map is resolved here: a model whose architecture
     no adapter knows fails now, naming the supported architectures.
+
+    ``device_map`` (instead of ``device``; embedded models, folders and hub ids): a model too large for one
+    device, spread by accelerate as Hugging Face's ``from_pretrained`` does: ``"auto"``, ``"balanced"``, or a
+    ``{module path: device}`` dict where a device may be a GPU index, ``"cpu"`` or ``"disk"`` (then give
+    ``offload_folder``). Captures run through accelerate's own hooks; every probe is gathered to the host.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
@@ -328,18 +341,30 @@ def load_model(
     torch_dtype = DTYPES[dtype]
     from .tiny import RANDOM_PREFIX, TINY_PREFIX, random_shaped_model, tiny_model
 
+    placement = None
+    if device_map is not None:
+        if device != "cpu":
+            raise ValueError(f"pass device={device!r} or device_map={device_map!r}, not both.")
+        if name.startswith((TINY_PREFIX, RANDOM_PREFIX)):
+            raise ValueError(f"device_map needs a model loaded from files (an embedded name, a folder, a hub id); "
+                             f"{name!r} is built in memory: save it with save_pretrained and pass the folder.")
+        if (device_map == "disk" or isinstance(device_map, dict) and "disk" in device_map.values()) and not offload_folder:
+            raise ValueError("device_map puts weights on 'disk': pass offload_folder=<a folder for them>.")
+        placement = dict(device_map=device_map, offload_folder=None if offload_folder is None else str(offload_folder),
+                         dtype=torch_dtype)
     if name.startswith(TINY_PREFIX):  # tiny-random-llama and every other tiny architecture
         handle = tiny_model(name.removeprefix(TINY_PREFIX))
     elif name.startswith(RANDOM_PREFIX):  # random-llama-1b: a real model's shape, random weights, built in place
         handle = random_shaped_model(name.removeprefix(RANDOM_PREFIX), device=device, dtype=dtype)
     elif (embedded := _resolve_embedded(name)) is not None:
-        handle = _load_embedded(embedded)
+        handle = _load_embedded(embedded, placement)
     elif Path(name).expanduser().is_dir():
-        handle = _load_pretrained(str(Path(name).expanduser()), name, trust_remote_code, local_only=True)
+        handle = _load_pretrained(str(Path(name).expanduser()), name, trust_remote_code, local_only=True,
+                                  placement=placement)
     elif Path(name).expanduser().exists():
         raise ModelNotAvailableError(f"{name!r} is a file, not a model folder; pass the folder that holds config.json.")
     elif "/" in name and allow_download:
-        handle = _load_pretrained(name, name, trust_remote_code, local_only=False)
+        handle = _load_pretrained(name, name, trust_remote_code, local_only=False, placement=placement)
     else:
         known = ", ".join([*EMBEDDED, TINY_MODEL, "tiny-random-<architecture>", "random-<shape>"])
         hint = (
@@ -352,13 +377,14 @@ def load_model(
 
     handle.sites  # resolve the site map now: an unknown architecture fails here, before any capture
     handle.hf_model.set_attn_implementation(attn_implementation)
-    handle.hf_model.to(device=device, dtype=torch_dtype)
+    if placement is None:  # accelerate placed a device-mapped model already (moving it would undo that)
+        handle.hf_model.to(device=device, dtype=torch_dtype)
     handle.hf_model.eval()
     handle.hf_model.requires_grad_(False)
     return handle
 
 
-def _load_embedded(model: EmbeddedModel) -> ModelHandle:
+def _load_embedded(model: EmbeddedModel, placement: dict | None = None) -> ModelHandle:
     if not model.installed():
         raise ModelNotAvailableError(f"{model.name} is not installed: {model.install} (or run `make demo`).")
     cache = _cache_root() / "models" / model.name
@@ -372,7 +398,8 @@ def _load_embedded(model: EmbeddedModel) -> ModelHandle:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cache)
-    hf_model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32, attn_implementation="eager")
+    hf_model = AutoModelForCausalLM.from_pretrained(cache, attn_implementation="eager",
+                                                    **(placement or dict(dtype=torch.float32)))
     return ModelHandle(
         name=model.name,
         hf_model=hf_model,
@@ -421,7 +448,8 @@ def _convert_gguf(model: EmbeddedModel, cache: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_pretrained(path_or_id: str, name: str, trust_remote_code: bool, local_only: bool) -> ModelHandle:
+def _load_pretrained(path_or_id: str, name: str, trust_remote_code: bool, local_only: bool,
+                     placement: dict | None = None) -> ModelHandle:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -432,8 +460,8 @@ def _load_pretrained(path_or_id: str, name: str, trust_remote_code: bool, local_
             path_or_id,
             local_files_only=local_only,
             trust_remote_code=trust_remote_code,
-            dtype=torch.float32,
             attn_implementation="eager",
+            **(placement or dict(dtype=torch.float32)),
         )
     except OSError as err:
         raise ModelNotAvailableError(

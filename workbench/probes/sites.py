@@ -315,7 +315,7 @@ class SiteMap:
         path = self.part_path(layer, "attn", "o")
         if path is None:
             raise UnsupportedSiteError(f"{self.architecture}: the adapter names no attention output projection")
-        weight = self._module(path).weight
+        weight = _weight(self._module(path))
         if type(self._module(path)).__name__ != "Conv1D":
             weight = weight.T  # nn.Linear stores (out, in)
         return weight.reshape(self.n_heads, self.head_dim, -1) * self.residual_multiplier
@@ -325,22 +325,24 @@ class SiteMap:
         module = self._module(self.paths["embed"])
         if module is None or getattr(module, "weight", None) is None:
             raise UnsupportedSiteError(f"{self.architecture}: the adapter names no input embedding with a weight matrix")
-        return module.weight
+        return _weight(module)
 
     def W_U(self) -> torch.Tensor:
         """The unembedding matrix, (vocab, d_model): row t scores token t (logits = final-norm state @ W_U.T)."""
         module = self._module(self.paths["unembed"])
         if module is None or getattr(module, "weight", None) is None:
             raise UnsupportedSiteError(f"{self.architecture}: the adapter names no unembedding with a weight matrix")
-        weight = module.weight
+        weight = _weight(module)
         return weight.T if type(module).__name__ == "Conv1D" else weight
 
     def tied_embeddings(self) -> bool:
         """Whether the unembedding is the input embedding (one tensor, as in SmolLM2 and Gemma 3)."""
-        try:
-            return self.W_E().data_ptr() == self.W_U().data_ptr()
-        except UnsupportedSiteError:
+        embed, unembed = self._module(self.paths["embed"]), self._module(self.paths["unembed"])
+        if getattr(embed, "weight", None) is None or getattr(unembed, "weight", None) is None:
             return False
+        if embed.weight is unembed.weight:  # one Parameter (also when accelerate keeps it off-device)
+            return True
+        return embed.weight.device.type != "meta" and embed.weight.data_ptr() == unembed.weight.data_ptr()
 
     def unembed(self, states: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
         """Logits from residual states exactly as the model computes its output:
@@ -361,6 +363,21 @@ class SiteMap:
         if cap:  # Gemma 2/3
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    """``module.weight``, or, when accelerate offloaded the module (``device_map`` with ``"disk"`` or CPU offload:
+    between forwards the parameter sits on the meta device), a copy loaded from accelerate's offload store."""
+    weight = module.weight
+    if weight.device.type != "meta":
+        return weight
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    if not has_offloaded_params(module):
+        raise UnsupportedSiteError(f"{type(module).__name__}.weight is on the meta device and not offloaded by "
+                                   "accelerate: load the model's weights before reading them")
+    with align_module_device(module):
+        return module.weight.detach().clone()
 
 
 class _Proxy:
