@@ -113,7 +113,8 @@ def test_partial_gemma_gguf_is_rebuilt_not_left_to_block_loads(tmp_path, monkeyp
 def test_a_device_mapped_model_with_offloaded_layers_captures_like_the_plain_model(architecture, tmp_path):
     """load_model(device_map=...): layer 1 (and, for GPT-2, the fused-QKV Conv1D weights W_O is read from) lives
     on disk between forwards, run through accelerate's hooks; every probe (value_norm reads W_O of the
-    offloaded layer) equals the model loaded whole, through every backend; device_map="auto" loads too."""
+    offloaded layer) equals the model loaded whole, through every backend, and so do interventions and the logit lens;
+    device_map="auto" loads too."""
     plain = wb.load_model(f"tiny-random-{architecture}")
     plain.hf_model.save_pretrained(tmp_path / "model")
     plain.tokenizer.save_pretrained(tmp_path / "model")
@@ -134,6 +135,18 @@ def test_a_device_mapped_model_with_offloaded_layers_captures_like_the_plain_mod
         for probe in expected.data_vars:
             np.testing.assert_allclose(run[probe].values, expected[probe].values, rtol=1e-5, atol=1e-5,
                                        err_msg=f"{backend} {probe}")
+    from workbench.probes import interventions
+    from workbench.probes.lens import lens_logits
+
+    ids = torch.tensor([plain.tokenizer(PROSE[0]).input_ids[:12]])
+    for edit in (lambda h: interventions.ablate_heads(h, {1: [0, 1]}), lambda h: interventions.delete_layers(h, [1]),
+                 lambda h: interventions.swap_layers(h, 0)):
+        with edit(mapped):
+            edited = interventions.token_logprobs(mapped, ids)
+        with edit(plain):
+            torch.testing.assert_close(edited, interventions.token_logprobs(plain, ids), rtol=1e-5, atol=1e-5)
+    states = torch.randn(4, plain.d_model, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lens_logits(mapped, states), lens_logits(plain, states), rtol=1e-5, atol=1e-5)
     assert {p.device.type for p in offloaded.parameters()} == {"meta"}  # still offloaded after reading W_O
     auto = wb.load_model(str(tmp_path / "model"), device_map="auto")  # one CPU here: accelerate keeps it whole
     np.testing.assert_allclose(wb.capture(auto, PROSE[0], ["resid_post"], progress=False).resid_post.values,
