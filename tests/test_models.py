@@ -1,13 +1,18 @@
 """Model loading: the embedded models, the tiny test model, and clear errors."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import workbench as wb
-from workbench.models.loading import _cache_root
+from workbench.models.loading import EMBEDDED, _cache_root
 
 from .conftest import PROSE
 
@@ -119,12 +124,11 @@ def test_a_device_mapped_model_with_offloaded_layers_captures_like_the_plain_mod
     plain.hf_model.save_pretrained(tmp_path / "model")
     plain.tokenizer.save_pretrained(tmp_path / "model")
     blocks = plain.sites.blocks_path
-    device_map = {name: "cpu" for name, _ in plain.hf_model.named_children()}  # lm_head, ...
-    base = blocks.rsplit(".", 1)[0]
-    device_map.pop(base.split(".")[0])
-    device_map.update({f"{base}.{name}": "cpu" for name, _ in plain.hf_model.get_submodule(base).named_children()
-                       if f"{base}.{name}" != blocks})
-    device_map.update({f"{blocks}.0": "cpu", f"{blocks}.1": "disk"})
+    root = blocks.rsplit(".", 1)[0]  # the blocks' parent: "model" (Llama), "transformer" (GPT-2)
+    device_map = {name: "cpu" for name, _ in plain.hf_model.named_children() if name != root}  # lm_head
+    device_map |= {f"{root}.{name}": "cpu" for name, _ in plain.hf_model.get_submodule(root).named_children()
+                   if f"{root}.{name}" != blocks}  # embeddings, final norm
+    device_map |= {f"{blocks}.0": "cpu", f"{blocks}.1": "disk"}
     mapped = wb.load_model(str(tmp_path / "model"), device_map=device_map, offload_folder=tmp_path / "offload")
     offloaded = mapped.hf_model.get_submodule(f"{blocks}.1")
     assert {p.device.type for p in offloaded.parameters()} == {"meta"} and mapped.device.type == "cpu"
@@ -156,3 +160,32 @@ def test_a_device_mapped_model_with_offloaded_layers_captures_like_the_plain_mod
         wb.load_model(str(tmp_path / "model"), device_map=device_map)
     with pytest.raises(ValueError, match="built in memory"):
         wb.load_model("tiny-random-llama", device_map="auto")
+
+
+def test_a_conversion_killed_mid_write_is_cleaned_up_and_redone(tmp_path, monkeypatch):
+    """SIGKILL while SmolLM2's GGUF is converted (its safetensors half written into the hidden temp folder):
+    nothing appears at the cache path, and the next load removes the leftover, converts again and works."""
+    if not EMBEDDED["smollm2-135m"].installed():
+        pytest.skip("smollm2-135m is not installed")
+    env = {**os.environ, "WORKBENCH_CACHE": str(tmp_path)}
+    models = tmp_path / "models"
+    proc = subprocess.Popen([sys.executable, "-c", "import workbench as wb; wb.load_model('smollm2-135m')"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            leftovers = list(models.glob(".smollm2-135m-*")) if models.exists() else []
+            if leftovers and any(p.stat().st_size > 0 for p in leftovers[0].iterdir()):
+                break  # the conversion is writing its files
+            time.sleep(0.02)
+        assert proc.poll() is None, "the conversion finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert len(list(models.glob(".smollm2-135m-*"))) == 1 and not (models / "smollm2-135m").exists()
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    handle = wb.load_model("smollm2-135m")
+    assert list(models.glob(".smollm2-135m-*")) == [] and (models / "smollm2-135m" / "workbench.json").exists()
+    monkeypatch.undo()
+    ids = handle.tokenizer("The cat sat on the", return_tensors="pt").input_ids
+    torch.testing.assert_close(handle.hf_model(ids).logits, wb.load_model("smollm2-135m").hf_model(ids).logits)

@@ -317,7 +317,7 @@ STUDIES: dict[str, Study] = {
             "byte-level", "Exact byte-level probabilities and ensembles",
             "Exact byte-level probabilities on real text (Phan et al., 2024): bias along a paragraph, SmolLM2 + Gemma "
             "ensemble.\n\nResults are saved under runs/byte_level and reused unless --recompute; figures and "
-            "byte_level.md go to GALLERY/tokenization_bias. About 20 min on 2 CPU cores.",
+            "byte_level.md go to GALLERY/tokenization_bias. About 6 min on 2 CPU cores.",
             RUNS / "byte_level", "tokenization_bias/byte_level.md", "ensemble.nc", _run_byte_level, _write_byte_level,
         ),
         Study(
