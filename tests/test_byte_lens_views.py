@@ -221,8 +221,10 @@ def test_figures_carry_the_analysis_values(along, merged, chars):
     assert list(columns[1][:2]) == [_shown(t) for t in covers.tokens.values]
     ens = ensemble_bits_per_byte({"chars": chars, "merged": merged}, ["ab ba"], **EXACT)
     fig = bits_per_byte_figure(ens)
-    np.testing.assert_allclose(fig.data[0].y, ens.bits_per_byte.values)
-    assert len(fig.data[1].y) == 2  # token-level diamonds for the members only
+    members, ensembles = fig.data[0], fig.data[1]  # one bar trace per colour, both in the legend
+    np.testing.assert_allclose(list(members.y) + list(ensembles.y), ens.bits_per_byte.values)
+    assert len(members.y) == 2 and members.name.endswith("one model") and ensembles.name.endswith("ensemble")
+    assert len(fig.data[2].y) == 2  # token-level diamonds for the members only
     inv = prompt_cut_invariance(merged, "ab ba", **EXACT)
     fig = prompt_cut_figure(inv)
     np.testing.assert_allclose(fig.data[1].y, inv.exact_logprob.values)

@@ -180,24 +180,31 @@ def bits_per_byte_figure(ds: xr.Dataset, title: str | None = None) -> go.Figure:
     kinds = [str(k) for k in ds["kind"].values]
     members = [str(m) for m in ds["member"].values]
 
-    def label(model: str) -> str:
+    def label(model: str) -> str:  # two short lines each: the last bar's label must not run off the figure
+        weights = "/".join(f"{v:.1f}" for v in ds["weight"].sel(model=model).values)
         if model == "ensemble_tuned":
-            w = ds["weight"].sel(model=model).values
-            return "ensemble<br>tuned " + "/".join(f"{v:.1f}" for v in w)
+            return f"tuned<br>{weights}"
+        if model == "ensemble":
+            return f"equal<br>{weights}"
         return model.replace("-", "-<br>", 1) if "-" in model else model
 
     labels = [label(m) for m in models]
     values = ds["bits_per_byte"].values
-    fig = go.Figure(go.Bar(
-        x=labels, y=values, marker_color=[ENSEMBLE_COLOR if k == "ensemble" else MODEL_COLOR for k in kinds],
-        text=[f"{v:.3f}" for v in values], textposition="inside", insidetextanchor="end",
-        textfont=dict(color="white", size=8), name="exact byte level",
-        customdata=np.stack([ds["calls_per_byte"].values,
-                             [", ".join(f"{m} {w:.2f}" for m, w in zip(members, row)) for row in ds["weight"].values]],
-                            axis=-1),
-        hovertemplate="%{x}<br>%{y:.4f} bits/byte<br>%{customdata[0]:.2f} model calls per byte"
-                      "<br>weights: %{customdata[1]}<extra></extra>",
-    ))
+    customdata = np.stack([ds["calls_per_byte"].values,
+                           [", ".join(f"{m} {w:.2f}" for m, w in zip(members, row)) for row in ds["weight"].values]],
+                          axis=-1)
+    fig = go.Figure()
+    for name, color, pick in (("exact byte level, one model", MODEL_COLOR, lambda k: k != "ensemble"),
+                              ("exact byte level, ensemble", ENSEMBLE_COLOR, lambda k: k == "ensemble")):
+        rows = [i for i, k in enumerate(kinds) if pick(k)]
+        if rows:  # one trace per colour, so the legend names both
+            fig.add_trace(go.Bar(
+                x=[labels[i] for i in rows], y=values[rows], marker_color=color, name=name,
+                text=[f"{values[i]:.3f}" for i in rows], textposition="inside", insidetextanchor="start",
+                textfont=dict(color="white", size=8), customdata=customdata[rows],
+                hovertemplate="%{x}<br>%{y:.4f} bits/byte<br>%{customdata[0]:.2f} model calls per byte"
+                              "<br>weights: %{customdata[1]}<extra></extra>",
+            ))
     token_level = ds["token_level_bits_per_byte"].values
     shown = np.isfinite(token_level)
     if shown.any():
@@ -210,8 +217,8 @@ def bits_per_byte_figure(ds: xr.Dataset, title: str | None = None) -> go.Figure:
         title = f"Bits per byte on {int(ds.attrs.get('total_bytes', ds['n_bytes'].sum()))} held-out bytes"
     top = float(np.nanmax(np.concatenate([values, token_level[shown]]))) if shown.any() else float(values.max())
     fig.update_layout(title=title, yaxis_title="bits per byte", yaxis_range=[0, top * 1.08], showlegend=True,
-                      legend=BOTTOM_LEGEND)
-    fig.update_xaxes(type="category", tickangle=0)
+                      legend=BOTTOM_LEGEND, barmode="overlay")
+    fig.update_xaxes(type="category", tickangle=0, categoryorder="array", categoryarray=labels)
     return fig
 
 
