@@ -11,6 +11,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,6 +53,7 @@ class CapturePlan:
     add_special_tokens: bool
     truncated: list[int]
     residual_dtype: str
+    remote: bool | str = False  # nnsight remote execution (True: NDIF; "local": nnsight's local simulation)
 
     @property
     def variable_dims(self) -> dict[str, tuple[str, ...]]:
@@ -93,6 +95,7 @@ def capture(
     out=None,
     overwrite: bool = False,
     progress: bool = True,
+    remote: bool | str = False,
 ) -> xr.Dataset:
     """Capture ``probes`` for every text and return a run following :mod:`workbench.schema`.
 
@@ -115,6 +118,13 @@ def capture(
     ``residual_dtype="float16"`` stores the probes with a
     ``d_model`` dimension (residuals, updates) at half the size (recorded in the run's attrs;
     values beyond float16's range are an error).
+
+    ``remote=True`` (with ``backend="nnsight"``): run the forward passes on NDIF's servers through
+    nnsight's remote execution, for a hosted model loaded here without weights
+    (``load_model(hub_id, allow_download=True, remote=True)``; set nnsight's API key first:
+    ``nnsight.CONFIG.set_default_api_key(...)``). Only module outputs and inputs travel back; the probes
+    are computed here. ``value_norm`` reads W_O, which a remote model has not here. ``remote="local"`` runs
+    the same requests through nnsight's local simulation on a model whose weights are here.
     """
     if out is not None:
         from .capture_store import check_store_path
@@ -122,7 +132,7 @@ def capture(
         out = check_store_path(out)
     plan = plan_capture(model, texts, probes, backend=backend, batch_size=batch_size, max_tokens=max_tokens,
                         truncate=truncate, top_k=top_k, add_special_tokens=add_special_tokens,
-                        residual_dtype=residual_dtype)
+                        residual_dtype=residual_dtype, remote=remote)
     if out is not None:
         from .capture_store import capture_to_store
 
@@ -139,12 +149,13 @@ def capture(
 
 
 def plan_capture(model, texts, probes, *, backend, batch_size, max_tokens, truncate, top_k, add_special_tokens,
-                 residual_dtype) -> CapturePlan:
+                 residual_dtype, remote: bool | str = False) -> CapturePlan:
     """Check every input and tokenise the texts: all errors come here, before any forward pass."""
     check_backend(backend)
     texts = _check_texts(texts)
     probe_list = resolve_probes(probes)
     check_probes_supported(model, probe_list)
+    _check_remote(model, backend, remote, probe_list)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}.")
     if residual_dtype not in RESIDUAL_DTYPES:
@@ -181,7 +192,25 @@ def plan_capture(model, texts, probes, *, backend, batch_size, max_tokens, trunc
     if empty:
         raise ValueError(f"text(s) {empty} produced no tokens; remove them or add text.")
     return CapturePlan(model, texts, encoded, probe_list, backend, batch_size, top_k, add_special_tokens, truncated,
-                       residual_dtype)
+                       residual_dtype, remote)
+
+
+def _check_remote(model, backend: str, remote, probes) -> None:
+    """Remote execution asked for (or needed) the way it can run, before any forward pass."""
+    weightless = model.device.type == "meta"
+    if remote not in (False, True, "local"):
+        raise ValueError(f"remote must be False, True (NDIF) or 'local' (nnsight's local simulation), got {remote!r}.")
+    if remote and backend != "nnsight":
+        raise ValueError("remote execution runs through nnsight: pass backend='nnsight'.")
+    if weightless and remote is not True:
+        raise ValueError(f"{model.name} has no weights here (loaded with remote=True): capture it with "
+                         "backend='nnsight', remote=True.")
+    if remote is True and (not model.hub_id or Path(model.hub_id).expanduser().exists()):
+        raise ValueError(f"{model.name}: remote execution needs the hub id the server knows the model by; "
+                         "load it with load_model('<org>/<name>', allow_download=True, remote=True).")
+    if weightless and any(p.name == "value_norm" for p in probes):
+        raise ValueError("value_norm reads the attention output weights W_O, which a remote model has not here; "
+                         "leave it out or load the weights.")
 
 
 def run_rows(plan: CapturePlan, rows, buffers: "RunBuffers", bar, row_offset: int = 0) -> None:
@@ -202,7 +231,8 @@ def run_rows(plan: CapturePlan, rows, buffers: "RunBuffers", bar, row_offset: in
     # On a GPU, a batch is stored by a second thread while this one queues the next batch: the host's
     # work per batch then overlaps the GPU's instead of adding to it. At most one batch is being stored.
     # On the CPU the forward pass is the work, and each batch is stored as soon as it is done.
-    storing = ThreadPoolExecutor(1, thread_name_prefix="workbench-store") if model.device.type == "cuda" else None
+    device = torch.device("cpu") if plan.remote else model.device  # remote: what travels starts and ends here
+    storing = ThreadPoolExecutor(1, thread_name_prefix="workbench-store") if device.type == "cuda" else None
     stored = None  # the future of the batch being stored
     try:
         for start in range(0, len(order), plan.batch_size):
@@ -214,11 +244,11 @@ def run_rows(plan: CapturePlan, rows, buffers: "RunBuffers", bar, row_offset: in
             for row, i in enumerate(samples):
                 input_ids[row, : lengths[row]] = torch.tensor(plan.encoded[i][0])
                 valid[row, : lengths[row]] = True
-            input_ids, valid = _to_device(input_ids, model.device), _to_device(valid, model.device)
+            input_ids, valid = _to_device(input_ids, device), _to_device(valid, device)
             ctx = BatchContext(input_ids=input_ids, valid=valid, w_o_factor=factor, n_heads=model.n_heads,
                                top_k=plan.top_k, lengths=lengths)
             collector = BatchCollector(plan.probes, ctx, buffers.writer(batch), model.n_layers, skip=skip)
-            run_batch(plan.backend, model, input_ids, valid.long(), collector.sites, collector)
+            run_batch(plan.backend, model, input_ids, valid.long(), collector.sites, collector, remote=plan.remote)
             collector.flush()  # copies to the host queued behind this batch's kernels
             if storing is None:
                 finish_batch(collector, batch, lengths)
@@ -254,7 +284,7 @@ def run_attrs(plan: CapturePlan) -> dict:
         n_heads=model.n_heads,
         n_kv_heads=model.n_kv_heads,
         dtype=str(model.dtype).removeprefix("torch."),
-        device=str(model.device),
+        device="NDIF (nnsight remote execution)" if plan.remote is True else str(model.device),
         attn_implementation=model.attn_implementation,
         backend=plan.backend,
         weight_processing="none (raw Hugging Face weights)",

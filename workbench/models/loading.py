@@ -315,6 +315,7 @@ def load_model(
     allow_download: bool = False,
     device_map: str | dict | None = None,
     offload_folder: str | Path | None = None,
+    remote: bool = False,
 ) -> ModelHandle:
     """Load a model by name and return a :class:`ModelHandle`.
 
@@ -330,6 +331,10 @@ def load_model(
     device, spread by accelerate as Hugging Face's ``from_pretrained`` does: ``"auto"``, ``"balanced"``, or a
     ``{module path: device}`` dict where a device may be a GPU index, ``"cpu"`` or ``"disk"`` (then give
     ``offload_folder``). Captures run through accelerate's own hooks; every probe is gathered to the host.
+
+    ``remote=True`` (a hub id with ``allow_download=True``, or a folder holding its config and tokenizer):
+    a model hosted on NDIF, for ``capture(..., backend="nnsight", remote=True)``. Only the config and the
+    tokenizer are read; the modules are built on the meta device (no weights are downloaded or held).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
@@ -341,6 +346,8 @@ def load_model(
     torch_dtype = DTYPES[dtype]
     from .tiny import RANDOM_PREFIX, TINY_PREFIX, random_shaped_model, tiny_model
 
+    if remote:
+        return _load_structure(name, trust_remote_code, allow_download)
     placement = None
     if device_map is not None:
         if device != "cpu":
@@ -446,6 +453,30 @@ def _convert_gguf(model: EmbeddedModel, cache: Path) -> None:
         steps.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_structure(name: str, trust_remote_code: bool, allow_download: bool) -> ModelHandle:
+    """A model's structure without its weights (meta device) and its tokenizer: for nnsight remote execution."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(name).expanduser()
+    if not folder.is_dir() and not ("/" in name and allow_download):
+        raise ModelNotAvailableError(f"remote=True needs a hub id with allow_download=True (for its config and "
+                                     f"tokenizer) or a folder holding them; got {name!r}.")
+    source = str(folder) if folder.is_dir() else name
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=folder.is_dir(), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=folder.is_dir(),
+                                                  trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelNotAvailableError(f"Could not read the config and tokenizer of {name!r}: {err}") from err
+    with torch.device("meta"):
+        hf_model = AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                    trust_remote_code=trust_remote_code)
+    handle = ModelHandle(name=name, hf_model=hf_model.eval(), tokenizer=tokenizer, source=f"{name} (weights remote)",
+                         file_hash="remote", hub_id=name)
+    handle.sites  # an unknown architecture fails here
+    return handle
 
 
 def _load_pretrained(path_or_id: str, name: str, trust_remote_code: bool, local_only: bool,

@@ -54,8 +54,9 @@ TINY_PREFIX = "tiny-random-"
 RANDOM_PREFIX = "random-"
 
 
-def tiny_config(architecture: str, vocab_size: int, special_ids: dict | None = None):
-    """The config of a tiny ``architecture`` model (eager attention, no dropout)."""
+def tiny_config(architecture: str, vocab_size: int, special_ids: dict | None = None, overrides: dict | None = None):
+    """The config of a tiny ``architecture`` model (eager attention, no dropout); ``overrides`` replace fields
+    (``num_hidden_layers`` with its ``layer_types``, for a stand-in as deep as a real model)."""
     from transformers import CONFIG_MAPPING
 
     if architecture not in TINY_ARCHITECTURES:
@@ -64,9 +65,25 @@ def tiny_config(architecture: str, vocab_size: int, special_ids: dict | None = N
     default = cls()
     # shared shape fields the config class does not know (GPT-2 has no KV-head count) are left out
     shape = {k: v for k, v in TINY_SHAPE.items() if hasattr(default, k) and not isinstance(getattr(type(default), k, None), property)}
-    config = cls(**{**shape, **TINY_ARCHITECTURES[architecture], "vocab_size": vocab_size, **(special_ids or {})})
+    config = cls(**{**shape, **TINY_ARCHITECTURES[architecture], "vocab_size": vocab_size, **(special_ids or {}),
+                    **(overrides or {})})
     config._attn_implementation = "eager"
     return config
+
+
+def tiny_stand_in(config) -> torch.nn.Module:
+    """A random model of ``config``'s architecture and depth at tiny width: it has the same module paths and runs
+    them in the same order as the real model (used to learn that order for a model whose weights are elsewhere)."""
+    from transformers import AutoModelForCausalLM
+
+    overrides = {"num_hidden_layers": config.num_hidden_layers}
+    if getattr(config, "layer_types", None) is not None:
+        overrides["layer_types"] = list(config.layer_types)
+    try:
+        small = tiny_config(config.model_type, 512, overrides=overrides)
+    except ValueError as err:
+        raise ValueError(f"{config.model_type}: {err}") from err
+    return AutoModelForCausalLM.from_config(small, attn_implementation="eager").eval()
 
 
 def tiny_model(architecture: str = "llama", seed: int = 0):

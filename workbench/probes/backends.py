@@ -9,7 +9,11 @@ norms) never stores the full tensor.
 - ``torch`` (default): PyTorch hooks placed by the site map (:mod:`workbench.probes.hooks`),
   the same code that runs interventions. Fastest; every architecture the site map resolves.
 - ``nnsight``: the same site specs read through nnsight's tracing of the same Hugging Face
-  model (in execution order, as nnsight requires); for users who work in nnsight.
+  model (in execution order, as nnsight requires); for users who work in nnsight. With ``remote=True``
+  the forward runs on NDIF's servers (nnsight's remote execution, for hosted models whose weights are not
+  here): the traced code only saves each needed module output or input, and the site values are computed
+  here from what comes back. ``remote="local"`` runs that same request through nnsight's local simulation
+  (serialised, deserialised, run in this process): how the remote path is tested without a network.
 - ``transformer_lens``: TransformerLens ``TransformerBridge`` hooks of the same names on a
   private copy of the model (rebuilt when the handle's weights, dtype or device change).
 
@@ -35,7 +39,7 @@ def check_backend(backend: str) -> None:
 
 
 def run_batch(backend: str, handle, input_ids: torch.Tensor, attention_mask: torch.Tensor, sites,
-              on_site: OnSite) -> None:
+              on_site: OnSite, *, remote: bool | str = False) -> None:
     check_backend(backend)
     sites = set(sites)
     hooks.site_map(handle).require(sites)
@@ -43,6 +47,8 @@ def run_batch(backend: str, handle, input_ids: torch.Tensor, attention_mask: tor
     with handle.lock:  # one forward at a time per model (see ModelHandle.lock)
         if backend == "torch":
             hooks.forward(handle, input_ids, attention_mask, reads=reads, on_site=on_site, logits=LOGITS in sites)
+        elif backend == "nnsight" and remote:
+            _run_nnsight_remote(handle, input_ids, attention_mask, reads, on_site, remote)
         elif backend == "nnsight":
             _run_nnsight(handle, input_ids, attention_mask, reads, on_site)
         else:
@@ -56,14 +62,21 @@ def _execution_order(handle) -> list[tuple[str, str]]:
     """Every site's ``(module path, "input"|"output")`` slot, in the order a forward pass reaches them.
 
     Recorded once per site map with plain hooks on a two-token forward, *before* nnsight wraps the
-    model (a forward outside a trace would advance nnsight's per-module call counters).
+    model (a forward outside a trace would advance nnsight's per-module call counters). A model whose
+    weights are elsewhere (``load_model(..., remote=True)``: its modules sit on the meta device) is timed
+    on a tiny random stand-in of the same architecture and depth, whose modules have the same paths.
     """
     sm = hooks.site_map(handle)
     if "_nnsight_order" not in sm.__dict__:
+        model = handle.hf_model
+        if handle.device.type == "meta":
+            from ..models.tiny import tiny_stand_in
+
+            model = tiny_stand_in(handle.config)
         slots = {}
         for site, layer in hooks.expand([s for s in SITES if s not in sm.unsupported], sm.n_layers):
             spec = sm.spec(site, layer)
-            slots[(spec.path, spec.io)] = spec.module
+            slots[(spec.path, spec.io)] = model.get_submodule(spec.path)
         seen: list = []
         handles = []
         for slot, module in slots.items():
@@ -74,7 +87,8 @@ def _execution_order(handle) -> list[tuple[str, str]]:
             handles.append(module.register_forward_hook(mark) if slot[1] == "output" else module.register_forward_pre_hook(mark))
         try:
             with torch.no_grad():
-                handle.hf_model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=handle.device), use_cache=False)
+                device = next(model.parameters()).device
+                model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
         finally:
             for h in handles:
                 h.remove()
@@ -91,10 +105,7 @@ def _run_nnsight(handle, input_ids, attention_mask, reads, on_site) -> None:
     if envelope is None or envelope._module is not handle.hf_model:
         envelope = NNsight(handle.hf_model)
         handle.__dict__["_nnsight_model"] = envelope
-    by_slot: dict[tuple[str, str], list] = {}
-    for site, layer in reads:
-        spec = sm.spec(site, layer)
-        by_slot.setdefault((spec.path, spec.io), []).append((site, layer, spec))
+    by_slot = _by_slot(sm, reads)
     kwargs = hooks.forward_kwargs(sm, {site for site, _ in reads})
     batch_shape = tuple(input_ids.shape)
     with torch.no_grad(), envelope.trace(input_ids=input_ids, attention_mask=attention_mask, **kwargs):
@@ -104,6 +115,56 @@ def _run_nnsight(handle, input_ids, attention_mask, reads, on_site) -> None:
             for site, layer, spec in by_slot[(path, io)]:
                 raw = hooks.raw_value(spec, output=output, args=args, kwargs=kw)
                 on_site(site, layer, hooks.site_value(site, layer, spec, raw, batch_shape))
+
+
+def _by_slot(sm, reads) -> dict[tuple[str, str], list]:
+    """The sites to read grouped by the module slot ``(path, "input"|"output")`` they come from."""
+    by_slot: dict[tuple[str, str], list] = {}
+    for site, layer in reads:
+        spec = sm.spec(site, layer)
+        by_slot.setdefault((spec.path, spec.io), []).append((site, layer, spec))
+    return by_slot
+
+
+def _remote_envelope(handle, remote: bool | str):
+    """nnsight's wrapper for remote execution: for NDIF, the hub id the server knows the model by (nnsight builds
+    the structure without weights); for the local simulation, the handle's own model."""
+    from nnsight import TransformersModel
+
+    key = f"_nnsight_remote_{remote}"
+    envelope = handle.__dict__.get(key)
+    if envelope is None:
+        if remote == "local":
+            envelope = TransformersModel(handle.hf_model, task="text-generation", tokenizer=handle.tokenizer)
+        else:
+            envelope = TransformersModel(handle.hub_id, task="text-generation")
+        handle.__dict__[key] = envelope
+    return envelope
+
+
+def _run_nnsight_remote(handle, input_ids, attention_mask, reads, on_site, remote: bool | str) -> None:
+    """One batch through nnsight's remote execution. The server runs the traced code with nnsight and torch but
+    not this package, so that code only saves each needed slot's raw value; the site values (head splits,
+    fused-QKV rows, ...) are computed here from what comes back, by the same functions as every backend."""
+    import nnsight
+
+    sm = hooks.site_map(handle)
+    by_slot = _by_slot(sm, reads)
+    slots = [slot for slot in _execution_order(handle) if slot in by_slot]
+    envelope = _remote_envelope(handle, remote)
+    kwargs = hooks.forward_kwargs(sm, {site for site, _ in reads})
+    with torch.no_grad(), envelope.trace(input_ids=input_ids.cpu(), attention_mask=attention_mask.cpu(),
+                                         remote=remote, **kwargs):
+        saved = nnsight.save([])
+        for path, io in slots:
+            envoy = envelope.get(path) if path else envelope
+            saved.append(envoy.output.save() if io == "output" else envoy.inputs.save())
+    batch_shape = tuple(input_ids.shape)
+    for (path, io), value in zip(slots, saved):
+        output, args, kw = (value, (), None) if io == "output" else (None, *value)
+        for site, layer, spec in by_slot[(path, io)]:
+            raw = hooks.raw_value(spec, output=output, args=args, kwargs=kw)
+            on_site(site, layer, hooks.site_value(site, layer, spec, raw, batch_shape))
 
 
 # --------------------------------------------------------------------------- TransformerLens
