@@ -4,6 +4,7 @@ Run from the repository root:
 
     .venv/bin/python benchmarks/capture_overhead.py                 # 8 x 512 tokens, 5 repeats
     .venv/bin/python benchmarks/capture_overhead.py --repeats 1 --tokens 64   # smoke test
+    .venv/bin/python benchmarks/capture_overhead.py --headline-only --repeats 15  # just the ratio, tighter minima
 
 On the embedded SmolLM2-135M (``wb.load_model()``: eager attention, float32), with
 identical inputs -- ``--batch`` sequences of exactly ``--tokens`` tokens of real text,
@@ -347,6 +348,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="sequences per forward (default 8)")
     parser.add_argument("--tokens", type=int, default=512, help="tokens per sequence (default 512)")
     parser.add_argument("--profile", action="store_true", help="also break one capture down by stage")
+    parser.add_argument("--headline-only", action="store_true",
+                        help="time only the fair plain forward and the torch capture (more rounds for the same time)")
     parser.add_argument("--tiny-tokens", type=int, default=256, help="tokens a row for the tiny gpt2 / qwen2 ratios (0: skip)")
     args = parser.parse_args()
 
@@ -362,6 +365,8 @@ def main() -> None:
     )
 
     methods = build_methods(model, ids, texts, args.batch)
+    if args.headline_only:
+        methods = {name: methods[name] for name in (REFERENCE, HEADLINE)}
 
     # warm-up round; check that capture saw exactly the ids every other method is fed
     ds = methods[HEADLINE]()

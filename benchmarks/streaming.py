@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/streaming.py                       # 10k, 100k, 300k tokens (~15 min on 2 cores)
+    .venv/bin/python benchmarks/streaming.py                       # 10k, 100k, 300k tokens (~18 min on 2 cores)
     .venv/bin/python benchmarks/streaming.py --sizes 2000,6000     # smoke test
 
 SmolLM2-135M (``wb.load_model()``, float32 weights dequantised from the Q4_1 GGUF), probes
@@ -13,6 +13,10 @@ a fresh subprocess (so each peak RSS is its own):
   streamed   ``wb.capture(..., residual_dtype="float16", out=tmp/run.zarr)`` at every size
   in memory  ``wb.capture(..., residual_dtype="float16")`` at the smallest size only (the same
              batches; the larger sizes would not fit: 300k tokens of float32 residuals are 21 GB)
+
+At the smallest size the two modes run ``--repeats`` times each, alternating (in memory, streamed,
+in memory, ...), so that drift in this machine's speed falls on both alike; the ratio is of the
+median tokens/s (the ratio of the fastest runs is printed beside it).
 
 Printed per run: tokens, wall seconds, tokens/s, peak RSS (``ru_maxrss`` of the subprocess), store
 size on disk, and the share of the CPUs other processes used meanwhile. Then: the largest streamed
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,23 +93,29 @@ child.cpu = 0.0
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000,300000", help="token counts, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each mode at the smallest size")
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     print("model: smollm2-135m (Q4_1 GGUF dequantised to float32), probes resid_post (float16), attn_received, "
           "value_norm; batches of 8 x 512 tokens\n")
-    rows = [child("in-memory", sizes[0])] + [child("streamed", n) for n in sizes]
+    rows = [child(mode, sizes[0]) for _ in range(args.repeats) for mode in ("in-memory", "streamed")]
+    rows += [child("streamed", n) for n in sizes[1:]]
     print(f"{'mode':<10} {'tokens':>8} {'wall s':>8} {'tok/s':>7} {'peak RSS MiB':>13} {'disk MiB':>9} "
           f"{'threads':>7} {'others CPU':>10}")
     for r in rows:
         print(f"{r['mode']:<10} {r['tokens']:>8} {r['wall']:8.1f} {r['tokens'] / r['wall']:7.0f} "
               f"{r['rss'] / 2**20:13.0f} {r['disk'] / 2**20:9.0f} {r['threads']:>7} {r['others']:10.0%}")
-    streamed = [r for r in rows if r["mode"] == "streamed"]
-    memory = rows[0]
-    print(f"\npeak RSS, largest streamed over smallest streamed: {streamed[-1]['rss'] / streamed[0]['rss']:.3f}")
-    ratio = (streamed[0]["tokens"] / streamed[0]["wall"]) / (memory["tokens"] / memory["wall"])
-    print(f"streaming/in-memory throughput ratio: {ratio:.3f}")
+    def rates(mode: str) -> list[float]:
+        return [r["tokens"] / r["wall"] for r in rows if r["mode"] == mode and r["tokens"] == rows[0]["tokens"]]
+
+    smallest = [r for r in rows if r["mode"] == "streamed" and r["tokens"] == rows[0]["tokens"]]
+    largest = [r for r in rows if r["mode"] == "streamed"][-1]
+    print(f"\npeak RSS, largest streamed over smallest streamed: {largest['rss'] / statistics.median(r['rss'] for r in smallest):.3f}")
+    streamed, memory = rates("streamed"), rates("in-memory")
+    print(f"fastest runs: streaming/in-memory throughput ratio {max(streamed) / max(memory):.3f}")
+    print(f"streaming/in-memory throughput ratio: {statistics.median(streamed) / statistics.median(memory):.3f}")
 
 
 if __name__ == "__main__":
