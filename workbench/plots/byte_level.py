@@ -241,7 +241,7 @@ def covers_table(covers: xr.Dataset, title: str | None = None, last_tokens: int 
         return " | ".join(parts)
 
     tokens = [shown(str(s)) for s in covers["tokens"].values]
-    probability = [f"{p:.3g}" for p in covers["probability"].values]
+    probability = [f"{p:.2e}" for p in covers["probability"].values]
     share = [f"{s:.1%}" if s >= 0.001 else f"{s:.2g}" for s in covers["share"].values]
     rank = [str(i + 1) for i in range(len(tokens))]
     hidden = int(covers.attrs["n_covers"]) - len(tokens)
@@ -260,7 +260,7 @@ def covers_table(covers: xr.Dataset, title: str | None = None, last_tokens: int 
     ))
     if title is None:
         prefix = covers.attrs.get("prefix", "")
-        title = f"Cover encodings of “{_tail(prefix)}” (log P(x) = {covers.attrs['prefix_logprob']:.2f})"
+        title = f"Cover encodings of “{_tail(prefix)}” (ln P(x) = {covers.attrs['prefix_logprob']:.2f})"
     fig.update_layout(title=title, margin=dict(l=4, r=4, t=30, b=4))
     return fig
 
