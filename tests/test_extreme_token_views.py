@@ -42,6 +42,11 @@ def test_figures_carry_the_analysis_values(run):
     n = int(run.n_tokens[0])
     assert len(fig.data[1].x) == run.sizes["head"]  # one first-token point per head
     assert len(fig.data[0].x) == run.sizes["head"] * (n - 1)
+    norms = np.concatenate([fig.data[0].y, fig.data[1].y])
+    ticks = list(fig.layout.yaxis.tickvals)  # 1-2-5 steps spanning every norm, each written out
+    assert ticks[0] <= norms.min() and ticks[-1] >= norms.max() and list(fig.layout.yaxis.ticktext) == [f"{t:g}" for t in ticks]
+    assert {round(t / 10 ** np.floor(np.log10(t)), 6) for t in ticks} <= {1.0, 2.0, 5.0}
+    assert [a.text for a in fig.layout.annotations] == ["other tokens", "first token"]  # named beside their points
     max_abs = et.max_abs_activation(run)
     np.testing.assert_allclose(massive_activation_map(max_abs).data[0].z, np.log10(max_abs.values))
     assert len(massive_activation_profile(max_abs, [0, 3]).data) == 3
@@ -64,6 +69,7 @@ def test_intervention_figures(tiny):
     fig = condition_bars(streaming, "perplexity", "StreamingLLM", "perplexity")
     np.testing.assert_allclose(fig.data[0].y, streaming.perplexity.values)
     assert fig.data[0].cliponaxis is False and fig.layout.yaxis.range[1] > streaming.perplexity.values.max()  # labels fit
+    assert list(fig.data[0].text) == [f"{v:.3g}" for v in streaming.perplexity.values]  # one precision for every bar
 
 
 def test_explorer_head_click_domain_and_sink_toggle(run, tmp_path):

@@ -57,14 +57,31 @@ def value_norm_vs_attention(received: xr.DataArray, value_norm: xr.DataArray, to
     fig = go.Figure()
     for mask, name, color in ((~is_sink, "other tokens", "#7a8fa6"), (is_sink, "first token", OKABE_ITO[5])):
         fig.add_trace(go.Scatter(x=x[mask], y=y[mask], mode="markers", name=name, text=labels[mask],
-                                 marker=dict(color=color, size=5, opacity=0.7),
+                                 marker=dict(color=color, size=5, opacity=0.7), showlegend=False,
                                  hovertemplate="%{text}<br>received %{x:.3f}<br>value norm %{y:.2f}<extra></extra>"))
+        # each group named beside its points (no legend box to cover data or squeeze the plot); log axes take log10
+        shown = mask & np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+        if shown.any():
+            top = np.argmax(np.where(shown, y, -np.inf))
+            fig.add_annotation(x=np.log10(x.flat[top]), y=np.log10(y.flat[top]), text=name, showarrow=False,
+                               font=dict(color=color), yshift=10, xanchor="right" if name == "first token" else "center")
+    norms = y[np.isfinite(y) & (y > 0)]
+    ticks = _one_two_five(norms.min(), norms.max()) if norms.size else []
     fig.update_layout(title="Value norm vs attention received", xaxis_title="attention received (mean over queries)",
-                      yaxis_title="value norm ‖v W_O^h‖", yaxis_type="log",
-                      # powers of ten (not "100μ"); the legend inside, bottom left, where neither group lies
-                      xaxis=dict(type="log", exponentformat="power", tickangle=0),
-                      legend=dict(x=0.02, y=0.02, xanchor="left", yanchor="bottom"))
+                      yaxis_title="value norm ‖v W_O^h‖",
+                      # powers of ten (not "100μ"); norms at 1-2-5 steps, each written out (plotly's own log ticks
+                      # label 20 and 50 as a small "2" and "5")
+                      xaxis=dict(type="log", dtick=1, exponentformat="power", tickangle=0),
+                      yaxis=dict(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks]))
     return fig
+
+
+def _one_two_five(low: float, high: float) -> list[float]:
+    """1, 2, 5, 10, 20, ... from the step at or below ``low`` to the one at or above ``high``."""
+    steps = [m * 10.0**e for e in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1) for m in (1, 2, 5)]
+    below = max([t for t in steps if t <= low], default=steps[0])
+    above = min([t for t in steps if t >= high], default=steps[-1])
+    return [t for t in steps if below <= t <= above]
 
 
 def massive_activation_map(max_abs: xr.DataArray) -> go.Figure:
@@ -87,7 +104,7 @@ def massive_activation_profile(max_abs: xr.DataArray, dims: list[int]) -> go.Fig
     fig.add_trace(go.Scatter(x=max_abs["layer"].values, y=max_abs.median("d_model").values, mode="lines",
                              name="median dim", line=dict(dash="dot", color="#888")))
     fig.update_layout(title="Massive activations across layers", xaxis_title="layer", yaxis_title="max |a|",
-                      yaxis_type="log")
+                      yaxis=dict(type="log", dtick=1, exponentformat="power"))  # every decade, one number format
     return fig
 
 
@@ -140,7 +157,7 @@ def condition_bars(result: xr.Dataset, variable: str, title: str, yaxis_title: s
     """Bars of one variable over a ``condition`` dim (StreamingLLM, massive-activation interventions)."""
     values = result[variable].values
     fig = go.Figure(go.Bar(x=[str(c) for c in result["condition"].values], y=values, marker_color=OKABE_ITO[0],
-                           text=np.round(values, 2), textposition="outside", cliponaxis=False))
+                           text=[f"{v:.3g}" for v in values], textposition="outside", cliponaxis=False))
     fig.update_layout(title=title, yaxis_title=yaxis_title)
     finite = values[np.isfinite(values)]
     if finite.size and finite.min() >= 0:  # headroom for the labels above the tallest bar

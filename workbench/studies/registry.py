@@ -284,7 +284,7 @@ STUDIES: dict[str, Study] = {
             "extreme-tokens", "Extreme-token phenomena",
             "Attention sinks, value drains, residual peaks, massive activations, active/dormant heads: per model.\n\n"
             "Results are saved under runs/extreme_tokens/MODEL and reused unless --recompute; the figures go to "
-            "GALLERY/extreme_tokens/MODEL and the table to GALLERY/extreme_tokens.md. About 30 min per model on 2 CPU cores.",
+            "GALLERY/extreme_tokens/MODEL and the table to GALLERY/extreme_tokens.md. About 15 min per model on 2 CPU cores.",
             RUNS / "extreme_tokens", "extreme_tokens.md", "run.zarr", _run_extreme_tokens, _write_extreme_tokens,
             default_models=_MODELS,
             options=(Option("ablation_layers", "--ablation-layers", Optional[str], None,
