@@ -295,7 +295,7 @@ STUDIES: dict[str, Study] = {
             "He & Su's next-token law, future-token probes, logit and tuned lens: per model.\n\n"
             "Results are saved under runs/next_token_law/MODEL (the tuned lens as tuned_lens.nc) and reused unless "
             "--recompute; figures go to GALLERY/next_token_law, the table to GALLERY/next_token_law.md. "
-            "About 25 min per model on 2 CPU cores.",
+            "About 10 min per model on 2 CPU cores.",
             RUNS / "next_token_law", "next_token_law.md", "pr.nc", _run_next_token_law, _write_next_token_law,
             default_models=_MODELS,
             options=(
