@@ -20,7 +20,7 @@ def test_theme_keeps_legend_placement():
 
 
 def test_series_colours_stay_apart_under_colour_vision_deficiencies():
-    """The palettes that tell series apart (the theme's Okabe-Ito colorway; exact / naive / token healing) keep every
+    """Every palette that tells series apart (the theme's Okabe-Ito colorway and each figure module's own) keeps every
     pair at least 10 CAM02-UCS units apart under simulated full deuteranopia, protanopia and tritanopia
     (colorspacious, Machado et al. 2009). The red / green pair these figures used before fails it."""
     import itertools
@@ -28,8 +28,12 @@ def test_series_colours_stay_apart_under_colour_vision_deficiencies():
     import numpy as np
     from colorspacious import cspace_convert
 
-    from workbench.plots.byte_level import COLORS
+    from workbench.plots.byte_level import COLORS, ENSEMBLE_COLOR, MODEL_COLOR
+    from workbench.plots.next_token_law import LENS_COLORS, MODEL_COLORS
     from workbench.plots.theme import OKABE_ITO
+    from workbench.plots.token_alignment import METHOD_COLORS
+    from workbench.plots.tokenization_bias import ESTIMATE_COLORS
+    from workbench.plots.tokenizers import VERDICT_COLORS
 
     def closest_pair(colours, cvd):
         srgb = np.array([[int(c.lstrip("#")[i:i + 2], 16) / 255 for i in (0, 2, 4)] for c in colours])
@@ -37,7 +41,11 @@ def test_series_colours_stay_apart_under_colour_vision_deficiencies():
         ucs = cspace_convert(seen, "sRGB1", "CAM02-UCS")
         return min(np.linalg.norm(a - b) for a, b in itertools.combinations(ucs, 2))
 
-    for name, colours in {"colorway": OKABE_ITO, "estimates": list(COLORS.values())}.items():
+    palettes = {"colorway": OKABE_ITO, "byte-level estimates": list(COLORS.values()),
+                "markov-chain estimates": list(ESTIMATE_COLORS.values()), "alignment methods": list(METHOD_COLORS.values()),
+                "next-token-law models": list(MODEL_COLORS), "lenses": list(LENS_COLORS.values()),
+                "tokenizer verdicts": list(VERDICT_COLORS.values()), "byte-level bars": [MODEL_COLOR, ENSEMBLE_COLOR]}
+    for name, colours in palettes.items():
         for cvd in ("deuteranomaly", "protanomaly", "tritanomaly"):
             assert closest_pair(colours, cvd) >= 10, (name, cvd)
     assert closest_pair(["#1f77b4", "#d62728", "#2ca02c"], "deuteranomaly") < 10  # the old red / green: the check can fail

@@ -18,7 +18,7 @@ LENS_METRICS = {
     "final_top1_rank": "rank of final top-1",
 }
 LENS_COLORS = {"logit": "#7a8fa6", "tuned": "#d1495b"}
-MODEL_COLORS = ("#3b6ea8", "#d1495b", "#4c956c", "#e09f3e")
+MODEL_COLORS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7")  # Okabe-Ito: apart under colour-vision deficiencies
 
 
 class TokenDecoder:

@@ -11,7 +11,8 @@ import plotly.graph_objects as go
 import xarray as xr
 from plotly.subplots import make_subplots
 
-METHOD_COLORS = {"plain": "#d62728", "aligned-1": "#1f77b4", "aligned-2": "#2ca02c", "aligned-3": "#9467bd"}
+# Okabe-Ito vermillion / blue / bluish green / reddish purple: told apart under colour-vision deficiencies (tested)
+METHOD_COLORS = {"plain": "#D55E00", "aligned-1": "#0072B2", "aligned-2": "#009E73", "aligned-3": "#CC79A7"}
 METRIC_TITLES = {"word_match": "next word", "prefix_match": "first {n} characters"}
 SUBSET_TITLES = {"all": "all cuts", "inside_token": "cuts inside a token", "at_boundary": "cuts at a token boundary"}
 

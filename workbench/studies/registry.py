@@ -324,7 +324,7 @@ STUDIES: dict[str, Study] = {
             "token-alignment", "Token alignment",
             "Token alignment (Athiwaratkun et al., 2024): greedy completions of cut prose and code, plain vs aligned.\n\n"
             "Results are saved under runs/token_alignment/MODEL and reused unless --recompute; figures and "
-            "token_alignment.md go to GALLERY/tokenization_bias. About 15 min per model on 2 CPU cores.",
+            "token_alignment.md go to GALLERY/tokenization_bias. About 5 min per model on 2 CPU cores.",
             RUNS / "token_alignment", "tokenization_bias/token_alignment.md", "results.nc", _run_token_alignment,
             _write_token_alignment, default_models=("smollm2-135m",),
             options=(

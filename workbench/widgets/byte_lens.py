@@ -128,7 +128,7 @@ class ByteLens(Explorer):
         after = data[cut:cut + 20].decode("utf-8", errors="replace")
         inside_char = cut < len(data) and (data[cut] & 0xC0) == 0x80
         note = " (inside a multi-byte UTF-8 character)" if inside_char else ""
-        return (f"<code>{html.escape(before)}<b style='color:#d62728'>|</b>{html.escape(after)}</code>"
+        return (f"<code>{html.escape(before)}<b style='color:#D55E00'>|</b>{html.escape(after)}</code>"
                 f"&nbsp; byte {cut} of {len(data)}{note}")
 
     def _figures(self) -> tuple[go.Figure, go.Figure]:
