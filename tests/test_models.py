@@ -174,9 +174,12 @@ def test_a_conversion_killed_mid_write_is_cleaned_up_and_redone(tmp_path, monkey
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            leftovers = list(models.glob(".smollm2-135m-*")) if models.exists() else []
-            if leftovers and any(p.stat().st_size > 0 for p in leftovers[0].iterdir()):
-                break  # the conversion is writing its files
+            try:
+                leftovers = list(models.glob(".smollm2-135m-*")) if models.exists() else []
+                if leftovers and any(p.stat().st_size > 0 for p in leftovers[0].iterdir()):
+                    break  # the conversion is writing its files
+            except FileNotFoundError:  # renamed into place meanwhile: the poll below says so
+                pass
             time.sleep(0.02)
         assert proc.poll() is None, "the conversion finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)

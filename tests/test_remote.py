@@ -44,3 +44,5 @@ def test_a_model_without_weights_knows_its_structure_and_refuses_local_work(arch
         wb.capture(real, "hello", ["resid_pre"], backend="nnsight", remote="yes", progress=False)
     with pytest.raises(wb.ModelNotAvailableError, match="allow_download"):
         wb.load_model("org/hosted-model", remote=True)
+    with pytest.raises(ValueError, match="nothing to place"):
+        wb.load_model(str(tmp_path), remote=True, device_map="auto")

@@ -347,6 +347,8 @@ def load_model(
     from .tiny import RANDOM_PREFIX, TINY_PREFIX, random_shaped_model, tiny_model
 
     if remote:
+        if device_map is not None or device != "cpu":
+            raise ValueError("remote=True loads no weights here, so nothing to place: leave out device and device_map.")
         return _load_structure(name, trust_remote_code, allow_download)
     placement = None
     if device_map is not None:
