@@ -47,10 +47,8 @@ def run_batch(backend: str, handle, input_ids: torch.Tensor, attention_mask: tor
     with handle.lock:  # one forward at a time per model (see ModelHandle.lock)
         if backend == "torch":
             hooks.forward(handle, input_ids, attention_mask, reads=reads, on_site=on_site, logits=LOGITS in sites)
-        elif backend == "nnsight" and remote:
-            _run_nnsight_remote(handle, input_ids, attention_mask, reads, on_site, remote)
         elif backend == "nnsight":
-            _run_nnsight(handle, input_ids, attention_mask, reads, on_site)
+            _run_nnsight(handle, input_ids, attention_mask, reads, on_site, remote)
         else:
             _run_transformer_lens(handle, input_ids, attention_mask, sites, on_site)
 
@@ -96,25 +94,49 @@ def _execution_order(handle) -> list[tuple[str, str]]:
     return sm.__dict__["_nnsight_order"]
 
 
-def _run_nnsight(handle, input_ids, attention_mask, reads, on_site) -> None:
-    from nnsight import NNsight
+def _run_nnsight(handle, input_ids, attention_mask, reads, on_site, remote: bool | str = False) -> None:
+    """One batch through nnsight, reading the slots in execution order.
 
+    Locally each site value goes to ``on_site`` while the trace runs. Remotely (``remote``: True for NDIF,
+    "local" for nnsight's simulation of it) the traced code runs where this package is not installed, so it
+    only saves each slot's raw value, and the site values are computed here afterwards by the same functions.
+    """
     sm = hooks.site_map(handle)
-    order = _execution_order(handle)
-    envelope = handle.__dict__.get("_nnsight_model")
-    if envelope is None or envelope._module is not handle.hf_model:
-        envelope = NNsight(handle.hf_model)
-        handle.__dict__["_nnsight_model"] = envelope
     by_slot = _by_slot(sm, reads)
+    slots = [slot for slot in _execution_order(handle) if slot in by_slot]
+    envelope = _remote_envelope(handle, remote) if remote else _local_envelope(handle)
     kwargs = hooks.forward_kwargs(sm, {site for site, _ in reads})
+    if remote:  # what travels starts and ends on the host
+        input_ids, attention_mask, kwargs = input_ids.cpu(), attention_mask.cpu(), {**kwargs, "remote": remote}
     batch_shape = tuple(input_ids.shape)
+
+    def read(slot, value) -> None:  # value: the module's output, or its (args, kwargs)
+        output, args, kw = (value, (), None) if slot[1] == "output" else (None, *value)
+        for site, layer, spec in by_slot[slot]:
+            raw = hooks.raw_value(spec, output=output, args=args, kwargs=kw)
+            on_site(site, layer, hooks.site_value(site, layer, spec, raw, batch_shape))
+
+    if remote:
+        for slot, value in zip(slots, _saved_remotely(envelope, slots, input_ids, attention_mask, kwargs)):
+            read(slot, value)
+        return
     with torch.no_grad(), envelope.trace(input_ids=input_ids, attention_mask=attention_mask, **kwargs):
-        for path, io in [slot for slot in order if slot in by_slot]:
+        for path, io in slots:
             envoy = envelope.get(path) if path else envelope
-            output, args, kw = (envoy.output, (), None) if io == "output" else (None, *envoy.inputs)
-            for site, layer, spec in by_slot[(path, io)]:
-                raw = hooks.raw_value(spec, output=output, args=args, kwargs=kw)
-                on_site(site, layer, hooks.site_value(site, layer, spec, raw, batch_shape))
+            read((path, io), envoy.output if io == "output" else envoy.inputs)
+
+
+def _saved_remotely(envelope, slots, input_ids, attention_mask, kwargs) -> list:
+    """Each slot's raw value from a remote trace. The traced code is sent to the server, so it references only
+    nnsight and plain values (not this package, whose functions the server cannot import)."""
+    import nnsight
+
+    with torch.no_grad(), envelope.trace(input_ids=input_ids, attention_mask=attention_mask, **kwargs):
+        saved = nnsight.save([])
+        for path, io in slots:
+            envoy = envelope.get(path) if path else envelope
+            saved.append(envoy.output.save() if io == "output" else envoy.inputs.save())
+    return saved
 
 
 def _by_slot(sm, reads) -> dict[tuple[str, str], list]:
@@ -124,6 +146,17 @@ def _by_slot(sm, reads) -> dict[tuple[str, str], list]:
         spec = sm.spec(site, layer)
         by_slot.setdefault((spec.path, spec.io), []).append((site, layer, spec))
     return by_slot
+
+
+def _local_envelope(handle):
+    """nnsight's wrapper of the handle's own model, made once per model object."""
+    from nnsight import NNsight
+
+    envelope = handle.__dict__.get("_nnsight_model")
+    if envelope is None or envelope._module is not handle.hf_model:
+        envelope = NNsight(handle.hf_model)
+        handle.__dict__["_nnsight_model"] = envelope
+    return envelope
 
 
 def _remote_envelope(handle, remote: bool | str):
@@ -140,31 +173,6 @@ def _remote_envelope(handle, remote: bool | str):
             envelope = TransformersModel(handle.hub_id, task="text-generation")
         handle.__dict__[key] = envelope
     return envelope
-
-
-def _run_nnsight_remote(handle, input_ids, attention_mask, reads, on_site, remote: bool | str) -> None:
-    """One batch through nnsight's remote execution. The server runs the traced code with nnsight and torch but
-    not this package, so that code only saves each needed slot's raw value; the site values (head splits,
-    fused-QKV rows, ...) are computed here from what comes back, by the same functions as every backend."""
-    import nnsight
-
-    sm = hooks.site_map(handle)
-    by_slot = _by_slot(sm, reads)
-    slots = [slot for slot in _execution_order(handle) if slot in by_slot]
-    envelope = _remote_envelope(handle, remote)
-    kwargs = hooks.forward_kwargs(sm, {site for site, _ in reads})
-    with torch.no_grad(), envelope.trace(input_ids=input_ids.cpu(), attention_mask=attention_mask.cpu(),
-                                         remote=remote, **kwargs):
-        saved = nnsight.save([])
-        for path, io in slots:
-            envoy = envelope.get(path) if path else envelope
-            saved.append(envoy.output.save() if io == "output" else envoy.inputs.save())
-    batch_shape = tuple(input_ids.shape)
-    for (path, io), value in zip(slots, saved):
-        output, args, kw = (value, (), None) if io == "output" else (None, *value)
-        for site, layer, spec in by_slot[(path, io)]:
-            raw = hooks.raw_value(spec, output=output, args=args, kwargs=kw)
-            on_site(site, layer, hooks.site_value(site, layer, spec, raw, batch_shape))
 
 
 # --------------------------------------------------------------------------- TransformerLens
