@@ -33,7 +33,9 @@ meanwhile (the machine may be shared; contention only slows a method down). Then
 byte of the exact model and of the token-level forward (the canonical tokenization only), the
 posterior mass pruned, and the mean / max total variation between the exact and the naive and
 token-healing distributions at the sampled cut points. The last line is
-``exact/plain time ratio: X``.
+``exact/plain time ratio: X``. ``--exact-only`` times just the plain forward and the exact
+stream and prints the stream's peak RSS growth (sampled every 5 ms): for long texts
+(``--bytes 20000``), where the one-call-per-step walk would take hours.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import numpy as np
 import torch
 
 import workbench as wb
-from capture_overhead import timed  # shared helper: wall seconds and others' CPU share
+from capture_overhead import PeakRSS, timed  # shared helpers: wall seconds and others' CPU share; peak RSS
 from workbench.analyses.byte_baselines import (
     naive_next_byte_distribution,
     naive_next_byte_stream,
@@ -89,6 +91,8 @@ def main() -> None:
                         "random-llama-1b on a GPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    parser.add_argument("--exact-only", action="store_true", help="time only the plain forward and the exact stream "
+                        "(lookahead), with the stream's peak RSS growth: for long texts (--bytes 20000)")
     args = parser.parse_args()
     if args.bytes < 1 or args.naive_every < 1 or args.repeats < 1:
         raise SystemExit("--bytes, --naive-every and --repeats must be >= 1.")
@@ -122,8 +126,21 @@ def main() -> None:
         holder["ds"] = blm.stream(text, progress=True)
         return holder["ds"]
 
-    exact_time, exact_others = timed(exact)
+    with PeakRSS() as memory:
+        exact_time, exact_others = timed(exact)
     ds = holder["ds"]
+    if args.exact_only:
+        plain_runs += [timed(plain) for _ in range(args.repeats)]
+        plain_time = statistics.median(t for t, _ in plain_runs)
+        output = sum(v.nbytes for v in ds.data_vars.values())
+        print(f"exact stream: {exact_time:.1f} s, {n / exact_time:.1f} bytes/s, {ds.attrs['calls_per_byte']:.3f} calls "
+              f"and {ds.attrs['positions_per_byte']:.2f} token positions per byte, others' CPU {exact_others:.0%}")
+        print(f"plain forward: {plain_time:.3f} s (median of {len(plain_runs)})")
+        print(f"peak RSS growth during the exact stream: {memory.delta / 2**20:.0f} MiB (of which the returned "
+              f"Dataset: {output / 2**20:.0f} MiB); RSS before it {memory.base / 2**20:.0f} MiB")
+        print(f"bits per byte: exact {-float(ds.logprob.sum()) / (n * math.log(2)):.4f}")
+        print(f"exact/plain time ratio: {exact_time / plain_time:.1f}")
+        return
     incremental = ByteLevelModel(model, prune=args.prune, max_hypotheses=args.max_hypotheses or None)
     inc_time, inc_others = timed(lambda: holder.update(inc=incremental.stream(text, progress=True, lookahead=False)))
     inc = holder["inc"]

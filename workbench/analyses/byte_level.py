@@ -55,10 +55,10 @@ text, which is why such tracks are followed rather than dropped.
 **Cost.** Each followed tokenization costs one token position: its next-token distribution,
 from one forward pass of one token per row over the scorer's shared KV cache
 (:mod:`workbench.probes.token_scoring`). The walk itself is sequential (which tokenizations are
-followed at byte ``n`` depends on the distributions of those followed before), so queries whose
-text is not known ahead (:meth:`next_byte_distribution`, :meth:`sample`) make one model call per
-byte, scoring every new tokenization that ends there. When the text is known
-(:meth:`stream`, bits per byte, the ensemble, the bias-along-text view), each call also scores,
+followed at byte ``n`` depends on the distributions of those followed before): one model call
+per byte scores every new tokenization that ends there. When the text is known
+(:meth:`stream`, bits per byte, the ensemble, the bias-along-text view, and any query that walks
+8 bytes or more to its cut), each call also scores,
 ahead of the walk, the children of every tokenization already scored that the walk is likely to
 follow: their log-probabilities are exact already (their parent's distribution), and which will
 pass the pruning is judged from ``P(x[:n])`` times the canonical encoding's ``P(x[:m]) / P(x[:n])``
@@ -71,7 +71,12 @@ differently; bits per byte equal to 1e-7). The cost that remains is the position
 at about 8 followed tokenizations per byte against 0.23 tokens per byte for a plain forward pass,
 exactness costs some 35 plain passes of compute on a CPU whatever the batching, more where many
 tokenizations that split early stay probable and each attends to its own history
-(``benchmarks/byte_level.py``, RESULTS.md). The paper's reference implementation
+(``benchmarks/byte_level.py``, RESULTS.md). Where the text is not known ahead: a query keeps the
+state of every 16th byte of its walk, so a later cut of the same text (the byte lens's slider)
+walks from the nearest one; :meth:`sample` scores ahead along a draft, the rest of the most
+probable token, and needs a call about once per token while the draws follow it;
+:meth:`samples` walks several draws side by side, one call per byte for all of them
+(``benchmarks/byte_queries.py`` compares these with the code of one call per byte). The paper's reference implementation
 (``BytePredLLM.prob_next_byte``, facebookresearch/Exact-Byte-Level-Probabilities-from-Tokenized-LMs)
 sums canonical covers only, conditions on the canonical encoding up to the last whitespace,
 and runs the model once per byte over the tokens after that whitespace (from a cache), plus,
@@ -86,6 +91,7 @@ Dims: every distribution is a DataArray over ``byte`` (coordinate 0..255, with a
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -104,6 +110,24 @@ BYTE_CHARS = [printable_byte(b) for b in range(256)]
 _RECENT_STATES = 4  # queried states kept for reuse
 _PIN_BYTES = 256  # how far the cursor may run past a kept state before it is dropped
 _LOOKAHEAD_MARGIN = math.log(3.0)  # lookahead takes children up to 3x below the estimated pruning floor
+_LOOKAHEAD_MIN_BYTES = 8  # a query walks this many known bytes or more: score ahead along them
+_CHECKPOINT_BYTES = 16  # a query's walk keeps its state every this many bytes ...
+_CHECKPOINTS = 32  # ... the latest this many of them
+
+
+def _keep(kept: dict, state, limit: int) -> None:
+    """Remember ``state`` under its prefix as the newest of at most ``limit`` states."""
+    kept.pop(state.prefix, None)
+    kept[state.prefix] = state
+    while len(kept) > limit:
+        kept.pop(next(iter(kept)))
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.frombuffer(a[:n], np.uint8) != np.frombuffer(b[:n], np.uint8))
+    return int(differ[0]) if len(differ) else n
 
 
 class ImpossiblePrefixError(ValueError):
@@ -141,11 +165,16 @@ def sample_bytes(next_distribution, prefix: bytes, n_bytes: int, seed: int, temp
     rng = np.random.default_rng(seed)
     out = bytearray()
     for _ in range(n_bytes):
-        p = np.asarray(next_distribution(prefix + bytes(out)), dtype=np.float64)
-        if temperature != 1.0:
-            p = np.where(p > 0, p ** (1.0 / temperature), 0.0)
-        out.append(int(rng.choice(256, p=p / p.sum())))
+        out.append(draw_byte(next_distribution(prefix + bytes(out)), rng, temperature))
     return bytes(out)
+
+
+def draw_byte(probabilities, rng: np.random.Generator, temperature: float) -> int:
+    """One byte drawn from ``probabilities`` (256) rescaled by ``temperature`` (``p^(1/T)``, renormalised)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    if temperature != 1.0:
+        p = np.where(p > 0, p ** (1.0 / temperature), 0.0)
+    return int(rng.choice(256, p=p / p.sum()))
 
 
 def start_context(handle: ModelHandle) -> list[int]:
@@ -240,6 +269,18 @@ class _Tokenization:
         return self.seq.ids
 
 
+@dataclass
+class _Step:
+    """One byte more, planned (:meth:`ByteLevelModel._plan`): what the walk keeps, before any model call."""
+
+    x: bytes  # the prefix one byte longer
+    survivors: list  # older tokenizations whose last token may still run past x
+    parents: list  # (_Tokenization, lo, hi) of every cover of x
+    logp: float  # log P(x)
+    kept: list  # (logp, parent, token): new tokenizations ending at len(x), to score
+    pruned: list  # log-probabilities pruned at this byte
+
+
 @dataclass(eq=False)
 class _State:
     """Everything known at one cut point ``x``: the tokenizations still followed and ``log P(x)``."""
@@ -290,9 +331,16 @@ class ByteLevelModel:
         # keep the scorer's shared trunk from growing past their tokenizations while the cursor is
         # within _PIN_BYTES of them.
         self._recent: dict[bytes, _State] = {}
+        # States every _CHECKPOINT_BYTES along the walks of queries, kept the same way: a later query
+        # at an earlier cut of the same text (a slider moved back) walks from the nearest one.
+        self._checkpoints: dict[bytes, _State] = {}
         # Lookahead (stream() of a known text): tokenizations scored before the walk reached their last byte,
         # by token ids.
         self._text: bytes | None = None
+        self._canonical: np.ndarray | None = None  # the known text's canonical prefix log-probabilities
+        # Sampling: tokenizations are scored ahead along a draft of the bytes to come (_draft).
+        self._drafting = False
+        self._draft_text = b""
         self._ahead: dict[tuple, _Tokenization] = {}
         self._cumulative: dict[ScoredSequence, np.ndarray] = {}  # cumulative sums of q, for _speculate
 
@@ -322,6 +370,7 @@ class ByteLevelModel:
         state = _State(b"", [root], [], 0.0, -math.inf, 0.0, calls=self.calls)
         self._cursor = state
         self._recent.clear()  # a new scorer session: every earlier tokenization's cache is gone
+        self._checkpoints.clear()
         self._ahead.clear()
         self._cumulative.clear()
         return state
@@ -331,20 +380,59 @@ class ByteLevelModel:
 
     def _state_for(self, prefix: bytes, remember: bool = True) -> _State:
         """The state at ``prefix``, walked from the longest usable known state that ``prefix`` extends."""
-        known = [s for s in [self._cursor, *self._recent.values()] if s is not None and prefix.startswith(s.prefix)]
+        known = [s for s in [self._cursor, *self._kept_states()] if s is not None and prefix.startswith(s.prefix)]
         known = [s for s in sorted(known, key=lambda s: -len(s.prefix)) if self._usable(s)]
         state = known[0] if known else self._root()
         self._cursor = state
-        for b in prefix[len(state.prefix) :]:
-            state = self._advance(state, b)
+        ahead = self._text is None and len(prefix) - len(state.prefix) >= _LOOKAHEAD_MIN_BYTES
+        with self._known_text(prefix if ahead else None):
+            for b in prefix[len(state.prefix) :]:
+                state = self._advance(state, b)
+                if remember and len(state.prefix) % _CHECKPOINT_BYTES == 0 and len(state.prefix) < len(prefix):
+                    _keep(self._checkpoints, state, _CHECKPOINTS)
         if remember:
-            self._recent.pop(prefix, None)
-            self._recent[prefix] = state
-            while len(self._recent) > _RECENT_STATES:
-                self._recent.pop(next(iter(self._recent)))
+            _keep(self._recent, state, _RECENT_STATES)
         return state
 
+    def _kept_states(self) -> list[_State]:
+        return [*self._recent.values(), *self._checkpoints.values()]
+
     def _advance(self, state: _State, byte: int) -> _State:
+        """``state`` one byte further (at most one model call; lookahead as :meth:`_score` says)."""
+        return self._advance_all([(state, byte)])[0]
+
+    def _advance_all(self, steps) -> list[_State]:
+        """Each ``(state, byte)`` one byte further; the new tokenizations of several walks scored in one call."""
+        plans = [self._plan(state, byte) for state, byte in steps]
+        if len(plans) == 1:
+            p = plans[0]
+            children = [self._score(p.kept, p.x, p.logp, p.survivors)]
+        else:
+            children = self._score_all(plans)
+        n = max(len(p.x) for p in plans)
+        for store in (self._recent, self._checkpoints):
+            for key in [k for k, st in store.items() if n - len(st.prefix) > _PIN_BYTES]:
+                del store[key]
+        alive = [h for p, c in zip(plans, children) for h in p.survivors + c]
+        pinned = [h.seq for st in self._kept_states() for h in st.alive if self._scorer.usable(h.seq)]
+        self._scorer.commit([h.seq for h in alive] + pinned + [a.seq for a in self._ahead.values()])
+        new = []
+        for (state, _), p, c in zip(steps, plans, children):
+            pruned_here = logsumexp(p.pruned)
+            new.append(_State(
+                prefix=p.x,
+                alive=p.survivors + c,
+                parents=p.parents,
+                logp=p.logp,
+                pruned_logmass=float(np.logaddexp(state.pruned_logmass, pruned_here)),
+                pruned_fraction=math.exp(pruned_here - p.logp) if p.pruned else 0.0,
+                calls=self.calls,
+            ))
+        self._cursor = new[-1]
+        return new
+
+    def _plan(self, state: _State, byte: int) -> _Step:
+        """What one byte more decides, before any model call: ``log P(x)``, the covers, what is kept and pruned."""
         vocab = self.vocab
         x = state.prefix + bytes([byte])
         n = len(x)
@@ -397,36 +485,22 @@ class ByteLevelModel:
             ranked.append((best[0], "new", (best[1], best[2])))
         survivors = [r[2] for r in ranked if r[1] == "old"]
         kept = [(r[0], *r[2]) for r in ranked if r[1] == "new"]
-        children = self._score(kept, n, logp, survivors)
-        alive = survivors + children
-        for key in [k for k, st in self._recent.items() if n - len(st.prefix) > _PIN_BYTES]:
-            del self._recent[key]
-        pinned = [h.seq for st in self._recent.values() for h in st.alive if self._scorer.usable(h.seq)]
-        self._scorer.commit([h.seq for h in alive] + pinned + [a.seq for a in self._ahead.values()])
-        pruned_here = logsumexp(pruned)
-        new = _State(
-            prefix=x,
-            alive=alive,
-            parents=parents,
-            logp=logp,
-            pruned_logmass=float(np.logaddexp(state.pruned_logmass, pruned_here)),
-            pruned_fraction=math.exp(pruned_here - logp) if pruned else 0.0,
-            calls=self.calls,
-        )
-        self._cursor = new
-        return new
+        return _Step(x, survivors, parents, logp, kept, pruned)
 
     # ------------------------------------------------------------------ scoring, with lookahead on a known text
 
-    def _score(self, kept, n: int, logp_n: float, survivors) -> list[_Tokenization]:
-        """The tokenizations ``(logp, parent, token)`` ending at byte ``n``, scored (one model call at most).
+    def _score(self, kept, x: bytes, logp_n: float, survivors) -> list[_Tokenization]:
+        """The tokenizations ``(logp, parent, token)`` ending at byte ``n = len(x)``, scored (one model call at most).
 
-        Without lookahead each step's new tokenizations are one call. When the text is known
-        (:meth:`stream`), a call also scores, ahead of the walk, the children of every scored
-        tokenization that the walk may still follow (:meth:`_speculate`); a later step finds them
-        ready and needs no call. Which ones the walk keeps is decided exactly as without lookahead,
-        so the results are the same; a child the lookahead left out is scored when asked for.
+        Without lookahead each step's new tokenizations are one call. Otherwise a call also scores,
+        ahead of the walk, the children of every scored tokenization that the walk may still follow
+        along a text (:meth:`_speculate`): the known text (:meth:`stream`, a query far from any known
+        state), or, while sampling, a draft (:meth:`_draft`: the rest of the most probable token).
+        A later step finds them ready and needs no call. Which ones the walk keeps is decided exactly
+        as without lookahead, so the results are the same; a child the lookahead left out, or one
+        the sampled bytes did not follow, is scored when asked for.
         """
+        n = len(x)
         for key in [k for k, a in self._ahead.items() if a.pos < n]:
             del self._ahead[key]  # the walk has passed their last byte without keeping them
         out, missing = [], []
@@ -439,31 +513,88 @@ class ByteLevelModel:
         if not missing:
             return out
         requested = {h.seq.ids + (t,) for _, h, t in missing}
-        ahead = [] if self._text is None else self._speculate(n, logp_n, [*survivors, *out], requested)
+        text, guide = self._text, self._canonical
+        if text is None and self._drafting:
+            text, guide = self._draft(x, [*survivors, *out]), None
+        ahead = [] if text is None else self._speculate(n, logp_n, [*survivors, *out], requested, text, guide)
         scored = self._scorer.extend([(h.seq, t) for _, h, t in missing] + [(p, t) for p, t, _, _ in ahead])
         out += [self._new_tokenization(seq, n, lp) for seq, (lp, _, _) in zip(scored, missing)]
         for seq, (_, _, pos, lp) in zip(scored[len(missing) :], ahead):
             self._ahead[seq.ids] = self._new_tokenization(seq, pos, lp)
         return out
 
-    def _speculate(self, n: int, logp_n: float, alive, requested: set) -> list[tuple[ScoredSequence, int, int, float]]:
+    def _score_all(self, plans) -> list[list[_Tokenization]]:
+        """The new tokenizations of several walks (:meth:`_plan`), scored in one model call (no lookahead)."""
+        requests: dict[tuple, int] = {}  # (parent sequence, token) -> row; walks may ask for the same one
+        for p in plans:
+            for _, h, t in p.kept:
+                requests.setdefault((h.seq, t), len(requests))
+        scored = self._scorer.extend(list(requests)) if requests else []
+        return [[self._new_tokenization(scored[requests[h.seq, t]], len(p.x), lp) for lp, h, t in p.kept]
+                for p in plans]
+
+    def _draft(self, x: bytes, alive) -> bytes:
+        """``x`` and a guess at the bytes that follow it, for scoring ahead while sampling.
+
+        The guess is the rest of the most probable token that goes on from ``x``: over the
+        tokenizations followed, ``P(h) q(t | h)`` for the tokens ``t`` that spell past ``x``
+        (any token for one ending at ``x``). Tokenizations scored ahead for an earlier guess that
+        spell past where this one differs can no longer be asked for, and are dropped.
+        """
+        vocab, n = self.vocab, len(x)
+        best, guess = -math.inf, b""
+        for h in alive:
+            start = h.lo + len(vocab.tokens_equal_to(x[h.pos :])) if h.pos < n else 0
+            stop = h.hi if h.pos < n else len(h.q)
+            if start >= stop:
+                continue
+            k = start + int(np.argmax(h.q[start:stop]))
+            if h.q[k] > 0 and h.logp + math.log(h.q[k]) > best:
+                best = h.logp + math.log(h.q[k])
+                guess = vocab.token_bytes[int(vocab.sorted_ids[k])][n - h.pos :]
+        text = x + guess
+        same = _common_prefix(text, self._draft_text)
+        for key in [k for k, a in self._ahead.items() if a.pos > same]:
+            del self._ahead[key]
+        self._draft_text = text
+        return text
+
+    @contextmanager
+    def _known_text(self, text: bytes | None):
+        """Score ahead along ``text`` (the whole text from byte 0) while the block runs; forget it afterwards."""
+        if text is None:
+            yield
+            return
+        self._text, self._canonical = text, self._canonical_prefix_logprobs(text)
+        try:
+            yield
+        finally:
+            self._text, self._canonical = None, None
+            self._ahead.clear()
+            self._cumulative.clear()
+
+    def _speculate(self, n: int, logp_n: float, alive, requested: set, text: bytes, guide: np.ndarray | None
+                   ) -> list[tuple[ScoredSequence, int, int, float]]:
         """Children ``(parent, token, last byte, logp)`` of scored tokenizations the walk is likely to keep after ``n``.
 
-        Every scored tokenization (followed, or scored ahead) has children that spell the known text
-        past byte ``n``, with exact log-probabilities already (the parent's next-token distribution).
+        Every scored tokenization (followed, or scored ahead) has children that spell ``text`` past
+        byte ``n``, with exact log-probabilities already (the parent's next-token distribution).
         At each byte ``m`` the walk keeps the new tokenizations whose share of ``P(x[:m])`` passes the
         pruning threshold and ranks among the ``max_hypotheses`` largest; a child is taken if it
         would, with a margin of 3x: ``P(x[:m])`` estimated as the larger of ``P(x[:n])`` times the
-        canonical encoding's ``P(x[:m]) / P(x[:n])`` (:meth:`_canonical_prefix_logprobs`) and the
-        covers of the scored tokenizations; the rank among the shares these give. The best child at
-        each byte is always taken. Only the cost depends on this guess, never the result: a child
-        left out is scored when the walk asks for it.
+        canonical encoding's ``P(x[:m]) / P(x[:n])`` (``guide``, :meth:`_canonical_prefix_logprobs`;
+        None while sampling) and the covers of the scored tokenizations; the rank among the shares
+        these give. The best child at each byte is always taken. Only the cost depends on this
+        guess, never the result: a child left out is scored when the walk asks for it.
         """
-        vocab, text = self.vocab, self._text
+        vocab = self.vocab
         scored = [*alive, *self._ahead.values()]
         horizon = min(len(text), n + vocab.max_token_bytes + 1)
-        estimate = logp_n + self._canonical[: horizon + 1] - self._canonical[n]  # log P(x[:m]), m in (n, horizon]
-        estimate[~np.isfinite(estimate)] = -math.inf  # no canonical guide there: the covers alone
+        if guide is None:
+            estimate = np.full(horizon + 1, -math.inf)
+        else:
+            estimate = logp_n + guide[: horizon + 1] - guide[n]  # log P(x[:m]), m in (n, horizon]
+            estimate[~np.isfinite(estimate)] = -math.inf  # no canonical guide there: the covers alone
         shares: dict[int, list] = {}  # m -> log shares of P(x[:m]) known: new tokenizations and longer covers
         candidates: dict[int, list] = {}
         taken = requested | self._ahead.keys()
@@ -673,10 +804,7 @@ class ByteLevelModel:
             from tqdm.auto import tqdm
 
             walk = tqdm(walk, total=n, desc=f"exact next-byte ({self.name})", unit="B")
-        self._text = data if lookahead else None
-        if lookahead:
-            self._canonical = self._canonical_prefix_logprobs(data)
-        try:
+        with self._known_text(data if lookahead else None):
             for i, state, num, info, after in walk:
                 probs[i] = num / num.sum()
                 pruned[i] = state.pruned_fraction
@@ -684,10 +812,6 @@ class ByteLevelModel:
                 n_tok[i] = len(state.alive)
                 calls[i] = state.calls - start_calls
                 prefix_lp[i] = after.logp
-        finally:
-            self._text = None
-            self._ahead.clear()
-            self._cumulative.clear()
         with np.errstate(divide="ignore"):
             logprob = np.log(probs[np.arange(n), np.frombuffer(data, dtype=np.uint8)])
         total_calls = self.calls - start_calls
@@ -724,11 +848,16 @@ class ByteLevelModel:
         )
 
     @holding_model_lock
-    def sample(self, prefix=b"", n_bytes: int = 32, seed: int = 0, temperature: float = 1.0) -> bytes:
+    def sample(self, prefix=b"", n_bytes: int = 32, seed: int = 0, temperature: float = 1.0,
+               draft: bool = True) -> bytes:
         """Draw ``n_bytes`` bytes after ``prefix`` from the exact next-byte distribution (seeded).
 
-        ``x_{n+1} ~ P(. | x_1..x_n)``, byte by byte (:meth:`next_byte_distribution`). ``temperature`` rescales the byte probabilities (``p^(1/T)``, renormalised). Each byte extends
-        the state of the previous one. Returns the new bytes only (possibly ending mid-character).
+        ``x_{n+1} ~ P(. | x_1..x_n)``, byte by byte (:meth:`next_byte_distribution`). ``temperature``
+        rescales the byte probabilities (``p^(1/T)``, renormalised). Each byte extends the state of
+        the previous one. Returns the new bytes only (possibly ending mid-character).
+        ``draft``: each model call also scores ahead along the rest of the most probable token
+        (:meth:`_draft`), so that while the sampled bytes follow it no call is needed; the same
+        distributions as ``draft=False`` (one call per byte), in about one call per token.
         """
 
         def next_distribution(data: bytes) -> np.ndarray:
@@ -737,4 +866,36 @@ class ByteLevelModel:
 
         data = as_bytes(prefix)
         self._state_for(data)  # remembered: sampling again from the same prefix starts here
-        return sample_bytes(next_distribution, data, n_bytes, seed, temperature)
+        self._drafting, self._draft_text = draft, b""
+        try:
+            return sample_bytes(next_distribution, data, n_bytes, seed, temperature)
+        finally:
+            self._drafting = False
+            self._ahead.clear()
+            self._cumulative.clear()
+
+    @holding_model_lock
+    def samples(self, prefix=b"", n_samples: int = 4, n_bytes: int = 32, seed: int = 0,
+                temperature: float = 1.0) -> list[bytes]:
+        """``n_samples`` independent draws of ``n_bytes`` bytes after ``prefix``, walked side by side.
+
+        Draw ``i`` is the one :meth:`sample` gives with ``seed + i`` (the same exact next-byte
+        distributions, seeded the same way). At each byte the new tokenizations of all the walks are
+        scored in one model call, so ``n_samples`` draws cost little more than one on a CPU, where a
+        call's cost is mostly reading the weights.
+        """
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+        if n_bytes < 0 or temperature <= 0:
+            raise ValueError(f"n_bytes must be >= 0 and temperature > 0, got {n_bytes} and {temperature}.")
+        rngs = [np.random.default_rng(seed + i) for i in range(n_samples)]
+        states = [self._state_for(as_bytes(prefix))] * n_samples
+        out = [bytearray() for _ in range(n_samples)]
+        for _ in range(n_bytes):
+            steps = []
+            for state, rng, drawn in zip(states, rngs, out):
+                num, _ = self._next_byte(state)
+                drawn.append(draw_byte(num / num.sum(), rng, temperature))
+                steps.append((state, drawn[-1]))
+            states = self._advance_all(steps)
+        return [bytes(drawn) for drawn in out]
