@@ -277,7 +277,8 @@ def test_byte_lens_slider_models_covers_and_export(tiny, chars, tmp_path):
 def test_background_work_and_a_notebook_cell_share_one_model_safely(smollm2):
     """The byte lens computes in a background thread while the notebook's next cell asks the same byte-level
     model (and captures with the same model): each call holds the model's lock, so both get the numbers they
-    would get alone (before the lock, the tree attention of one thread ran inside the other's forward)."""
+    would get alone (before the lock, the tree attention of one thread ran inside the other's forward), up to
+    the float32 rounding of rows batched differently (a walk from a kept state, or scoring ahead: 1e-5)."""
     text = "The function returns a value."
     alone = ByteLevelModel(smollm2)
     expected = {cut: alone.next_byte_distribution(text[:cut]).values for cut in (4, 9, 17, 24)}
@@ -285,10 +286,10 @@ def test_background_work_and_a_notebook_cell_share_one_model_safely(smollm2):
     lens = ByteLens(smollm2, text=text, cut=24)  # computing in the background now
     shared = lens.byte_model(smollm2.name)
     for cut in (4, 9, 17):
-        np.testing.assert_allclose(shared.next_byte_distribution(text[:cut]).values, expected[cut], atol=1e-6)
+        np.testing.assert_allclose(shared.next_byte_distribution(text[:cut]).values, expected[cut], atol=1e-5)
         lens.cut.value = cut + 1  # more background work meanwhile
     np.testing.assert_allclose(wb.capture(smollm2, text, ["resid_post"], progress=False).resid_post.values,
                                expected_run, rtol=1e-5, atol=1e-5)
     lens.cut.value = 24
     lens.wait(300)
-    np.testing.assert_allclose(lens.current[0].probability.sel(estimate="exact").values, expected[24], atol=1e-6)
+    np.testing.assert_allclose(lens.current[0].probability.sel(estimate="exact").values, expected[24], atol=1e-5)
