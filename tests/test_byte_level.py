@@ -325,13 +325,27 @@ def test_drafted_and_side_by_side_sampling_draw_the_bytes_of_one_call_per_byte(s
     step, step_calls = calls_to_draw(lambda m: m.sample(prefix, n_bytes=40, seed=3, draft=False))
     drafted, drafted_calls = calls_to_draw(lambda m: m.sample(prefix, n_bytes=40, seed=3))
     assert drafted == step and len(step) == 40
-    assert drafted_calls < 0.75 * step_calls
+    assert drafted_calls < 0.6 * step_calls
     singles = [calls_to_draw(lambda m, s=s: m.sample(prefix, n_bytes=16, seed=s, draft=False)) for s in (5, 6, 7)]
     together, together_calls = calls_to_draw(lambda m: m.samples(prefix, n_samples=3, n_bytes=16, seed=5))
     assert together == [drawn for drawn, _ in singles]
     assert together_calls <= 16 < sum(calls for _, calls in singles)
     with pytest.raises(ValueError, match="n_samples"):
         ByteLevelModel(smollm2).samples(prefix, n_samples=0)
+
+
+def test_drawing_with_uniforms_drawn_ahead_is_numpys_choice():
+    """draw_byte with the generator's uniforms drawn ahead picks what Generator.choice picks, byte for byte."""
+    for seed in range(50):
+        dists = np.random.default_rng(seed).dirichlet(np.full(256, 0.05), size=12)
+        dists[:, 7] = 0.0  # a byte of probability 0 is never drawn
+        choice = np.random.default_rng(seed + 100)
+        expected = [int(choice.choice(256, p=p / p.sum())) for p in dists]
+        uniforms = byte_level.sampling_uniforms(12, seed + 100, 1.0)
+        assert [byte_level.draw_byte(p, u, 1.0) for p, u in zip(dists, uniforms)] == expected
+        assert 7 not in expected
+    cold = byte_level.draw_byte(np.r_[0.9, 0.1, np.zeros(254)], 0.85, temperature=0.1)  # p^10: 0.9^10 >> 0.1^10
+    assert cold == 0 and byte_level.draw_byte(np.r_[0.9, 0.1, np.zeros(254)], 0.95, temperature=1.0) == 1
 
 
 def test_queries_at_earlier_cuts_walk_from_states_kept_along_the_way(smollm2):

@@ -73,8 +73,9 @@ exactness costs some 35 plain passes of compute on a CPU whatever the batching, 
 tokenizations that split early stay probable and each attends to its own history
 (``benchmarks/byte_level.py``, RESULTS.md). Where the text is not known ahead: a query keeps the
 state of every 16th byte of its walk, so a later cut of the same text (the byte lens's slider)
-walks from the nearest one; :meth:`sample` scores ahead along a draft, the rest of the most
-probable token, and needs a call about once per token while the draws follow it;
+walks from the nearest one; :meth:`sample` scores ahead along a guess of its next bytes, drawn
+with its own uniforms from the tokenizations already scored, and needs a call about once per
+token while the draws follow it;
 :meth:`samples` walks several draws side by side, one call per byte for all of them
 (``benchmarks/byte_queries.py`` compares these with the code of one call per byte). The paper's reference implementation
 (``BytePredLLM.prob_next_byte``, facebookresearch/Exact-Byte-Level-Probabilities-from-Tokenized-LMs)
@@ -156,25 +157,37 @@ def byte_distribution(values: np.ndarray, name: str, attrs: dict) -> xr.DataArra
     )
 
 
-def sample_bytes(next_distribution, prefix: bytes, n_bytes: int, seed: int, temperature: float) -> bytes:
-    """Draw ``n_bytes`` bytes one at a time from ``next_distribution(bytes) -> (256,) probabilities``."""
+def sampling_uniforms(n_bytes: int, seed: int, temperature: float) -> np.ndarray:
+    """The uniforms in [0, 1) that draw ``n_bytes`` bytes, one each (seeded); the arguments checked first."""
     if n_bytes < 0:
         raise ValueError(f"n_bytes must be >= 0, got {n_bytes}.")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    rng = np.random.default_rng(seed)
+    return np.random.default_rng(seed).random(n_bytes)
+
+
+def sample_bytes(next_distribution, prefix: bytes, n_bytes: int, seed: int, temperature: float) -> bytes:
+    """Draw ``n_bytes`` bytes one at a time from ``next_distribution(bytes) -> (256,) probabilities``."""
     out = bytearray()
-    for _ in range(n_bytes):
-        out.append(draw_byte(next_distribution(prefix + bytes(out)), rng, temperature))
+    for u in sampling_uniforms(n_bytes, seed, temperature):
+        out.append(draw_byte(next_distribution(prefix + bytes(out)), u, temperature))
     return bytes(out)
 
 
-def draw_byte(probabilities, rng: np.random.Generator, temperature: float) -> int:
-    """One byte drawn from ``probabilities`` (256) rescaled by ``temperature`` (``p^(1/T)``, renormalised)."""
+def draw_byte(probabilities, u: float, temperature: float) -> int:
+    """The byte that the uniform ``u`` picks from ``probabilities`` (256) rescaled by ``temperature`` (``p^(1/T)``).
+
+    The inverse CDF, as ``numpy.random.Generator.choice(256, p=...)`` computes it from the
+    generator's next ``random()``: the same bytes as that call, written out so that the uniforms
+    can be drawn ahead of the distributions (the exact sampler guesses the bytes to come with them,
+    :meth:`ByteLevelModel._draft`).
+    """
     p = np.asarray(probabilities, dtype=np.float64)
     if temperature != 1.0:
         p = np.where(p > 0, p ** (1.0 / temperature), 0.0)
-    return int(rng.choice(256, p=p / p.sum()))
+    cdf = (p / p.sum()).cumsum()
+    cdf /= cdf[-1]
+    return int(cdf.searchsorted(u, side="right"))
 
 
 def start_context(handle: ModelHandle) -> list[int]:
@@ -338,8 +351,9 @@ class ByteLevelModel:
         # by token ids.
         self._text: bytes | None = None
         self._canonical: np.ndarray | None = None  # the known text's canonical prefix log-probabilities
-        # Sampling: tokenizations are scored ahead along a draft of the bytes to come (_draft).
-        self._drafting = False
+        # Sampling: tokenizations are scored ahead along a draft of the bytes to come (_draft), drawn with the
+        # sampler's own uniforms: (length of the prefix sampled after, uniforms, temperature), or None.
+        self._drafting: tuple[int, np.ndarray, float] | None = None
         self._draft_text = b""
         self._ahead: dict[tuple, _Tokenization] = {}
         self._cumulative: dict[ScoredSequence, np.ndarray] = {}  # cumulative sums of q, for _speculate
@@ -514,7 +528,7 @@ class ByteLevelModel:
             return out
         requested = {h.seq.ids + (t,) for _, h, t in missing}
         text, guide = self._text, self._canonical
-        if text is None and self._drafting:
+        if text is None and self._drafting is not None:
             text, guide = self._draft(x, [*survivors, *out]), None
         ahead = [] if text is None else self._speculate(n, logp_n, [*survivors, *out], requested, text, guide)
         scored = self._scorer.extend([(h.seq, t) for _, h, t in missing] + [(p, t) for p, t, _, _ in ahead])
@@ -534,25 +548,37 @@ class ByteLevelModel:
                 for p in plans]
 
     def _draft(self, x: bytes, alive) -> bytes:
-        """``x`` and a guess at the bytes that follow it, for scoring ahead while sampling.
+        """``x`` and a guess at the bytes the sampler will draw after it, for scoring ahead.
 
-        The guess is the rest of the most probable token that goes on from ``x``: over the
-        tokenizations followed, ``P(h) q(t | h)`` for the tokens ``t`` that spell past ``x``
-        (any token for one ending at ``x``). Tokenizations scored ahead for an earlier guess that
+        Byte by byte, the guess draws with the uniform the sampler will use for that byte
+        (:func:`draw_byte`) from the next-byte distribution of the tokenizations already scored,
+        over the tokens that run past the guess so far. Where those are most of the mass (inside a
+        token), it is the exact distribution up to what is left out, so the guess is the draw the
+        sampler will make; it stops where tokens ending there carry more (the next byte is then up
+        to a tokenization not scored yet). Tokenizations scored ahead for an earlier guess that
         spell past where this one differs can no longer be asked for, and are dropped.
         """
-        vocab, n = self.vocab, len(x)
-        best, guess = -math.inf, b""
-        for h in alive:
-            start = h.lo + len(vocab.tokens_equal_to(x[h.pos :])) if h.pos < n else 0
-            stop = h.hi if h.pos < n else len(h.q)
-            if start >= stop:
-                continue
-            k = start + int(np.argmax(h.q[start:stop]))
-            if h.q[k] > 0 and h.logp + math.log(h.q[k]) > best:
-                best = h.logp + math.log(h.q[k])
-                guess = vocab.token_bytes[int(vocab.sorted_ids[k])][n - h.pos :]
-        text = x + guess
+        vocab = self.vocab
+        first, uniforms, temperature = self._drafting
+        ref = max(h.logp for h in alive) if alive else 0.0
+        weights = [math.exp(h.logp - ref) for h in alive]
+        text = x
+        while len(text) - first < len(uniforms):
+            num, ended = np.zeros(256), 0.0
+            for h, w in zip(alive, weights):
+                if h.pos == len(text):  # scored, ending here: its next token is known
+                    num += w * np.bincount(self._first_byte, weights=h.q, minlength=256)
+                    continue
+                s = text[h.pos :]
+                lo, hi = vocab.prefix_range(s, h.lo, h.hi)
+                equal = vocab.tokens_equal_to(s)
+                ended += w * sum(float(h.q[vocab.rank[t]]) for t in equal)
+                start = lo + len(equal)
+                if start < hi:
+                    num += w * np.bincount(vocab.byte_matrix[len(s), start:hi], weights=h.q[start:hi], minlength=256)
+            if num.sum() <= max(ended, 0.0) or num.sum() == 0:
+                break
+            text += bytes([draw_byte(num / num.sum(), uniforms[len(text) - first], temperature)])
         same = _common_prefix(text, self._draft_text)
         for key in [k for k, a in self._ahead.items() if a.pos > same]:
             del self._ahead[key]
@@ -855,9 +881,10 @@ class ByteLevelModel:
         ``x_{n+1} ~ P(. | x_1..x_n)``, byte by byte (:meth:`next_byte_distribution`). ``temperature``
         rescales the byte probabilities (``p^(1/T)``, renormalised). Each byte extends the state of
         the previous one. Returns the new bytes only (possibly ending mid-character).
-        ``draft``: each model call also scores ahead along the rest of the most probable token
-        (:meth:`_draft`), so that while the sampled bytes follow it no call is needed; the same
-        distributions as ``draft=False`` (one call per byte), in about one call per token.
+        ``draft``: each model call also scores ahead along a guess of the bytes to come, drawn with
+        the same uniforms from the distributions of the tokenizations already scored
+        (:meth:`_draft`), so that while the draws follow it no call is needed; the same
+        distributions and bytes as ``draft=False`` (one call per byte), in about one call per token.
         """
 
         def next_distribution(data: bytes) -> np.ndarray:
@@ -865,12 +892,13 @@ class ByteLevelModel:
             return num / num.sum()
 
         data = as_bytes(prefix)
+        uniforms = sampling_uniforms(n_bytes, seed, temperature)  # those sample_bytes draws with
         self._state_for(data)  # remembered: sampling again from the same prefix starts here
-        self._drafting, self._draft_text = draft, b""
+        self._drafting, self._draft_text = (len(data), uniforms, temperature) if draft else None, b""
         try:
             return sample_bytes(next_distribution, data, n_bytes, seed, temperature)
         finally:
-            self._drafting = False
+            self._drafting = None
             self._ahead.clear()
             self._cumulative.clear()
 
@@ -886,16 +914,14 @@ class ByteLevelModel:
         """
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
-        if n_bytes < 0 or temperature <= 0:
-            raise ValueError(f"n_bytes must be >= 0 and temperature > 0, got {n_bytes} and {temperature}.")
-        rngs = [np.random.default_rng(seed + i) for i in range(n_samples)]
+        uniforms = [sampling_uniforms(n_bytes, seed + i, temperature) for i in range(n_samples)]
         states = [self._state_for(as_bytes(prefix))] * n_samples
         out = [bytearray() for _ in range(n_samples)]
-        for _ in range(n_bytes):
+        for k in range(n_bytes):
             steps = []
-            for state, rng, drawn in zip(states, rngs, out):
+            for state, u, drawn in zip(states, uniforms, out):
                 num, _ = self._next_byte(state)
-                drawn.append(draw_byte(num / num.sum(), rng, temperature))
+                drawn.append(draw_byte(num / num.sum(), u[k], temperature))
                 steps.append((state, drawn[-1]))
             states = self._advance_all(steps)
         return [bytes(drawn) for drawn in out]
