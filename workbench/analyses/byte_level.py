@@ -71,7 +71,11 @@ differently; bits per byte equal to 1e-7). The cost that remains is the position
 at about 8 followed tokenizations per byte against 0.23 tokens per byte for a plain forward pass,
 exactness costs some 35 plain passes of compute on a CPU whatever the batching, more where many
 tokenizations that split early stay probable and each attends to its own history
-(``benchmarks/byte_level.py``, RESULTS.md). Where the text is not known ahead: a query keeps the
+(``benchmarks/byte_level.py``, RESULTS.md). Memory too: where a tokenization that split early
+stays above the pruning threshold (the run of asterisks under a pydoc title), the shared trunk
+stops there and the keys of every followed history stay in memory, so memory and time per byte
+grow along such a text (1.7 GiB more over those 2,000 bytes); stream documents or paragraphs
+separately. Where the text is not known ahead: a query keeps the
 state of every 16th byte of its walk, so a later cut of the same text (the byte lens's slider)
 walks from the nearest one; :meth:`sample` scores ahead along a guess of its next bytes, drawn
 with its own uniforms from the tokenizations already scored, and needs a call about once per
