@@ -123,17 +123,17 @@ def run_version(version: str, package_root: Path, task: str, args) -> dict:
     return out
 
 
-def figure(medians: dict, path: str) -> None:
+def figure(medians: dict, args, path: str) -> None:
     import plotly.graph_objects as go
 
     from workbench.plots.export import export_figure
 
-    labels = {"sample": f"one draw, {ARGS.bytes} B", "samples": f"{N_SAMPLES} draws x {ARGS.bytes // 2} B",
-              "cuts": f"{len(cut_points(ARGS.cut_bytes))} cuts of {ARGS.cut_bytes} B"}
+    labels = {"sample": f"one draw, {args.bytes} B", "samples": f"{N_SAMPLES} draws x {args.bytes // 2} B",
+              "cuts": f"{len(cut_points(args.cut_bytes))} cuts of {args.cut_bytes} B"}
     fig = go.Figure()
     for version, color in (("issue", "#999999"), ("current", "#0072B2")):
         values = [medians[version][t] for t in TASKS]
-        fig.add_bar(name=f"{version} ({ARGS.baseline})" if version == "issue" else version, x=[labels[t] for t in TASKS],
+        fig.add_bar(name=f"{version} ({args.baseline})" if version == "issue" else version, x=[labels[t] for t in TASKS],
                     y=values, marker_color=color, text=[f"{v:.1f} s" for v in values], textposition="outside")
     fig.update_layout(title="Exact byte-level queries without a known text (SmolLM2-135M, CPU)",
                       yaxis_title="seconds (median)", barmode="group", width=720, height=420)
@@ -153,8 +153,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke test: 16 bytes, 32-byte text, one round")
     parser.add_argument("--worker", choices=TASKS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    global ARGS
-    ARGS = args = parser.parse_args()
+    args = parser.parse_args()
     if args.worker:
         Path(args.result).write_text(json.dumps(worker(args.worker, args)))
         return
@@ -199,11 +198,9 @@ def main() -> None:
         ratios[task] = medians["issue"][task] / medians["current"][task]
         print(f"{task:<10} {medians['issue'][task]:9.2f} {medians['current'][task]:10.2f} {ratios[task]:9.2f}")
     if args.figure:
-        figure(medians, args.figure)
+        figure(medians, args, args.figure)
     print(f"single-cut/sampling speed-up (worst task): {min(ratios.values()):.2f}")
 
-
-ARGS = None
 
 if __name__ == "__main__":
     main()

@@ -334,6 +334,19 @@ def test_drafted_and_side_by_side_sampling_draw_the_bytes_of_one_call_per_byte(s
         ByteLevelModel(smollm2).samples(prefix, n_samples=0)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_drafts_and_side_by_side_walks_on_a_random_model(tiny, temperature):
+    """On flat distributions (random weights) the guesses are often wrong and many tokenizations are followed:
+    the draws must still be those of one call per byte, for any prefix, seed and temperature."""
+    for seed, prefix in enumerate(["", "a", "The caf\u00e9 ", "x\n\n  y"]):
+        step = ByteLevelModel(tiny, prune=1e-6, max_hypotheses=48).sample(prefix, 10, seed, temperature, draft=False)
+        drafted = ByteLevelModel(tiny, prune=1e-6, max_hypotheses=48).sample(prefix, 10, seed, temperature)
+        together = ByteLevelModel(tiny, prune=1e-6, max_hypotheses=48).samples(prefix, 2, 10, seed, temperature)
+        assert drafted == step == together[0]
+        assert together[1] == ByteLevelModel(tiny, prune=1e-6, max_hypotheses=48).sample(
+            prefix, 10, seed + 1, temperature, draft=False)
+
+
 def test_drawing_with_uniforms_drawn_ahead_is_numpys_choice():
     """draw_byte with the generator's uniforms drawn ahead picks what Generator.choice picks, byte for byte."""
     for seed in range(50):

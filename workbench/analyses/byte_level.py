@@ -513,7 +513,7 @@ class ByteLevelModel:
         Without lookahead each step's new tokenizations are one call. Otherwise a call also scores,
         ahead of the walk, the children of every scored tokenization that the walk may still follow
         along a text (:meth:`_speculate`): the known text (:meth:`stream`, a query far from any known
-        state), or, while sampling, a draft (:meth:`_draft`: the rest of the most probable token).
+        state), or, while sampling, a guess of the bytes the sampler will draw (:meth:`_draft`).
         A later step finds them ready and needs no call. Which ones the walk keeps is decided exactly
         as without lookahead, so the results are the same; a child the lookahead left out, or one
         the sampled bytes did not follow, is scored when asked for.
