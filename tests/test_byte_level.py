@@ -312,8 +312,8 @@ def test_scoring_ahead_gives_the_numbers_of_one_call_per_step(name, request):
 
 
 def test_drafted_and_side_by_side_sampling_draw_the_bytes_of_one_call_per_byte(smollm2):
-    """sample() scores ahead along a draft of the most probable token, samples() walks several draws in one call
-    per byte: only the cost changes, so the seeded draws are those of one call per byte, in fewer calls."""
+    """sample() scores ahead along a guess of its next bytes (drawn with its own uniforms), samples() walks several
+    draws in one call per byte: only the cost changes, so the seeded draws are those of one call per byte."""
     prefix = "The history of the city begins"
 
     def calls_to_draw(draw):
