@@ -562,25 +562,12 @@ class ByteLevelModel:
         to a tokenization not scored yet). Tokenizations scored ahead for an earlier guess that
         spell past where this one differs can no longer be asked for, and are dropped.
         """
-        vocab = self.vocab
         first, uniforms, temperature = self._drafting
         ref = max(h.logp for h in alive) if alive else 0.0
-        weights = [math.exp(h.logp - ref) for h in alive]
         text = x
         while len(text) - first < len(uniforms):
-            num, ended = np.zeros(256), 0.0
-            for h, w in zip(alive, weights):
-                if h.pos == len(text):  # scored, ending here: its next token is known
-                    num += w * np.bincount(self._first_byte, weights=h.q, minlength=256)
-                    continue
-                s = text[h.pos :]
-                lo, hi = vocab.prefix_range(s, h.lo, h.hi)
-                equal = vocab.tokens_equal_to(s)
-                ended += w * sum(float(h.q[vocab.rank[t]]) for t in equal)
-                start = lo + len(equal)
-                if start < hi:
-                    num += w * np.bincount(vocab.byte_matrix[len(s), start:hi], weights=h.q[start:hi], minlength=256)
-            if num.sum() <= max(ended, 0.0) or num.sum() == 0:
+            num, _, _, ended = self._masses_after(text, alive, ref)
+            if num.sum() == 0 or num.sum() <= ended:
                 break
             text += bytes([draw_byte(num / num.sum(), uniforms[len(text) - first], temperature)])
         same = _common_prefix(text, self._draft_text)
@@ -694,29 +681,42 @@ class ByteLevelModel:
         """Unnormalised next-byte masses (relative to the best tokenization) and the structurally possible bytes."""
         if state._dist is not None:
             return state._dist
-        vocab, n = self.vocab, len(state.prefix)
+        n = len(state.prefix)
         ref = max(h.logp for h in state.alive)
-        num = np.zeros(256)
-        possible = np.zeros(256, dtype=bool)
-        end = 0.0
-        for h in state.alive:
-            w = math.exp(h.logp - ref)
-            m = n - h.pos
-            if m == 0:
-                num += w * np.bincount(self._first_byte, weights=h.q, minlength=256)
-                possible |= vocab.producible_first_bytes()
-                end += w * h.p_special
-                continue
-            start = h.lo + len(vocab.tokens_equal_to(state.prefix[h.pos :]))
-            if start >= h.hi:
-                continue
-            column = vocab.byte_matrix[m, start : h.hi]
-            num += w * np.bincount(column, weights=h.q[start : h.hi], minlength=256)
-            possible[np.unique(column)] = True
+        num, possible, end, _ = self._masses_after(state.prefix, state.alive, ref)
         total_prefix = math.exp(state.logp - ref) if n else 1.0
         info = {"ref": ref, "possible": possible, "p_end_of_text": end / total_prefix if total_prefix > 0 else 0.0}
         state._dist = (num, info)
         return state._dist
+
+    def _masses_after(self, text: bytes, tokenizations, ref: float):
+        """What ``tokenizations`` (scored, each spelling a prefix of ``text``) say of the byte after ``text``.
+
+        ``(num, possible, p_end, ended)``, masses relative to ``exp(ref)``: ``num[b]`` of the tokens
+        that go on with byte ``b`` (for a tokenization ending at ``text``, its next token's first
+        byte; for the others, the next byte of a last token that runs past ``text``); ``possible``
+        the bytes some token can spell there; ``p_end`` a special token next, after those ending at
+        ``text``; ``ended`` the last tokens that end exactly at ``text``, whose next byte is up to
+        tokenizations not among these.
+        """
+        vocab, n = self.vocab, len(text)
+        num, possible, p_end, ended = np.zeros(256), np.zeros(256, dtype=bool), 0.0, 0.0
+        for h in tokenizations:
+            w = math.exp(h.logp - ref)
+            if h.pos == n:
+                num += w * np.bincount(self._first_byte, weights=h.q, minlength=256)
+                possible |= vocab.producible_first_bytes()
+                p_end += w * h.p_special
+                continue
+            lo, hi = vocab.prefix_range(text[h.pos :], h.lo, h.hi)
+            equal = vocab.tokens_equal_to(text[h.pos :])
+            ended += w * sum(float(h.q[vocab.rank[t]]) for t in equal)
+            start = lo + len(equal)
+            if start < hi:
+                column = vocab.byte_matrix[n - h.pos, start:hi]
+                num += w * np.bincount(column, weights=h.q[start:hi], minlength=256)
+                possible[column] = True
+        return num, possible, p_end, ended
 
     def _attrs(self, state: _State, method: str = "exact") -> dict:
         _, info = self._next_byte(state)
