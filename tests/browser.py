@@ -132,18 +132,46 @@ def changed(output, before: list[str], timeout_s: float = 30.0) -> bool:
     return False
 
 
+def undrawn_figures(output) -> list[str]:
+    """The figures of an output that show no data yet: plotly's placeholder, or a plot that drew no trace
+    (SVG traces, heatmap images, tables; WebGL canvases for 3-D scenes)."""
+    return output.evaluate(
+        "el => [...el.querySelectorAll('.js-plotly-plot')].map((p, i) => [i, (p.data || []).length, "
+        "p.querySelectorAll('.main-svg .trace, .main-svg image, .main-svg .table-control-view, .gl-container canvas').length])"
+        ".filter(([i, n, drawn]) => n === 0 || drawn === 0).map(([i, n, drawn]) => `figure ${i}: ${n} traces, "
+        "${drawn} drawn`)")
+
+
+def wait_until_drawn(output, name: str, timeout_s: float = 120.0) -> None:
+    """Wait until every figure of ``output`` shows its data. A busy page (a loaded CI machine) can take many
+    seconds to load plotly's widget code and draw a FigureWidget after the kernel has finished; a control
+    moved before that compares against an empty figure. Fails, saying which figure, if one never draws."""
+    end = time.time() + timeout_s
+    while (missing := undrawn_figures(output)) and time.time() < end:
+        time.sleep(0.25)
+    if missing:
+        raise AssertionError(f"{name}: after {timeout_s:.0f} s these figures still show no data: {missing}")
+
+
+def slider_readouts(explorer) -> list[str]:
+    return explorer.locator(".widget-hslider .widget-readout").all_inner_texts()
+
+
 def move_every_control(page, explorer, shot, name: str) -> None:
     """Each slider one step right (keyboard) and each dropdown to another option: every move must change a figure."""
+    wait_until_drawn(explorer, name)
     handles = explorer.locator(".widget-hslider .noUi-handle")
     for i in range(handles.count()):
-        before = figure_signatures(explorer)
+        before, readouts = figure_signatures(explorer), slider_readouts(explorer)
         for _ in range(2):  # a key press can be lost while the page is still settling after the run: press again
             handles.nth(i).focus()
             page.keyboard.press("ArrowRight")
             if changed(explorer, before, timeout_s=20):
                 break
         else:
-            raise AssertionError(f"{name}: moving slider {i} (twice) changed no figure")
+            raise AssertionError(f"{name}: moving slider {i} (twice) changed no figure (slider readouts "
+                                 f"{readouts} -> {slider_readouts(explorer)}; figures without data: "
+                                 f"{undrawn_figures(explorer)})")
         shot(f"{name}-slider{i}", explorer)
     selects = explorer.locator(".widget-dropdown select")
     for i in range(selects.count()):
