@@ -34,8 +34,10 @@ byte of the exact model and of the token-level forward (the canonical tokenizati
 posterior mass pruned, and the mean / max total variation between the exact and the naive and
 token-healing distributions at the sampled cut points. The last line is
 ``exact/plain time ratio: X``. ``--exact-only`` times just the plain forward and the exact
-stream and prints the stream's peak RSS growth (sampled every 5 ms): for long texts
-(``--bytes 20000``), where the one-call-per-step walk would take hours.
+stream and prints the stream's peak RSS growth (sampled every 5 ms) and, per tenth of the text, its
+bytes/s, RSS and shared trunk: for long texts (``--bytes 20000``), where the one-call-per-step walk
+would take hours. ``--window W`` prunes tokenizations that split from the most probable one more than
+``W`` bytes back (``ByteLevelModel(window=W)``), which bounds what a long text keeps in memory.
 """
 
 from __future__ import annotations
@@ -45,13 +47,14 @@ import math
 import os
 import platform
 import statistics
+import threading
 import time
 
 import numpy as np
 import torch
 
 import workbench as wb
-from capture_overhead import PeakRSS, timed  # shared helpers: wall seconds and others' CPU share; peak RSS
+from capture_overhead import PeakRSS, _rss_bytes, timed  # shared helpers: wall seconds and others' CPU share; peak RSS
 from workbench.analyses.byte_baselines import (
     naive_next_byte_distribution,
     naive_next_byte_stream,
@@ -78,6 +81,43 @@ def corpus_bytes(offset: int, n: int) -> bytes:
     raise SystemExit("the chosen range holds no whole UTF-8 character.")
 
 
+class Trace:
+    """Where the walk is (bytes done, from the model's cursor: a diagnostic read of a private field), the RSS and
+    the scorer's shared trunk, sampled every second by a thread; :meth:`report` prints them per tenth of the text."""
+
+    def __init__(self, blm: ByteLevelModel):
+        self.blm, self.samples = blm, []
+
+    def __enter__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while not self._stop.wait(1.0):
+            cursor = self.blm._cursor
+            self.samples.append((time.perf_counter() - self._start, 0 if cursor is None else len(cursor.prefix),
+                                 _rss_bytes(), self.blm._scorer.trunk_length))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def report(self, n: int) -> None:
+        print("along the text (sampled each second): bytes, bytes/s over that stretch, RSS at its end, shared trunk")
+        last_t, last_b = 0.0, 0
+        for k in range(1, 11):
+            done = [s for s in self.samples if s[1] >= k * n // 10]
+            if not done:
+                break
+            t, b, rss, trunk = done[0]
+            print(f"  {last_b:>6}..{b:<6} {(b - last_b) / max(t - last_t, 1e-9):6.1f} B/s   RSS {rss / 2**20:6.0f} MiB   "
+                  f"trunk {trunk} tokens")
+            last_t, last_b = t, b
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bytes", type=int, default=2000, help="bytes of text to walk (default 2000)")
@@ -91,6 +131,7 @@ def main() -> None:
                         "random-llama-1b on a GPU)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    parser.add_argument("--window", type=int, default=0, help="ByteLevelModel window in bytes (0: none, the default)")
     parser.add_argument("--exact-only", action="store_true", help="time only the plain forward and the exact stream "
                         "(lookahead), with the stream's peak RSS growth: for long texts (--bytes 20000)")
     args = parser.parse_args()
@@ -111,7 +152,8 @@ def main() -> None:
           f"{model.source})")
     print(f"text: pydoc corpus bytes {args.offset}..{args.offset + n} ({n} bytes, {len(ids) - len(context)} tokens, "
           f"{n / (len(ids) - len(context)):.2f} bytes/token), starts {text[:60]!r}")
-    print(f"exact: prune={args.prune:g}, max_hypotheses={args.max_hypotheses or None}, context={context}\n")
+    print(f"exact: prune={args.prune:g}, max_hypotheses={args.max_hypotheses or None}, window={args.window or None}, "
+          f"context={context}\n")
 
     def plain():
         return sequence_logprobs(model, ids)
@@ -119,14 +161,14 @@ def main() -> None:
     plain()  # warm-up
     plain_runs = [timed(plain) for _ in range(args.repeats)]
 
-    blm = ByteLevelModel(model, prune=args.prune, max_hypotheses=args.max_hypotheses or None)
+    blm = ByteLevelModel(model, prune=args.prune, max_hypotheses=args.max_hypotheses or None, window=args.window or None)
     holder = {}
 
     def exact():
         holder["ds"] = blm.stream(text, progress=True)
         return holder["ds"]
 
-    with PeakRSS() as memory:
+    with PeakRSS() as memory, Trace(blm) as trace:
         exact_time, exact_others = timed(exact)
     ds = holder["ds"]
     if args.exact_only:
@@ -138,7 +180,9 @@ def main() -> None:
         print(f"plain forward: {plain_time:.3f} s (median of {len(plain_runs)})")
         print(f"peak RSS growth during the exact stream: {memory.delta / 2**20:.0f} MiB (of which the returned "
               f"Dataset: {output / 2**20:.0f} MiB); RSS before it {memory.base / 2**20:.0f} MiB")
-        print(f"bits per byte: exact {-float(ds.logprob.sum()) / (n * math.log(2)):.4f}")
+        trace.report(n)
+        print(f"bits per byte: exact {-float(ds.logprob.sum()) / (n * math.log(2)):.4f}; pruned posterior: sum "
+              f"{float(ds.pruned_fraction.sum()):.2e}, max at one cut {float(ds.pruned_fraction.max()):.2e}")
         print(f"exact/plain time ratio: {exact_time / plain_time:.1f}")
         return
     incremental = ByteLevelModel(model, prune=args.prune, max_hypotheses=args.max_hypotheses or None)

@@ -528,6 +528,65 @@ def test_bad_input_is_explained(ab):
     assert model.next_byte_distribution(b"ab").sum().item() == pytest.approx(1.0)  # usable after an error
 
 
+def _common_bytes(vocab, covers) -> int:
+    """Bytes spelled by the tokens every cover starts with."""
+    ids = [c[0] for c in covers]
+    k = next((i for i in range(min(map(len, ids))) if len({s[i] for s in ids}) > 1), min(map(len, ids)))
+    return len(vocab.decode(ids[0][:k]))
+
+
+def test_window_prunes_old_splits_and_accounts_for_them(ab):
+    """With ``window``, tokenizations that split from the most probable one more than ``window`` bytes back
+    are pruned: on the float64 toy model, whose flat distributions keep every split alive, the exact
+    P(x) (every cover, tested against enumeration above) minus the windowed one is at most the pruned mass
+    reported, the chain rule holds with the pruned fractions, cuts up to ``window`` bytes are unchanged,
+    and all covers share their tokens up to ``window`` bytes and one token before the cut."""
+    text, window = b"abbabababbabbaab", 3
+    exact = ByteLevelModel(ab, prune=0, max_hypotheses=None).stream(text)
+    model = ByteLevelModel(ab, prune=0, max_hypotheses=None, window=window)
+    ds = model.stream(text)
+    assert ds.attrs["window"] == window and exact.attrs["window"] == -1
+    assert float(ds.pruned_fraction.max()) > 0.01  # the window pruned real mass
+    np.testing.assert_allclose(ds.probability[: window + 1], exact.probability[: window + 1], atol=1e-12)
+    p_exact, p_window = math.exp(float(exact.prefix_logprob[-1])), math.exp(float(ds.prefix_logprob[-1]))
+    assert 0 < p_exact - p_window <= math.exp(ds.attrs["pruned_logmass"]) * (1 + 1e-9)
+    chain = float(ds.prefix_logprob[-1]) - float(np.log1p(-ds.pruned_fraction).sum())
+    assert float(ds.logprob.sum()) == pytest.approx(chain, rel=1e-12)
+    np.testing.assert_allclose(ds.probability.sum("byte"), 1.0, atol=1e-12)
+    vocab = vocab_bytes(ab.tokenizer)
+    for n in range(window + 2, len(text) + 1):
+        covers = model.covers(text[:n])
+        assert _common_bytes(vocab, covers) >= n - window - vocab.max_token_bytes, n
+    with pytest.raises(ValueError, match="window"):
+        ByteLevelModel(ab, window=0)
+
+
+def test_window_bounds_what_a_long_text_keeps_on_smollm2(smollm2):
+    """On the pydoc text whose run of asterisks keeps a tokenization that split at byte ~25 probable for good
+    (so without a window the shared trunk stops there and every followed history stays in memory), a
+    window lets the trunk follow the cut: the same numbers before the window binds, the chain rule with
+    the pruned fractions, the same numbers scored ahead or one call per step, and covers that agree on
+    everything up to the window."""
+    from workbench.corpus import load_corpus
+
+    text, window = load_corpus("pydoc")[0]["text"][:120].encode(), 40
+    ahead = ByteLevelModel(smollm2, window=window)
+    ds = ahead.stream(text)
+    step = ByteLevelModel(smollm2, window=window).stream(text, lookahead=False)
+    free = ByteLevelModel(smollm2).stream(text[: window + 1])
+    np.testing.assert_allclose(ds.probability[: window + 1], free.probability, atol=1e-5)
+    assert (ds.n_tokenizations.values == step.n_tokenizations.values).all()
+    np.testing.assert_allclose(ds.probability, step.probability, atol=1e-5)
+    np.testing.assert_allclose(ds.pruned_fraction, step.pruned_fraction, atol=1e-6)
+    assert float(ds.pruned_fraction[window + 1 :].max()) > 1e-4  # the window pruned the asterisk split
+    chain = float(ds.prefix_logprob[-1]) - float(np.log1p(-ds.pruned_fraction).sum())
+    assert float(ds.logprob.sum()) == pytest.approx(chain, rel=1e-5)
+    vocab = vocab_bytes(smollm2.tokenizer)
+    covers = ahead.covers(text)
+    assert _common_bytes(vocab, covers) >= len(text) - window - vocab.max_token_bytes
+    assert _common_bytes(vocab, ByteLevelModel(smollm2).covers(text)) < 30  # without a window: the split at ~25
+
+
 def test_pruning_on_a_flat_distribution_keeps_the_text_possible(tiny):
     """A random model spreads its mass over many long tokens: with a cap on hypotheses, pruning once kept
     only tokenizations inside a run of '*' (none could spell the '\\n' after it: ImpossiblePrefixError).

@@ -52,6 +52,21 @@ at most a few 1e-3, and bits per byte agree to 1e-4. Non-canonical tokenizations
 e.g. ``' ident' + 'ifier'`` keeps about 0.1-0.2% of the mass of ``' identifier'`` all along a
 text, which is why such tracks are followed rather than dropped.
 
+**Long texts: ``window``.** ``ByteLevelModel(..., window=W)`` keeps, at each cut, only the
+tokenizations that agree with the most probable ones on every token ending ``W`` bytes or more
+before the cut (grouped by those tokens; the group with the largest share of ``P(x)`` is kept);
+the others' shares are pruned and accounted for like any pruning (``pruned_fraction``,
+``pruned_logmass``, the chain rule above). All followed tokenizations then share their tokens up
+to ``W`` bytes and one token before the cut, so the scorer's trunk follows the walk and what is
+kept besides it is bounded (about ``max_hypotheses`` histories of ``W`` bytes) however long the
+text. The price is the mass of old splits that stay probable: on SmolLM2 and the pydoc text
+non-canonical splits such as ``'********' + '********'`` for 16 asterisks or ``'",' + '"'`` for
+``'","'`` keep 8-12% of the posterior for a while, so over its first 500 bytes ``W`` = 64, 128
+and 256 change next-byte probabilities by at most 0.018, 0.006 and 0.003 and bits per byte by
+4e-4, 3e-4 and 1e-4, against ``window=None`` (the default: exact up to ``prune`` and
+``max_hypotheses``). What it buys is that time and memory per byte stop growing along the text
+(``benchmarks/byte_level.py --exact-only --window``, RESULTS.md).
+
 **Cost.** Each followed tokenization costs one token position: its next-token distribution,
 from one forward pass of one token per row over the scorer's shared KV cache
 (:mod:`workbench.probes.token_scoring`). The walk itself is sequential (which tokenizations are
@@ -75,7 +90,7 @@ tokenizations that split early stay probable and each attends to its own history
 stays above the pruning threshold (the run of asterisks under a pydoc title), the shared trunk
 stops there and the keys of every followed history stay in memory, so memory and time per byte
 grow along such a text (1.7 GiB more over those 2,000 bytes); stream documents or paragraphs
-separately. Where the text is not known ahead: a query keeps the
+separately, or give a ``window`` (below). Where the text is not known ahead: a query keeps the
 state of every 16th byte of its walk, so a later cut of the same text (the byte lens's slider)
 walks from the nearest one; :meth:`sample` scores ahead along a guess of its next bytes, drawn
 with its own uniforms from the tokenizations already scored, and needs a call about once per
@@ -296,6 +311,7 @@ class _Step:
     logp: float  # log P(x)
     kept: list  # (logp, parent, token): new tokenizations ending at len(x), to score
     pruned: list  # log-probabilities pruned at this byte
+    shared: tuple | None = None  # with a window: the tokens every kept tokenization now starts with
 
 
 @dataclass(eq=False)
@@ -321,6 +337,8 @@ class ByteLevelModel:
 
     ``prune``: posterior below which a tokenization is not followed (0: follow all).
     ``max_hypotheses``: most tokenizations followed at once (None: no limit).
+    ``window``: bytes after which tokenizations that split from the most probable one are pruned
+    (None: never; see "Long texts" in the module docstring).
     ``context_ids``: tokens every text is conditioned on (default :func:`start_context`).
     :attr:`calls` counts model forward passes.
     """
@@ -331,18 +349,23 @@ class ByteLevelModel:
         prune: float = 1e-5,
         max_hypotheses: int | None = 32,
         context_ids=None,
+        window: int | None = None,
     ):
         if not 0 <= prune < 1:
             raise ValueError(f"prune must be in [0, 1), got {prune}.")
         if max_hypotheses is not None and max_hypotheses < 1:
             raise ValueError(f"max_hypotheses must be >= 1 or None, got {max_hypotheses}.")
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 (bytes) or None, got {window}.")
         self.handle = handle
         self.vocab = vocab_bytes(handle.tokenizer)
         self.prune = float(prune)
         self.max_hypotheses = max_hypotheses
+        self.window = window
         self.context_ids = list(context_ids) if context_ids is not None else start_context(handle)
         self._scorer = PrefixTreeScorer(handle)
         self._first_byte = self.vocab.byte_matrix[0]
+        self._token_lengths = [len(b or b"") for b in self.vocab.token_bytes]  # bytes each token id adds
         self._cursor: _State | None = None
         # Recently queried states, so that several continuations of one prefix reuse its work. They
         # keep the scorer's shared trunk from growing past their tokenizations while the cursor is
@@ -432,6 +455,9 @@ class ByteLevelModel:
             for key in [k for k, st in store.items() if n - len(st.prefix) > _PIN_BYTES]:
                 del store[key]
         alive = [h for p, c in zip(plans, children) for h in p.survivors + c]
+        shared = [p.shared for p in plans if p.shared is not None]
+        if shared and len(shared) == len(plans):  # scored ahead along tokenizations the window pruned: forget them
+            self._ahead = {ids: a for ids, a in self._ahead.items() if any(ids[: len(s)] == s for s in shared)}
         pinned = [h.seq for st in self._kept_states() for h in st.alive if self._scorer.usable(h.seq)]
         self._scorer.commit([h.seq for h in alive] + pinned + [a.seq for a in self._ahead.values()])
         new = []
@@ -491,6 +517,10 @@ class ByteLevelModel:
         if self.max_hypotheses is not None and len(ranked) > self.max_hypotheses:
             pruned += [r[0] for r in ranked[self.max_hypotheses :]]
             ranked = ranked[: self.max_hypotheses]
+        shared = None
+        if self.window is not None and n > self.window and ranked:
+            ranked, candidates, shared, out = self._within_window(ranked, candidates, n - self.window)
+            pruned += out
         if candidates and not any(kind == "new" for _, kind, _ in ranked):
             # Always keep a tokenization with a token boundary at n: only such a one can go on with any
             # byte (its next token may start with anything); the others can only spell the rest of their
@@ -503,7 +533,40 @@ class ByteLevelModel:
             ranked.append((best[0], "new", (best[1], best[2])))
         survivors = [r[2] for r in ranked if r[1] == "old"]
         kept = [(r[0], *r[2]) for r in ranked if r[1] == "new"]
-        return _Step(x, survivors, parents, logp, kept, pruned)
+        return _Step(x, survivors, parents, logp, kept, pruned, shared)
+
+    def _within_window(self, ranked, candidates, limit: int):
+        """Keep the tokenizations that agree with the most probable ones on every token ending at or before
+        byte ``limit`` (``window`` bytes before the cut); the others' shares are pruned.
+
+        Tokenizations are grouped by those tokens (a new one by its parent's: its last token ends at the
+        cut); the group with the largest total share of ``P(x)`` is kept. Returns ``(ranked, candidates,
+        shared, pruned)``: what :meth:`_plan` keeps, the tokens every kept tokenization starts with (None
+        when nothing was pruned) and the log-shares pruned. Cost: a walk back over the last ``window``
+        bytes' tokens of each distinct parent, once per byte.
+        """
+        trunk, lengths, keys = self._scorer.trunk_length, self._token_lengths, {}
+
+        def key(h: _Tokenization) -> tuple:  # h's tokens after the trunk that end at or before the limit
+            if id(h.seq) not in keys:
+                ids, j, end = h.seq.ids, len(h.seq.ids), h.pos
+                while j > trunk and end > limit:
+                    j -= 1
+                    end -= lengths[ids[j]]
+                keys[id(h.seq)] = ids[trunk:j]
+            return keys[id(h.seq)]
+
+        parent = [item[0] if kind == "new" else item for _, kind, item in ranked]
+        groups: dict[tuple, list] = {}
+        for r, h in zip(ranked, parent):
+            groups.setdefault(key(h), []).append(r[0])
+        if len(groups) == 1:
+            return ranked, candidates, None, []
+        best = max(groups, key=lambda k: logsumexp(groups[k]))
+        kept = [r for r, h in zip(ranked, parent) if key(h) == best]
+        out = [r[0] for r, h in zip(ranked, parent) if key(h) != best]
+        shared = next(h for h in parent if key(h) == best).seq.ids[: trunk + len(best)]
+        return kept, [c for c in candidates if key(c[1]) == best], shared, out
 
     # ------------------------------------------------------------------ scoring, with lookahead on a known text
 
@@ -729,6 +792,7 @@ class ByteLevelModel:
             "context_ids": list(self.context_ids),
             "prune": self.prune,
             "max_hypotheses": -1 if self.max_hypotheses is None else self.max_hypotheses,
+            "window": -1 if self.window is None else self.window,
             "prefix_logprob": state.logp,
             "p_end_of_text": info["p_end_of_text"],
             "pruned_fraction": state.pruned_fraction,
@@ -870,6 +934,7 @@ class ByteLevelModel:
                 "context_ids": list(self.context_ids),
                 "prune": self.prune,
                 "max_hypotheses": -1 if self.max_hypotheses is None else self.max_hypotheses,
+            "window": -1 if self.window is None else self.window,
                 "calls": total_calls,
                 "calls_per_byte": total_calls / n,
                 "positions_per_byte": (self.positions - start_positions) / n,
