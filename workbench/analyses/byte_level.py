@@ -295,6 +295,7 @@ class _Tokenization:
     p_special: float  # raw probability of a special token next
     lo: int = 0  # run of tokens starting with x[pos:n] (n = current prefix length)
     hi: int = 0
+    parent: ScoredSequence | None = field(default=None, repr=False)  # scored ahead: the sequence it extends
 
     @property
     def token_ids(self) -> tuple[int, ...]:
@@ -311,7 +312,6 @@ class _Step:
     logp: float  # log P(x)
     kept: list  # (logp, parent, token): new tokenizations ending at len(x), to score
     pruned: list  # log-probabilities pruned at this byte
-    shared: tuple | None = None  # with a window: the tokens every kept tokenization now starts with
 
 
 @dataclass(eq=False)
@@ -337,7 +337,7 @@ class ByteLevelModel:
 
     ``prune``: posterior below which a tokenization is not followed (0: follow all).
     ``max_hypotheses``: most tokenizations followed at once (None: no limit).
-    ``window``: bytes after which tokenizations that split from the most probable one are pruned
+    ``window``: bytes after which tokenizations that split from the most probable ones are pruned
     (None: never; see "Long texts" in the module docstring).
     ``context_ids``: tokens every text is conditioned on (default :func:`start_context`).
     :attr:`calls` counts model forward passes.
@@ -455,9 +455,7 @@ class ByteLevelModel:
             for key in [k for k, st in store.items() if n - len(st.prefix) > _PIN_BYTES]:
                 del store[key]
         alive = [h for p, c in zip(plans, children) for h in p.survivors + c]
-        shared = [p.shared for p in plans if p.shared is not None]
-        if shared and len(shared) == len(plans):  # scored ahead along tokenizations the window pruned: forget them
-            self._ahead = {ids: a for ids, a in self._ahead.items() if any(ids[: len(s)] == s for s in shared)}
+        self._forget_orphans(alive)
         pinned = [h.seq for st in self._kept_states() for h in st.alive if self._scorer.usable(h.seq)]
         self._scorer.commit([h.seq for h in alive] + pinned + [a.seq for a in self._ahead.values()])
         new = []
@@ -517,9 +515,8 @@ class ByteLevelModel:
         if self.max_hypotheses is not None and len(ranked) > self.max_hypotheses:
             pruned += [r[0] for r in ranked[self.max_hypotheses :]]
             ranked = ranked[: self.max_hypotheses]
-        shared = None
         if self.window is not None and n > self.window and ranked:
-            ranked, candidates, shared, out = self._within_window(ranked, candidates, n - self.window)
+            ranked, candidates, out = self._within_window(ranked, candidates, n - self.window)
             pruned += out
         if candidates and not any(kind == "new" for _, kind, _ in ranked):
             # Always keep a tokenization with a token boundary at n: only such a one can go on with any
@@ -533,7 +530,7 @@ class ByteLevelModel:
             ranked.append((best[0], "new", (best[1], best[2])))
         survivors = [r[2] for r in ranked if r[1] == "old"]
         kept = [(r[0], *r[2]) for r in ranked if r[1] == "new"]
-        return _Step(x, survivors, parents, logp, kept, pruned, shared)
+        return _Step(x, survivors, parents, logp, kept, pruned)
 
     def _within_window(self, ranked, candidates, limit: int):
         """Keep the tokenizations that agree with the most probable ones on every token ending at or before
@@ -541,9 +538,8 @@ class ByteLevelModel:
 
         Tokenizations are grouped by those tokens (a new one by its parent's: its last token ends at the
         cut); the group with the largest total share of ``P(x)`` is kept. Returns ``(ranked, candidates,
-        shared, pruned)``: what :meth:`_plan` keeps, the tokens every kept tokenization starts with (None
-        when nothing was pruned) and the log-shares pruned. Cost: a walk back over the last ``window``
-        bytes' tokens of each distinct parent, once per byte.
+        pruned)``: what :meth:`_plan` keeps and the log-shares pruned. Cost: a walk back over the last
+        ``window`` bytes' tokens of each distinct parent, once per byte.
         """
         trunk, lengths, keys = self._scorer.trunk_length, self._token_lengths, {}
 
@@ -561,12 +557,22 @@ class ByteLevelModel:
         for r, h in zip(ranked, parent):
             groups.setdefault(key(h), []).append(r[0])
         if len(groups) == 1:
-            return ranked, candidates, None, []
+            return ranked, candidates, []
         best = max(groups, key=lambda k: logsumexp(groups[k]))
         kept = [r for r, h in zip(ranked, parent) if key(h) == best]
         out = [r[0] for r, h in zip(ranked, parent) if key(h) != best]
-        shared = next(h for h in parent if key(h) == best).seq.ids[: trunk + len(best)]
-        return kept, [c for c in candidates if key(c[1]) == best], shared, out
+        return kept, [c for c in candidates if key(c[1]) == best], out
+
+    def _forget_orphans(self, alive) -> None:
+        """Forget the tokenizations scored ahead whose parent is no longer followed (pruned by any rule) nor
+        itself scored ahead and kept: the walk never asks for them, and each would hold the scorer's trunk
+        in place and its own keys and distributions (about 0.6 MB with SmolLM2's vocabulary) in memory."""
+        live = {h.seq for h in alive}
+        for ids in sorted(self._ahead, key=len):  # parents before their children
+            if self._ahead[ids].parent in live:
+                live.add(self._ahead[ids].seq)
+            else:
+                del self._ahead[ids]
 
     # ------------------------------------------------------------------ scoring, with lookahead on a known text
 
@@ -590,7 +596,7 @@ class ByteLevelModel:
             if ready is None:
                 missing.append((lp, h, t))
             else:
-                out.append(replace(ready, logp=lp))  # the walk's own arithmetic (the same value)
+                out.append(replace(ready, logp=lp, parent=None))  # the walk's own arithmetic (the same value)
         if not missing:
             return out
         requested = {h.seq.ids + (t,) for _, h, t in missing}
@@ -600,8 +606,8 @@ class ByteLevelModel:
         ahead = [] if text is None else self._speculate(n, logp_n, [*survivors, *out], requested, text, guide)
         scored = self._scorer.extend([(h.seq, t) for _, h, t in missing] + [(p, t) for p, t, _, _ in ahead])
         out += [self._new_tokenization(seq, n, lp) for seq, (lp, _, _) in zip(scored, missing)]
-        for seq, (_, _, pos, lp) in zip(scored[len(missing) :], ahead):
-            self._ahead[seq.ids] = self._new_tokenization(seq, pos, lp)
+        for seq, (parent, _, pos, lp) in zip(scored[len(missing) :], ahead):
+            self._ahead[seq.ids] = replace(self._new_tokenization(seq, pos, lp), parent=parent)
         return out
 
     def _score_all(self, plans) -> list[list[_Tokenization]]:
@@ -934,7 +940,7 @@ class ByteLevelModel:
                 "context_ids": list(self.context_ids),
                 "prune": self.prune,
                 "max_hypotheses": -1 if self.max_hypotheses is None else self.max_hypotheses,
-            "window": -1 if self.window is None else self.window,
+                "window": -1 if self.window is None else self.window,
                 "calls": total_calls,
                 "calls_per_byte": total_calls / n,
                 "positions_per_byte": (self.positions - start_positions) / n,
