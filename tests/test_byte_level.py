@@ -584,6 +584,10 @@ def test_window_bounds_what_a_long_text_keeps_on_smollm2(smollm2):
     vocab = vocab_bytes(smollm2.tokenizer)
     covers = ahead.covers(text)
     assert _common_bytes(vocab, covers) >= len(text) - window - vocab.max_token_bytes
+    # and so the scorer's shared trunk (what is not held per tokenization) followed the walk: nothing else,
+    # such as tokenizations scored ahead for a pruned one, held it back
+    scorer = ahead._scorer
+    assert len(vocab.decode(scorer._trunk_ids)) >= len(text) - window - vocab.max_token_bytes
     assert _common_bytes(vocab, ByteLevelModel(smollm2).covers(text)) < 30  # without a window: the split at ~25
 
 

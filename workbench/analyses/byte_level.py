@@ -64,8 +64,9 @@ non-canonical splits such as ``'********' + '********'`` for 16 asterisks or ``'
 ``'","'`` keep 8-12% of the posterior for a while, so over its first 500 bytes ``W`` = 64, 128
 and 256 change next-byte probabilities by at most 0.018, 0.006 and 0.003 and bits per byte by
 4e-4, 3e-4 and 1e-4, against ``window=None`` (the default: exact up to ``prune`` and
-``max_hypotheses``). What it buys is that time and memory per byte stop growing along the text
-(``benchmarks/byte_level.py --exact-only --window``, RESULTS.md).
+``max_hypotheses``). What it buys is that time and memory per byte stop growing along the text:
+over 6,000 bytes of that text with ``W=256``, 11.5 bytes/s with no downward trend and a flat RSS
+(``benchmarks/byte_level.py --exact-only --window 256``, RESULTS.md).
 
 **Cost.** Each followed tokenization costs one token position: its next-token distribution,
 from one forward pass of one token per row over the scorer's shared KV cache
@@ -79,7 +80,7 @@ follow: their log-probabilities are exact already (their parent's distribution),
 pass the pruning is judged from ``P(x[:n])`` times the canonical encoding's ``P(x[:m]) / P(x[:n])``
 (one plain forward pass) and the shares already known, with a 3x margin. The walk then decides
 exactly as before and finds most tokenizations ready: on 2,000 bytes of the pydoc corpus with
-SmolLM2 and the defaults, 0.24 calls per byte instead of 1.0, 11.7 token positions per byte
+SmolLM2 and the defaults, 0.23 calls per byte instead of 1.0, 10.0 token positions per byte
 instead of 8.1 (the guesses that were not followed), the same tokenizations followed at every
 cut and the same numbers up to float32 rounding (max |dP| 6e-6: the rows of a call are batched
 differently; bits per byte equal to 1e-7). The cost that remains is the positions themselves:
@@ -89,8 +90,9 @@ tokenizations that split early stay probable and each attends to its own history
 (``benchmarks/byte_level.py``, RESULTS.md). Memory too: where a tokenization that split early
 stays above the pruning threshold (the run of asterisks under a pydoc title), the shared trunk
 stops there and the keys of every followed history stay in memory, so memory and time per byte
-grow along such a text (1.7 GiB more over those 2,000 bytes); stream documents or paragraphs
-separately, or give a ``window`` (below). Where the text is not known ahead: a query keeps the
+grow along such a text (the trunk stays at 7 tokens for the first 1,000 of those 2,000 bytes;
+peak RSS +0.75 GiB); stream documents or paragraphs separately, or give a ``window`` (above).
+Where the text is not known ahead: a query keeps the
 state of every 16th byte of its walk, so a later cut of the same text (the byte lens's slider)
 walks from the nearest one; :meth:`sample` scores ahead along a guess of its next bytes, drawn
 with its own uniforms from the tokenizations already scored, and needs a call about once per
