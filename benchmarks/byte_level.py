@@ -36,7 +36,7 @@ token-healing distributions at the sampled cut points. The last line is
 ``exact/plain time ratio: X``. ``--exact-only`` times just the plain forward and the exact
 stream and prints the stream's peak RSS growth (sampled every 5 ms) and, per tenth of the text, its
 bytes/s, RSS and shared trunk: for long texts (``--bytes 20000``), where the one-call-per-step walk
-would take hours. ``--window W`` prunes tokenizations that split from the most probable one more than
+would take hours. ``--window W`` prunes tokenizations that split from the most probable ones more than
 ``W`` bytes back (``ByteLevelModel(window=W)``), which bounds what a long text keeps in memory.
 """
 

@@ -536,7 +536,7 @@ def _common_bytes(vocab, covers) -> int:
 
 
 def test_window_prunes_old_splits_and_accounts_for_them(ab):
-    """With ``window``, tokenizations that split from the most probable one more than ``window`` bytes back
+    """With ``window``, tokenizations that split from the most probable ones more than ``window`` bytes back
     are pruned: on the float64 toy model, whose flat distributions keep every split alive, the exact
     P(x) (every cover, tested against enumeration above) minus the windowed one is at most the pruned mass
     reported, the chain rule holds with the pruned fractions, cuts up to ``window`` bytes are unchanged,
@@ -562,8 +562,8 @@ def test_window_prunes_old_splits_and_accounts_for_them(ab):
 
 
 def test_window_bounds_what_a_long_text_keeps_on_smollm2(smollm2):
-    """On the pydoc text whose run of asterisks keeps a tokenization that split at byte ~25 probable for good
-    (so without a window the shared trunk stops there and every followed history stays in memory), a
+    """On the pydoc text whose run of asterisks keeps a tokenization that split at byte ~25 probable all through
+    these 120 bytes (so without a window the shared trunk stops there and every followed history stays in memory), a
     window lets the trunk follow the cut: the same numbers before the window binds, the chain rule with
     the pruned fractions, the same numbers scored ahead or one call per step, and covers that agree on
     everything up to the window."""
