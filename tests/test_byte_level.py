@@ -601,3 +601,7 @@ def test_pruning_on_a_flat_distribution_keeps_the_text_possible(tiny):
     np.testing.assert_allclose(ds.probability.sum("byte"), 1.0, atol=1e-9)
     assert float(ds.pruned_fraction.max()) > 0  # the cap did prune
     assert int(ds.n_tokenizations.max()) <= 4
+    # a window shorter than the 16-asterisk token once kept only tokenizations inside it, too
+    windowed = ByteLevelModel(tiny, max_hypotheses=4, window=2).stream(text)
+    np.testing.assert_allclose(windowed.probability.sum("byte"), 1.0, atol=1e-9)
+    assert float(windowed.pruned_fraction.max()) > float(ds.pruned_fraction.max())

@@ -517,15 +517,18 @@ class ByteLevelModel:
         if self.max_hypotheses is not None and len(ranked) > self.max_hypotheses:
             pruned += [r[0] for r in ranked[self.max_hypotheses :]]
             ranked = ranked[: self.max_hypotheses]
+        in_window = candidates
         if self.window is not None and n > self.window and ranked:
-            ranked, candidates, out = self._within_window(ranked, candidates, n - self.window)
+            ranked, in_window, out = self._within_window(ranked, candidates, n - self.window)
             pruned += out
         if candidates and not any(kind == "new" for _, kind, _ in ranked):
             # Always keep a tokenization with a token boundary at n: only such a one can go on with any
             # byte (its next token may start with anything); the others can only spell the rest of their
             # last token. On flat distributions (random weights) pruning would otherwise keep just those
-            # and make the next byte impossible. The most probable one takes the last place.
-            best = max(candidates, key=lambda c: c[0])
+            # and make the next byte impossible. The most probable one takes the last place: one that
+            # agrees with the window if any does, else one the window would prune (the group kept is
+            # inside a long token; the trunk waits until it ends).
+            best = max(in_window or candidates, key=lambda c: c[0])
             pruned.remove(best[0])
             if self.max_hypotheses is not None and len(ranked) >= self.max_hypotheses:
                 pruned.append(ranked.pop()[0])
