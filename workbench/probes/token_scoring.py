@@ -11,7 +11,8 @@ differ in their last few tokens. :class:`PrefixTreeScorer` keeps
   slots, and :meth:`PrefixTreeScorer.commit` frees the slots no kept sequence uses,
 
 so scoring a batch of one-token extensions ``(sequence, token)`` is **one** forward pass of one
-token per row. :attr:`PrefixTreeScorer.calls` counts forward passes and
+token per row. A row may also extend another row of the same batch (a chain of new tokens, for a
+text known ahead): it then also attends to its ancestors among the rows. :attr:`PrefixTreeScorer.calls` counts forward passes and
 :attr:`PrefixTreeScorer.positions` the token positions they ran.
 
 Two ways to run that pass:
@@ -141,25 +142,69 @@ class PrefixTreeScorer:
 
     @holding_model_lock
     def extend(self, requests) -> list[ScoredSequence]:
-        """Score ``sequence + (token,)`` for each ``(sequence, token)`` in one forward pass; returns them in order."""
-        requests = [(seq, int(tok)) for seq, tok in requests]
+        """Score ``sequence + (token,)`` for each ``(sequence, token)`` in one forward pass; returns them in order.
+
+        A request's ``sequence`` may also be the index of an earlier request of the same call: a chain
+        of several new tokens (``[(seq, 5), (0, 6), (1, 7)]`` scores ``seq+5``, ``seq+5+6`` and
+        ``seq+5+6+7``), so a text known ahead advances many tokens per pass. With shared-trunk attention
+        each row also attends to its ancestors among the new rows; the padded cache runs one pass per
+        depth instead.
+        """
+        requests = [(seq if isinstance(seq, int) else seq, int(tok)) for seq, tok in requests]
         if not requests:
             return []
-        for seq, _ in requests:
-            self._check_usable(seq)
+        for i, (seq, _) in enumerate(requests):
+            if isinstance(seq, int):
+                if not 0 <= seq < i:
+                    raise ValueError(f"request {i} extends request {seq}: a parent index must point at an earlier "
+                                     "request of the same call.")
+            else:
+                self._check_usable(seq)
+        chained = any(isinstance(seq, int) for seq, _ in requests)
+        if chained and not self.shared_trunk_attention:
+            return self._extend_by_depth(requests)
         trunk = self.trunk_length
-        own = [seq._slots[trunk - seq._base :] for seq, _ in requests]
+        own, ancestors = [], []  # pool slots of each row's older tokens after the trunk; its parents among the rows
+        for seq, _ in requests:
+            if isinstance(seq, int):
+                own.append(own[seq])
+                ancestors.append(ancestors[seq] + (seq,))
+            else:
+                own.append(seq._slots[trunk - seq._base :])
+                ancestors.append(())
         device = self.handle.device
-        positions = torch.tensor([trunk + len(o) for o in own], device=device)
+        positions = torch.tensor([trunk + len(o) + len(a) for o, a in zip(own, ancestors)], device=device)
         tokens = torch.tensor([[tok] for _, tok in requests], device=device)
-        forward = self._forward_shared if self.shared_trunk_attention else self._forward_padded
-        new_k, new_v, logits = forward(tokens, own, positions)
+        if chained:
+            family = torch.eye(len(requests), dtype=torch.bool)
+            rows = [i for i, a in enumerate(ancestors) for _ in a]
+            family[rows, [j for a in ancestors for j in a]] = True
+            new_k, new_v, logits = self._forward_shared(tokens, own, positions, family.to(device))
+        else:
+            forward = self._forward_shared if self.shared_trunk_attention else self._forward_padded
+            new_k, new_v, logits = forward(tokens, own, positions)
         self.calls += 1
         self.positions += len(requests)
         logprobs = log_softmax(logits).cpu().numpy()
         first = self._store(new_k, new_v, positions)
-        return [ScoredSequence(seq.ids + (tok,), logprobs[i], own[i] + (first + i,), trunk, self._session, self._epoch)
-                for i, (seq, tok) in enumerate(requests)]
+        out: list[ScoredSequence] = []
+        for i, (seq, tok) in enumerate(requests):
+            parent_ids = out[seq].ids if isinstance(seq, int) else seq.ids
+            slots = own[i] + tuple(first + j for j in ancestors[i]) + (first + i,)
+            out.append(ScoredSequence(parent_ids + (tok,), logprobs[i], slots, trunk, self._session, self._epoch))
+        return out
+
+    def _extend_by_depth(self, requests) -> list[ScoredSequence]:
+        """:meth:`extend` of chained requests as one pass per depth (the padded cache sees no rows of its own call)."""
+        out: list[ScoredSequence | None] = [None] * len(requests)
+        while any(o is None for o in out):
+            ready = [i for i, (seq, _) in enumerate(requests)
+                     if out[i] is None and (not isinstance(seq, int) or out[seq] is not None)]
+            scored = self.extend([(out[requests[i][0]] if isinstance(requests[i][0], int) else requests[i][0],
+                                   requests[i][1]) for i in ready])
+            for i, seq in zip(ready, scored):
+                out[i] = seq
+        return out
 
     @holding_model_lock
     def commit(self, keep) -> None:
@@ -203,10 +248,11 @@ class PrefixTreeScorer:
 
     # ------------------------------------------------------------------ internals
 
-    def _forward_shared(self, tokens, own, positions):
+    def _forward_shared(self, tokens, own, positions, family=None):
         """One forward pass with shared-trunk attention (see the module docstring); new keys/values and logits.
 
-        Rows see the trunk, the pool slots of their own tokens and themselves. The slots any row
+        Rows see the trunk, the pool slots of their own tokens and themselves (with ``family``, a
+        (rows, rows) mask, the rows it marks: a row's ancestors in the call). The slots any row
         sees are gathered once (their union: rows that share ancestors share them) and every row
         is scored against them with one matmul per layer and a mask, as against the trunk.
         """
@@ -228,6 +274,7 @@ class PrefixTreeScorer:
             positions=positions,
             new_k={},
             new_v={},
+            family=family,
         )
         with _shared_trunk_attention(self.handle, batch), torch.no_grad():
             out = self.handle.hf_model(input_ids=tokens, position_ids=positions[:, None], use_cache=False)
@@ -342,11 +389,13 @@ class _TreeBatch:
     positions: torch.Tensor  # (b,) position of each row's new token
     new_k: dict  # filled per layer: (b, kv_heads, 1, head_dim), rotated as a cache would store it
     new_v: dict
+    family: torch.Tensor | None = None  # (b, b) bool: the new rows each row sees (None: itself only)
 
 
 def _prefix_tree_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                            sliding_window=None, softcap=None, **kwargs):
-    """Attention of one new token per row over [shared trunk | the pool slots it sees | itself].
+    """Attention of one new token per row over [shared trunk | the pool slots it sees | itself (and its ancestors
+    among the rows, with ``family``)].
 
     Same arithmetic as transformers' eager attention (scores in the query's precision, softmax
     in float32, or float64 for a float64 model), with every row scored against the one trunk and the one set of seen slots by a
@@ -371,18 +420,26 @@ def _prefix_tree_attention(module, query, key, value, attention_mask, dropout=0.
     seen_k = batch.seen_k[layer] if batch.seen_k is not None else None
     n_seen = 0 if seen_k is None else seen_k.shape[1]
     parts = [against(trunk_k)] + ([against(seen_k)] if n_seen else [])
-    parts.append((q * key.reshape(b, kv_heads, 1, d)).sum(-1, keepdim=True))
+    family = batch.family
+    if family is None:  # each row sees itself among the new rows
+        parts.append((q * key.reshape(b, kv_heads, 1, d)).sum(-1, keepdim=True))
+    else:  # and its ancestors among them: every row against every new key, masked
+        new_keys = key.reshape(b, kv_heads, d).transpose(0, 1)
+        parts.append(against(new_keys))
+    n_new = 1 if family is None else b
     scores = torch.cat(parts, dim=-1) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     visible = torch.ones(b, scores.shape[-1], dtype=torch.bool, device=scores.device)
     if n_seen:
         visible[:, n_trunk : n_trunk + n_seen] = batch.seen_visible
+    if family is not None:
+        visible[:, -n_new:] = family
     if sliding_window is not None:
         key_positions = [torch.arange(n_trunk, device=scores.device)[None, :].expand(b, -1)]
         if n_seen:
             key_positions.append(batch.seen_positions[None, :].expand(b, -1))
-        key_positions.append(batch.positions[:, None])
+        key_positions.append(batch.positions[:, None] if family is None else batch.positions[None, :].expand(b, -1))
         visible &= (batch.positions[:, None] - torch.cat(key_positions, dim=1)) < sliding_window
     scores = scores.masked_fill(~visible[:, None, None, :], torch.finfo(scores.dtype).min)
     # softmax in float32 as eager attention does; in float64 for float64 models (exactness tests)
@@ -395,7 +452,10 @@ def _prefix_tree_attention(module, query, key, value, attention_mask, dropout=0.
     out = weighted(probs[..., :n_trunk], trunk_v)
     if n_seen:
         out = out + weighted(probs[..., n_trunk : n_trunk + n_seen], batch.seen_v[layer])
-    out = out + probs[..., -1:] * value.reshape(b, kv_heads, 1, d)
+    if family is None:
+        out = out + probs[..., -1:] * value.reshape(b, kv_heads, 1, d)
+    else:
+        out = out + weighted(probs[..., -n_new:], value.reshape(b, kv_heads, d).transpose(0, 1))
     return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
 
 
