@@ -16,6 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 
 CORPORA = {"pydoc": "pydoc_topics.jsonl"}
+CODE = "cpython_stdlib.jsonl"  # under workbench/data: see text_blocks
 PARALLEL = ("udhr", "udhr.jsonl")  # folder and file under workbench/data (source and licence: its README.md)
 DOMAINS = ("prose", "code", "math", "repeated")
 
@@ -44,6 +45,53 @@ def paragraphs(name: str = "pydoc", *, min_chars: int = 200, max_chars: int = 12
                 cut = text.rfind(". ", 0, max_chars)
                 text = text[: cut + 1] if cut > min_chars else text[:max_chars]
             out.append(text)
+    return out
+
+
+def _cut(text: str, max_bytes: int) -> str:
+    data = text.encode("utf-8")
+    if len(data) <= max_bytes:
+        return text
+    cut = data.rfind(b"\n", 0, max_bytes)
+    return data[: cut if cut > 0 else max_bytes].decode("utf-8", errors="ignore")
+
+
+def text_blocks(domain: str, *, max_bytes: int = 1000) -> list[tuple[str, str]]:
+    """Natural spans of real prose or code, as written: ``[(source, text), ...]``, each up to ``max_bytes``.
+
+    ``"prose"``: the paragraphs of the pydoc corpus (:func:`load_corpus`) with no indented line
+    (so no code examples, grammar rules or indented method descriptions; titles and their
+    underlines left out), 200 bytes or more, lines and wrapping as in the corpus, a paragraph
+    that recurs kept once; source ``"pydoc:<document index>"``. ``"code"``: eleven CPython 3.11.7 standard-library modules
+    (``workbench/data/cpython_stdlib.jsonl``: bisect, colorsys, fnmatch, glob, graphlib, heapq,
+    queue, sched, shlex, string, textwrap; Python Software Foundation License), cut where a
+    top-level or method-level ``def``/``class`` starts and the pieces joined up to ``max_bytes``;
+    source the module name. A longer span is cut at the last line end before ``max_bytes``.
+    """
+    out = []
+    if domain == "prose":
+        for doc, record in enumerate(load_corpus("pydoc")):
+            for block in re.split(r"\n\s*\n", record["text"]):
+                lines = [line for line in block.split("\n") if line.strip()]
+                title = len(lines) == 2 and set(lines[1].strip()) <= set("*=-~^")
+                text = _cut("\n".join(lines), max_bytes)
+                if lines and not title and not any(line[:1].isspace() for line in lines) and len(text.encode()) >= 200:
+                    out.append((f"pydoc:{doc}", text))
+        return list({text: (source, text) for source, text in reversed(out)}.values())[::-1]  # first of repeats
+    if domain != "code":
+        raise ValueError(f"domain must be 'prose' or 'code', got {domain!r}.")
+    lines = files("workbench").joinpath("data", CODE).read_text(encoding="utf-8").splitlines()
+    for record in map(json.loads, filter(str.strip, lines)):
+        pieces = re.split(r"\n(?=(?:    )?(?:def|class|async def) )", record["text"].strip("\n"))
+        block = ""
+        for piece in pieces:
+            if block and len((block + "\n" + piece).encode("utf-8")) > max_bytes:
+                out.append((record["module"], _cut(block, max_bytes)))
+                block = piece
+            else:
+                block = block + "\n" + piece if block else piece
+        if block:
+            out.append((record["module"], _cut(block, max_bytes)))
     return out
 
 

@@ -28,7 +28,6 @@ Datasets out; no files, no plots.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
@@ -46,7 +45,7 @@ from .byte_baselines import (
     token_healing_next_byte_distribution,
     total_variation,
 )
-from .byte_ensemble import ByteLevelEnsemble
+from .byte_ensemble import ByteLevelEnsemble, mixture_logprob, weight_grid
 from .byte_level import BYTE_CHARS, BYTES, ByteLevelModel
 
 __all__ = [
@@ -374,36 +373,6 @@ def prompt_cut_invariance(model, text, cuts=None, **model_kwargs) -> xr.Dataset:
 
 
 # --------------------------------------------------------------------------- ensembles
-
-
-def weight_grid(n_members: int, step: float = 0.1) -> np.ndarray:
-    """Every weight vector on the simplex with coordinates multiple of ``step``: (grid, member), rows sum to 1."""
-    if n_members < 1:
-        raise ValueError(f"n_members must be >= 1, got {n_members}.")
-    units = round(1 / step)
-    if units < 1 or not math.isclose(units * step, 1.0):
-        raise ValueError(f"step must divide 1 (0.1, 0.25, 0.5, ...), got {step}.")
-    rows = [c for c in itertools.product(range(units + 1), repeat=n_members) if sum(c) == units]
-    return np.array(rows, dtype=np.float64) / units
-
-
-def mixture_logprob(member_logprob, weights) -> np.ndarray:
-    """Log-probability of each byte under the byte-space mixture of the members.
-
-    ``log P_ens(x_i | x_<i) = log sum_k w_k P_k(x_i | x_<i)`` ("Exact Byte-Level Probabilities
-    from Tokenized Language Models for FIM-Tasks and Model Ensembles", Phan et al., 2024; the
-    rule :class:`ByteLevelEnsemble` applies, here from stored member log-probabilities so that
-    other weights need no new model calls). Weights are normalised. Dims: (member, pos) -> (pos,).
-    """
-    lp = np.asarray(member_logprob, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.float64)
-    if w.shape != (lp.shape[0],) or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights must be {lp.shape[0]} non-negative numbers with a positive sum, got {weights!r}.")
-    with np.errstate(divide="ignore"):
-        terms = np.log(w / w.sum())[:, None] + lp
-    top = terms.max(axis=0)
-    safe = np.where(np.isfinite(top), top, 0.0)
-    return safe + np.log(np.exp(terms - safe).sum(axis=0))
 
 
 def _bits(logprob: np.ndarray) -> float:
