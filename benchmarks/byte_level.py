@@ -38,6 +38,7 @@ stream and prints the stream's peak RSS growth (sampled every 5 ms) and, per ten
 bytes/s, RSS and shared trunk: for long texts (``--bytes 20000``), where the one-call-per-step walk
 would take hours. ``--window W`` prunes tokenizations that split from the most probable ones more than
 ``W`` bytes back (``ByteLevelModel(window=W)``), which bounds what a long text keeps in memory.
+``--chain-bytes 0`` turns off the chains of canonical tokens scored ahead (to compare with them).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from workbench.analyses.byte_baselines import (
     token_healing_next_byte_distribution,
     total_variation,
 )
+from workbench.analyses import byte_level
 from workbench.analyses.byte_level import ByteLevelModel, start_context
 from workbench.corpus import load_corpus
 from workbench.probes.token_scoring import sequence_logprobs
@@ -132,6 +134,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     parser.add_argument("--window", type=int, default=0, help="ByteLevelModel window in bytes (0: none, the default)")
+    parser.add_argument("--chain-bytes", type=int, default=None,
+                        help="how far past the cut a call scores the text's canonical tokens (byte_level._CHAIN_BYTES, "
+                             "default 16; 0: no chains, one token of lookahead per call as before them)")
     parser.add_argument("--exact-only", action="store_true", help="time only the plain forward and the exact stream "
                         "(lookahead), with the stream's peak RSS growth: for long texts (--bytes 20000)")
     args = parser.parse_args()
@@ -139,6 +144,8 @@ def main() -> None:
         raise SystemExit("--bytes, --naive-every and --repeats must be >= 1.")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.chain_bytes is not None:
+        byte_level._CHAIN_BYTES = args.chain_bytes
 
     model = wb.load_model(args.model, device=args.device, dtype=args.dtype)
     text = corpus_bytes(args.offset, args.bytes)
@@ -153,7 +160,7 @@ def main() -> None:
     print(f"text: pydoc corpus bytes {args.offset}..{args.offset + n} ({n} bytes, {len(ids) - len(context)} tokens, "
           f"{n / (len(ids) - len(context)):.2f} bytes/token), starts {text[:60]!r}")
     print(f"exact: prune={args.prune:g}, max_hypotheses={args.max_hypotheses or None}, window={args.window or None}, "
-          f"context={context}\n")
+          f"chains {byte_level._CHAIN_BYTES} bytes ahead, context={context}\n")
 
     def plain():
         return sequence_logprobs(model, ids)

@@ -6,6 +6,9 @@ characters, ~110k SmolLM2 tokens), shipped as ``workbench/data/pydoc_topics.json
 so every Python version reads the same text. Source: CPython 3.11.7
 ``Lib/pydoc_data/topics.py``. Licence: Python Software Foundation License
 Version 2 (documentation; see https://docs.python.org/3/license.html).
+
+Code: eleven modules of the CPython 3.11.7 standard library, as shipped
+(``workbench/data/cpython_stdlib.jsonl``, 117 KB; same licence), read by :func:`text_blocks`.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ def text_blocks(domain: str, *, max_bytes: int = 1000) -> list[tuple[str, str]]:
     ``"prose"``: the paragraphs of the pydoc corpus (:func:`load_corpus`) with no indented line
     (so no code examples, grammar rules or indented method descriptions; titles and their
     underlines left out), 200 bytes or more, lines and wrapping as in the corpus, a paragraph
-    that recurs kept once; source ``"pydoc:<document index>"``. ``"code"``: eleven CPython 3.11.7 standard-library modules
-    (``workbench/data/cpython_stdlib.jsonl``: bisect, colorsys, fnmatch, glob, graphlib, heapq,
+    that recurs kept once; source ``"pydoc:<document index>"``. ``"code"``: eleven CPython 3.11.7
+    standard-library modules (``workbench/data/cpython_stdlib.jsonl``: bisect, colorsys, fnmatch, glob, graphlib, heapq,
     queue, sched, shlex, string, textwrap; Python Software Foundation License), cut where a
     top-level or method-level ``def``/``class`` starts and the pieces joined up to ``max_bytes``;
     source the module name. A longer span is cut at the last line end before ``max_bytes``.

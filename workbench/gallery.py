@@ -65,7 +65,8 @@ _COMMANDS = [  # which command writes a figure, by the start of its caption key 
     ("next_token_law/", "workbench next-token-law"), ("geometry/", "workbench geometry"),
     ("tokenizers/", "workbench tokenizers"), ("tokenization_bias/token_alignment", "workbench token-alignment"),
     ("tokenization_bias/error_vs_steps", "workbench tokenization-bias"),
-    ("tokenization_bias/transition_heatmaps", "workbench tokenization-bias"), ("tokenization_bias/", "workbench byte-level"),
+    ("tokenization_bias/transition_heatmaps", "workbench tokenization-bias"),
+    ("tokenization_bias/ensemble_intervals", "workbench byte-ensemble"), ("tokenization_bias/", "workbench byte-level"),
 ]
 
 

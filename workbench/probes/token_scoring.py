@@ -12,8 +12,9 @@ differ in their last few tokens. :class:`PrefixTreeScorer` keeps
 
 so scoring a batch of one-token extensions ``(sequence, token)`` is **one** forward pass of one
 token per row. A row may also extend another row of the same batch (a chain of new tokens, for a
-text known ahead): it then also attends to its ancestors among the rows. :attr:`PrefixTreeScorer.calls` counts forward passes and
-:attr:`PrefixTreeScorer.positions` the token positions they ran.
+text known ahead): it then also attends to its ancestors among the rows.
+:attr:`PrefixTreeScorer.calls` counts forward passes and :attr:`PrefixTreeScorer.positions` the
+token positions they ran.
 
 Two ways to run that pass:
 
@@ -150,7 +151,7 @@ class PrefixTreeScorer:
         each row also attends to its ancestors among the new rows; the padded cache runs one pass per
         depth instead.
         """
-        requests = [(seq if isinstance(seq, int) else seq, int(tok)) for seq, tok in requests]
+        requests = [(seq, int(tok)) for seq, tok in requests]
         if not requests:
             return []
         for i, (seq, _) in enumerate(requests):

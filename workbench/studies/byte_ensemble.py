@@ -279,7 +279,8 @@ def summary_rows(folder: str | Path) -> list[dict]:
 
 
 def significance(folder: str | Path) -> str:
-    """A sentence per domain: which mixtures beat the better model significantly (interval above 0)."""
+    """A line per domain: which mixtures are significantly better or worse than the better model (the gain's interval
+    above or below 0), and which are not."""
     ev = evaluate(load_study(folder))
     lines = []
     for domain in [str(d) for d in ev["domain"].values]:
@@ -287,13 +288,11 @@ def significance(folder: str | Path) -> str:
         better = [str(p) for p in e["predictor"].values if str(p).startswith("ensemble") and float(e.gain_low.sel(predictor=p)) > 0]
         worse = [str(p) for p in e["predictor"].values if str(p).startswith("ensemble") and float(e.gain_high.sel(predictor=p)) < 0]
         unclear = [str(p) for p in e["predictor"].values if str(p).startswith("ensemble") and str(p) not in better + worse]
-        parts = [f"**{domain}** (baseline {e['baseline'].values}):"]
-        if better:
-            parts.append("significantly better: " + ", ".join(better) + ".")
-        if worse:
-            parts.append("significantly worse: " + ", ".join(worse) + ".")
-        if unclear:
-            parts.append("not significant (the interval holds 0): " + ", ".join(unclear) + ".")
+        parts = [f"**{domain}**, against {e['baseline'].values}:"]
+        for verdict, names in (("significantly better", better), ("significantly worse", worse),
+                               ("no significant difference (the interval holds 0)", unclear)):
+            if names:
+                parts.append(f"{verdict}: " + "; ".join(n.removeprefix("ensemble, ") for n in names) + ".")
         lines.append(" ".join(parts))
     return "\n".join(f"- {line}" for line in lines)
 
