@@ -122,7 +122,7 @@ def test_study_end_to_end_against_the_ensemble_class(small_study, tiny, smollm2)
 def test_study_summary_and_figure(small_study, tmp_path):
     folder, _ = small_study
     page = study.write_summary(folder, tmp_path / "byte_ensemble.md").read_text()
-    assert "ensemble, online weights" in page and "significant" in page and "bootstrap" in page
+    assert "ensemble, online weights" in page and "**prose**, against" in page and "bootstrap" in page
     written = study.write_figures(folder, tmp_path, formats=("svg",))
     assert [p.name for p in written] == ["ensemble_intervals.svg"]
     fig = __import__("workbench.plots.byte_level", fromlist=["x"]).ensemble_intervals_figure(study.evaluate(study.load_study(folder)))

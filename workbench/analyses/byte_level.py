@@ -89,8 +89,9 @@ cut, after every tokenization the walk is likely to keep that ends where one sta
 token attending to those before it in the same call (:meth:`PrefixTreeScorer.extend
 <workbench.probes.token_scoring.PrefixTreeScorer.extend>`); the next call's lookahead scores the
 other splits along them. On 600 bytes of pydoc prose (from byte 200,000, one thread) that is
-0.13 calls per byte instead of 0.24 and 1.55x faster; 1.12x where many early splits stay
-probable (from byte 1,000: the positions dominate there). The cost that remains is the positions themselves:
+0.13 calls per byte instead of 0.24, 1.50x faster, the same bits per byte
+(``benchmarks/byte_level.py --exact-only --bytes 600 --offset 200000 --threads 1 --chain-bytes 0``,
+then 16). The cost that remains is the positions themselves:
 at about 8 followed tokenizations per byte against 0.23 tokens per byte for a plain forward pass,
 exactness costs some 35 plain passes of compute on a CPU whatever the batching, more where many
 tokenizations that split early stay probable and each attends to its own history

@@ -17,13 +17,16 @@ weights), the tuned fixed weight, and the weights learned online byte by byte wi
 Bits per byte and each row's gain over the better member come with paired bootstrap intervals
 over the test texts (:func:`~workbench.analyses.byte_ensemble.bits_per_byte_intervals`).
 
-The pruning (``prune``, ``max_hypotheses``) was chosen on pydoc bytes 200,000-200,600 (a document
-left out of both splits): against the defaults (1e-5, 32) it changed bits per byte there by
-2e-5 (Gemma 3) and made the study about 1.75x faster. Every text's pruned posterior is saved and
+The pruning (``prune=1e-4``, ``max_hypotheses=16``) was chosen on pydoc bytes 200,000-200,600 (its
+document is left out of both splits): on the first 400 of them, against the defaults (1e-5, 32),
+Gemma 3's bits per byte moved from 0.9848 to 0.9847 and its stream ran 1.6x faster with 2.19
+instead of 4.04 token positions per byte (54.8 s against 85.8 s, both beside other work;
+``benchmarks/byte_level.py --exact-only --model gemma3-270m --bytes 400 --offset 200000 --threads 1``,
+with and without ``--prune 1e-4 --max-hypotheses 16``; RESULTS.md). Every text's pruned posterior is saved and
 reported.
 
-``run_study(folder)`` scores both models (in parallel processes, one thread each, when the
-machine has the cores) and saves ``results.nc``: every byte's log-probability under each member,
+``run_study(folder)`` scores both models (chunks of texts in parallel processes, one thread each,
+when the machine has the cores) and saves ``results.nc``: every byte's log-probability under each member,
 with its text, domain and split. ``evaluate``, ``summary`` and ``write_figures`` work from that file.
 """
 
@@ -34,7 +37,7 @@ import math
 import os
 import random
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -102,27 +105,45 @@ def heldout_texts(config: StudyConfig = StudyConfig()) -> list[dict]:
     return out
 
 
-def _score(model, texts: list[str], prune: float, max_hypotheses: int, progress: bool) -> dict:
-    """Every byte's exact log-probability under one model (a name, loaded here, or a handle), text by text."""
+_MODELS: dict = {}  # (model name, prune, max_hypotheses) -> ByteLevelModel, loaded once per worker process
+_CHUNK_BYTES = 2_000  # texts are scored in chunks of about this many bytes, so that both cores stay busy to the end
+
+
+def _score(model, texts: list[str], prune: float, max_hypotheses: int) -> dict:
+    """Every byte's exact log-probability under one model (a name, loaded once per process, or a handle), per text."""
     import workbench as wb
     from ..analyses.byte_level import ByteLevelModel
     from ..threads import single_thread
 
     with single_thread():
-        handle = wb.load_model(model) if isinstance(model, str) else model
-        byte_model = ByteLevelModel(handle, prune=prune, max_hypotheses=max_hypotheses)
-        logprob, pruned, started = [], [], time.perf_counter()
-        calls, positions = byte_model.calls, byte_model.positions
-        for i, text in enumerate(texts):
-            ds = byte_model.stream(text, progress=False)
+        if isinstance(model, str):
+            key = (model, prune, max_hypotheses)
+            if key not in _MODELS:
+                _MODELS[key] = ByteLevelModel(wb.load_model(model), prune=prune, max_hypotheses=max_hypotheses)
+            byte_model = _MODELS[key]
+        else:
+            byte_model = ByteLevelModel(model, prune=prune, max_hypotheses=max_hypotheses)
+        started, calls, positions = time.perf_counter(), byte_model.calls, byte_model.positions
+        logprob, pruned = [], []
+        for text in texts:
+            ds = byte_model.stream(text, progress=False)  # each text from the start of a document
             logprob.append(ds["logprob"].values)
             pruned.append(float(np.log1p(-ds["pruned_fraction"].values).sum()))
-            if progress:
-                print(f"  {handle.name}: text {i + 1}/{len(texts)} ({sum(map(len, logprob))} bytes, "
-                      f"{time.perf_counter() - started:.0f} s)", flush=True)
-        return {"name": handle.name, "logprob": np.concatenate(logprob), "renormalised": np.array(pruned),
+        return {"name": byte_model.name, "logprob": logprob, "renormalised": pruned,
                 "seconds": time.perf_counter() - started, "calls": byte_model.calls - calls,
                 "positions": byte_model.positions - positions}
+
+
+def _chunks(bodies: list[str]) -> list[list[int]]:
+    """Consecutive text indices in groups of about ``_CHUNK_BYTES`` bytes."""
+    out, size = [[]], 0
+    for i, body in enumerate(bodies):
+        if out[-1] and size >= _CHUNK_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += len(body.encode("utf-8"))
+    return out
 
 
 def run_study(folder: str | Path, config: StudyConfig = StudyConfig(), *, handles: dict | None = None,
@@ -130,21 +151,41 @@ def run_study(folder: str | Path, config: StudyConfig = StudyConfig(), *, handle
     """Score the held-out texts with each model and save ``results.nc`` under ``folder`` (staged; see :mod:`.staging`).
 
     ``handles``: ``{name: ModelHandle}`` to use instead of loading ``config.models`` (scored in this
-    process, one after the other); otherwise each model is loaded and scored in a process of its own
-    when the machine has a core for each.
+    process). Otherwise the texts are scored in chunks of about 2,000 bytes by one process per core,
+    one thread each, every process loading the models it is given once: both cores stay busy until
+    the end, whichever model is slower.
     """
     texts = heldout_texts(config)
     bodies = [t["text"] for t in texts]
+    models = list(handles.values()) if handles is not None else list(config.models)
+    tasks = [(m, chunk) for chunk in _chunks(bodies) for m in range(len(models))]
     with staged_folder(folder, overwrite) as work:
         started = time.perf_counter()
-        args = (bodies, config.prune, config.max_hypotheses, progress)
-        if handles is not None:
-            scored = [_score(h, *args) for h in handles.values()]
-        elif (os.cpu_count() or 1) >= len(config.models) > 1:
-            with ProcessPoolExecutor(len(config.models), mp_context=get_context("spawn")) as pool:
-                scored = list(pool.map(_score, config.models, *zip(*[args] * len(config.models))))
+        results: dict[int, dict] = {}
+
+        def report(i: int, result: dict) -> None:
+            results[i] = result
+            if progress:
+                done = sum(len(bodies[t].encode("utf-8")) for j in results for t in tasks[j][1] if tasks[j][0] == tasks[i][0])
+                print(f"  {result['name']}: {done} bytes scored, {time.perf_counter() - started:.0f} s", flush=True)
+
+        workers = min(os.cpu_count() or 1, len(tasks))
+        if handles is not None or workers < 2:
+            for i, (m, chunk) in enumerate(tasks):
+                report(i, _score(models[m], [bodies[t] for t in chunk], config.prune, config.max_hypotheses))
         else:
-            scored = [_score(name, *args) for name in config.models]
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                futures = {pool.submit(_score, models[m], [bodies[t] for t in chunk], config.prune,
+                                       config.max_hypotheses): i for i, (m, chunk) in enumerate(tasks)}
+                for future in as_completed(futures):
+                    report(futures[future], future.result())
+        scored = []
+        for m in range(len(models)):
+            mine = [results[i] for i in range(len(tasks)) if tasks[i][0] == m]  # in text order
+            scored.append({"name": mine[0]["name"],
+                           "logprob": np.concatenate([lp for r in mine for lp in r["logprob"]]),
+                           "renormalised": np.array([x for r in mine for x in r["renormalised"]]),
+                           **{k: sum(r[k] for r in mine) for k in ("seconds", "calls", "positions")}})
         n_bytes = np.array([len(b.encode("utf-8")) for b in bodies])
         ds = xr.Dataset(
             {
@@ -289,8 +330,8 @@ def significance(folder: str | Path) -> str:
         worse = [str(p) for p in e["predictor"].values if str(p).startswith("ensemble") and float(e.gain_high.sel(predictor=p)) < 0]
         unclear = [str(p) for p in e["predictor"].values if str(p).startswith("ensemble") and str(p) not in better + worse]
         parts = [f"**{domain}**, against {e['baseline'].values}:"]
-        for verdict, names in (("significantly better", better), ("significantly worse", worse),
-                               ("no significant difference (the interval holds 0)", unclear)):
+        for verdict, names in (("Significantly better", better), ("Significantly worse", worse),
+                               ("No significant difference (the interval holds 0)", unclear)):
             if names:
                 parts.append(f"{verdict}: " + "; ".join(n.removeprefix("ensemble, ") for n in names) + ".")
         lines.append(" ".join(parts))
@@ -320,7 +361,8 @@ def summary(folder: str | Path) -> str:
         f"tokenizations followed (largest renormalisation of one text for pruning: {pruned:.1e} of its probability). "
         f"Intervals: {int(100 * ev.attrs['confidence'])}% {ev.attrs['method']}, {ev.attrs['n_resamples']} resamples, "
         f"texts as units. Gain: 1 - bits per byte / that of the better model in the domain. "
-        f"Scoring time: {cost}; one thread each, on a {ds.attrs['cpu_count']}-core machine."
+        f"Scoring time, one thread: {cost}; the study took {ds.attrs['study_seconds']:.0f} s on "
+        f"{ds.attrs['cpu_count']} cores."
     )
     return setup + "\n\n" + markdown_table(summary_rows(folder)) + "\n" + significance(folder) + "\n"
 
