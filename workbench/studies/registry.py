@@ -209,14 +209,18 @@ def _run_byte_level(model, folder, options, overwrite):
     study.run_study(folder, overwrite=True)
 
 
+def _write_tokenization_page(study, folder: Path, out: Path, page_name: str):
+    """Figures and page of a study with one saved folder, into GALLERY/tokenization_bias; its table."""
+    written = study.write_figures(folder, out / "tokenization_bias")
+    page = study.write_summary(folder, out / "tokenization_bias" / page_name)
+    written.append(page)
+    return written, first_table(_with_weights_note(page))
+
+
 def _write_byte_level(folders: dict[str, Path], out: Path):
     from . import byte_level as study
 
-    folder = folders[""]
-    written = study.write_figures(folder, out / "tokenization_bias")
-    page = study.write_summary(folder, out / "tokenization_bias" / "byte_level.md")
-    written.append(page)
-    return written, first_table(_with_weights_note(page))
+    return _write_tokenization_page(study, folders[""], out, "byte_level.md")
 
 
 def _run_byte_ensemble(model, folder, options, overwrite):
@@ -228,11 +232,7 @@ def _run_byte_ensemble(model, folder, options, overwrite):
 def _write_byte_ensemble(folders: dict[str, Path], out: Path):
     from . import byte_ensemble as study
 
-    folder = folders[""]
-    written = study.write_figures(folder, out / "tokenization_bias")
-    page = study.write_summary(folder, out / "tokenization_bias" / "byte_ensemble.md")
-    written.append(page)
-    return written, first_table(_with_weights_note(page))
+    return _write_tokenization_page(study, folders[""], out, "byte_ensemble.md")
 
 
 def _run_token_alignment(model, folder, options, overwrite):
