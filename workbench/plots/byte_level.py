@@ -233,14 +233,15 @@ def ensemble_intervals_figure(ev: xr.Dataset, title: str | None = None) -> go.Fi
     predictors = [str(p) for p in ev["predictor"].values]
     short = [p.replace("ensemble, ", "ens., ") for p in predictors]
     palette = dict(zip(domains, ["#0072B2", "#D55E00", "#444444"]))
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.22,
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.06, shared_yaxes=True,
                         subplot_titles=("bits per byte", "gain over the better model (%)"))
     for domain in domains:
         e = ev.sel(domain=domain)
         name = f"{domain}, {int(e['test_bytes'])} bytes"
         bpb = e["bits_per_byte"].values
         fig.add_trace(go.Scatter(
-            x=bpb, y=short, mode="markers", name=name, legendgroup=domain, marker=dict(color=palette[domain], size=7),
+            x=bpb, y=short, mode="markers", name=name, legendgroup=domain, orientation="h",
+            marker=dict(color=palette[domain], size=7),
             error_x=dict(type="data", symmetric=False, array=e["high"].values - bpb, arrayminus=bpb - e["low"].values),
             hovertemplate="%{y}<br>%{x:.4f} bits/byte<extra>" + domain + "</extra>",
         ), row=1, col=1)
@@ -248,18 +249,21 @@ def ensemble_intervals_figure(ev: xr.Dataset, title: str | None = None) -> go.Fi
         gain = 100 * e["gain"].values[mixtures]
         fig.add_trace(go.Scatter(
             x=gain, y=[short[i] for i in mixtures], mode="markers", name=name, legendgroup=domain, showlegend=False,
+            orientation="h",
             marker=dict(color=palette[domain], size=7),
             error_x=dict(type="data", symmetric=False, array=100 * e["gain_high"].values[mixtures] - gain,
                          arrayminus=gain - 100 * e["gain_low"].values[mixtures]),
             hovertemplate="%{y}<br>%{x:+.2f}% over " + str(e["baseline"].values) + "<extra>" + domain + "</extra>",
         ), row=1, col=2)
     fig.add_vline(x=0, line=dict(color="#888", dash="dot", width=1), row=1, col=2)
-    for col in (1, 2):
-        fig.update_yaxes(type="category", categoryorder="array", categoryarray=short[::-1], row=1, col=col)
-    fig.update_yaxes(showticklabels=False, row=1, col=2)
+    fig.update_yaxes(type="category", categoryorder="array", categoryarray=short[::-1], row=1, col=1)
+    lows, highs = ev["low"].values, ev["high"].values
+    pad = 0.05 * float(np.nanmax(highs) - np.nanmin(lows)) or 0.01
+    fig.update_xaxes(range=[float(np.nanmin(lows)) - pad, float(np.nanmax(highs)) + pad], row=1, col=1)
     if title is None:
         title = f"Byte-level ensemble on held-out text ({int(100 * ev.attrs['confidence'])}% bootstrap intervals)"
-    fig.update_layout(title=title, legend=BOTTOM_LEGEND, showlegend=True)
+    # one row per predictor, the domains side by side within it (both panels share the rows)
+    fig.update_layout(title=title, legend=BOTTOM_LEGEND, showlegend=True, scattermode="group", scattergap=0.4)
     return fig
 
 
