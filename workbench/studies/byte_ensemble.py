@@ -162,12 +162,14 @@ def run_study(folder: str | Path, config: StudyConfig = StudyConfig(), *, handle
     with staged_folder(folder, overwrite) as work:
         started = time.perf_counter()
         results: dict[int, dict] = {}
+        done = [0] * len(models)  # bytes scored per model
 
         def report(i: int, result: dict) -> None:
             results[i] = result
+            m, chunk = tasks[i]
+            done[m] += sum(len(bodies[t].encode("utf-8")) for t in chunk)
             if progress:
-                done = sum(len(bodies[t].encode("utf-8")) for j in results for t in tasks[j][1] if tasks[j][0] == tasks[i][0])
-                print(f"  {result['name']}: {done} bytes scored, {time.perf_counter() - started:.0f} s", flush=True)
+                print(f"  {result['name']}: {done[m]} bytes scored, {time.perf_counter() - started:.0f} s", flush=True)
 
         workers = min(os.cpu_count() or 1, len(tasks))
         if handles is not None or workers < 2:
@@ -301,10 +303,9 @@ def _interval(value: float, low: float, high: float, percent: bool = False) -> s
     return f"{value:.4f} [{low:.4f}, {high:.4f}]"
 
 
-def summary_rows(folder: str | Path) -> list[dict]:
-    """One row per predictor: bits per byte [interval] and gain over the better member [interval], per domain."""
-    ds = load_study(folder)
-    ev = evaluate(ds)
+def summary_rows(ev: xr.Dataset) -> list[dict]:
+    """One row per predictor of an :func:`evaluate` result: bits per byte [interval] and gain over the better member
+    [interval], per domain."""
     rows = []
     for predictor in [str(p) for p in ev["predictor"].values]:
         row = {"model": predictor}
@@ -319,10 +320,9 @@ def summary_rows(folder: str | Path) -> list[dict]:
     return rows
 
 
-def significance(folder: str | Path) -> str:
+def significance(ev: xr.Dataset) -> str:
     """A line per domain: which mixtures are significantly better or worse than the better model (the gain's interval
-    above or below 0), and which are not."""
-    ev = evaluate(load_study(folder))
+    above or below 0), and which are not (from an :func:`evaluate` result)."""
     lines = []
     for domain in [str(d) for d in ev["domain"].values]:
         e = ev.sel(domain=domain)
@@ -364,7 +364,7 @@ def summary(folder: str | Path) -> str:
         f"Scoring time, one thread: {cost}; the study took {ds.attrs['study_seconds']:.0f} s on "
         f"{ds.attrs['cpu_count']} cores."
     )
-    return setup + "\n\n" + markdown_table(summary_rows(folder)) + "\n" + significance(folder) + "\n"
+    return setup + "\n\n" + markdown_table(summary_rows(ev)) + "\n" + significance(ev) + "\n"
 
 
 FIGURES = ("ensemble_intervals",)
