@@ -341,7 +341,7 @@ STUDIES: dict[str, Study] = {
             "SmolLM2 + Gemma 3 byte-level ensemble on held-out prose and code, with bootstrap confidence intervals.\n\n"
             "Each model, the equal-weight mixture, a weight and an online share chosen on a validation split. Results "
             "are saved under runs/byte_ensemble and reused unless --recompute; the figure and byte_ensemble.md go to "
-            "GALLERY/tokenization_bias. About 75 min on 2 CPU cores (texts in chunks, one process per core).",
+            "GALLERY/tokenization_bias. About 80 min on 2 CPU cores (texts in chunks, one process per core).",
             RUNS / "byte_ensemble", "tokenization_bias/byte_ensemble.md", "results.nc", _run_byte_ensemble,
             _write_byte_ensemble,
             options=(Option("test_bytes", "--test-bytes", int, 25_000, "Held-out test bytes per domain (prose, code)."),),
