@@ -218,10 +218,13 @@ def test_every_gallery_figure_has_a_caption_a_claim_and_its_command():
     assert any("(`workbench tokenization-bias`)" in line and "error_vs_steps" in line for line in lines)
 
 
-def test_a_figure_without_a_caption_yet_does_not_stop_the_gallery_index(tmp_path):
+def test_a_figure_without_a_caption_yet_does_not_stop_the_gallery_index(tmp_path, monkeypatch):
     """A study's command writes its figure and then the index: a new figure whose caption is not written yet gets a
     line saying so (the test above keeps the committed gallery complete) instead of failing after the study ran."""
+    from workbench import gallery_captions
     from workbench.gallery import figure_captions
+
+    monkeypatch.delitem(gallery_captions.CAPTIONS, "tokenization_bias/ensemble_intervals")
 
     (tmp_path / "tokenization_bias").mkdir()
     (tmp_path / "tokenization_bias" / "ensemble_intervals.svg").write_text("<svg/>")
