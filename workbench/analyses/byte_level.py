@@ -682,8 +682,9 @@ class ByteLevelModel:
         return out
 
     def _splits(self, roots, requests, text: bytes) -> list[tuple]:
-        """Requests that score, after each of ``roots`` (as in :meth:`_chains`), every token of up to ``_SPLIT_BYTES``
-        bytes that spells the draft ``text`` from where the root ends.
+        """Requests that score, after each of ``roots`` requested in this call (as in :meth:`_chains`), every token of
+        up to ``_SPLIT_BYTES`` bytes that spells the draft ``text`` from where the root ends (the children of roots
+        scored before are :meth:`_speculate`'s to choose, from their known probabilities).
 
         While sampling there is no known text to chain along, and depth-one lookahead leaves out the
         tokenizations one token past those scored ahead, which the walk keeps inside a word (" w" + "i"
@@ -693,9 +694,8 @@ class ByteLevelModel:
         ids = _request_ids(requests)
         known = set(ids) | self._ahead.keys()
         out = []
-        for root in roots:
-            pos = requests[root][2] if isinstance(root, int) else root.pos
-            key = ids[root] if isinstance(root, int) else root.seq.ids
+        for root in (r for r in roots if isinstance(r, int)):
+            pos, key = requests[root][2], ids[root]
             for t, length in self.vocab.tokens_prefix_of(text[pos : pos + _SPLIT_BYTES]):
                 if key + (t,) not in known:
                     known.add(key + (t,))
