@@ -356,6 +356,26 @@ def test_drafted_and_side_by_side_sampling_draw_the_bytes_of_one_call_per_byte(s
         ByteLevelModel(smollm2).samples(prefix, n_samples=0)
 
 
+def test_sampling_scores_the_splits_inside_a_word_ahead(smollm2, monkeypatch):
+    """A draw also scores, after the tokenizations it requests ahead, the short tokens that spell its draft (" w" + "i"
+    of " with"): the same bytes in fewer calls than with no split scored ahead (_SPLIT_BYTES = 0)."""
+    from workbench.analyses import byte_level
+
+    prefix = "The history of the city begins"
+
+    def draw():
+        model = ByteLevelModel(smollm2)
+        model.sample(prefix, n_bytes=0)
+        before = model.calls
+        return model.sample(prefix, n_bytes=48, seed=1), model.calls - before
+
+    with_splits, calls = draw()
+    monkeypatch.setattr(byte_level, "_SPLIT_BYTES", 0)
+    without, calls_without = draw()
+    assert with_splits == without and len(without) == 48
+    assert calls < calls_without
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_drafts_and_side_by_side_walks_on_a_random_model(tiny, temperature):
     """On flat distributions (random weights) the guesses are often wrong and many tokenizations are followed:
