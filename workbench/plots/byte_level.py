@@ -263,7 +263,9 @@ def ensemble_intervals_figure(ev: xr.Dataset, title: str | None = None) -> go.Fi
     if title is None:
         title = f"Byte-level ensemble on held-out text ({int(100 * ev.attrs['confidence'])}% bootstrap intervals)"
     # one row per predictor, the domains side by side within it (both panels share the rows)
-    fig.update_layout(title=title, legend=BOTTOM_LEGEND, showlegend=True, scattermode="group", scattergap=0.4)
+    # the legend just under the tick labels (the panels have no axis titles, so BOTTOM_LEGEND's offset leaves a gap)
+    fig.update_layout(title=title, legend={**BOTTOM_LEGEND, "y": -0.1}, showlegend=True, scattermode="group",
+                      scattergap=0.4)
     return fig
 
 
