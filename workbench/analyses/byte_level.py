@@ -65,10 +65,10 @@ non-canonical splits such as ``'********' + '********'`` for 16 asterisks or ``'
 and 256 change next-byte probabilities by at most 0.018, 0.006 and 0.003 and bits per byte by
 4e-4, 3e-4 and 1e-4, against ``window=None`` (the default: exact up to ``prune`` and
 ``max_hypotheses``). What it buys is memory that stops growing along the text: over 20,000 bytes of
-that text with ``W=256`` the peak RSS growth was 1.8 GiB, flat after the first tenth. Time per byte
-still grows with the trunk, which every row attends to: 15 bytes/s while it held under 2,000 tokens,
-6-8 beyond 3,000, 8.4 over the whole text (``benchmarks/byte_level.py --exact-only --window 256
---bytes 20000``, RESULTS.md).
+that text with ``W=256`` the peak RSS growth was 1.8 GiB, with no upward trend after the first tenth.
+Time per byte still grows with the trunk, which every row attends to: about 15 bytes/s while it held
+under 2,000 tokens, 6-8 beyond 3,000, 8.4 over the whole text (``benchmarks/byte_level.py
+--exact-only --window 256 --bytes 20000``, RESULTS.md).
 
 **Cost.** Each followed tokenization costs one token position: its next-token distribution,
 from one forward pass of one token per row over the scorer's shared KV cache
