@@ -127,3 +127,88 @@ def test_study_summary_and_figure(small_study, tmp_path):
     assert [p.name for p in written] == ["ensemble_intervals.svg"]
     fig = __import__("workbench.plots.byte_level", fromlist=["x"]).ensemble_intervals_figure(study.evaluate(study.load_study(folder)))
     assert len(fig.data) == 6 and all(t.error_x.array is not None for t in fig.data)
+
+
+_SCORE = study._score
+
+
+class Stopped(Exception):
+    pass
+
+
+def _counting(monkeypatch, fail_after: int | None = None) -> list[int]:
+    """Count the texts the study scores (by patching its scorer); raise after ``fail_after`` chunks, like a kill."""
+    scored = []
+
+    def counted(model, texts, *args):
+        if fail_after is not None and len(scored) >= fail_after:
+            raise Stopped
+        scored.append(len(texts))
+        return _SCORE(model, texts, *args)
+
+    monkeypatch.setattr(study, "_score", counted)
+    monkeypatch.setattr(study, "_CHUNK_BYTES", 100)  # several chunks of the small study
+    return scored
+
+
+SMALL = study.StudyConfig(test_bytes=400, validation_bytes=100, max_hypotheses=4)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny):
+    folder = tmp_path_factory.mktemp("uninterrupted") / "study"
+    study.run_study(folder, SMALL, handles={"tiny": tiny}, progress=False)
+    return study.load_study(folder)
+
+
+def test_an_interrupted_study_resumes_where_it_stopped(tmp_path, monkeypatch, tiny, uninterrupted):
+    folder = tmp_path / "study"
+    n_texts = len(study.heldout_texts(SMALL))
+    scored = _counting(monkeypatch, fail_after=2)
+    with pytest.raises(Stopped):
+        study.run_study(folder, SMALL, handles={"tiny": tiny}, progress=False)
+    store = study.TextScores(folder)
+    assert not folder.exists() and store.count() == sum(scored) > 0  # kept: every text scored before the stop
+    records = sorted(store.root.glob("*/*.npz"))
+    records[0].write_bytes(b"damaged")  # read back as missing: scored again
+    (records[0].parent / ".half.npz.tmp").write_bytes(b"")  # a write the kill interrupted
+    kept = store.count() - 1
+    scored = _counting(monkeypatch)
+    study.run_study(folder, SMALL, handles={"tiny": tiny}, progress=False)
+    assert sum(scored) == n_texts - kept
+    ds = study.load_study(folder)
+    np.testing.assert_array_equal(ds["logprob"].values, uninterrupted["logprob"].values)
+    np.testing.assert_array_equal(ds["renormalised_logmass"].values, uninterrupted["renormalised_logmass"].values)
+    assert int(ds["scored_here"].sum()) == n_texts - kept and np.isfinite(ds["seconds"].values).all()
+    assert not store.root.exists()  # the saved study holds every score
+
+
+def test_more_test_bytes_score_only_the_new_texts(tmp_path, monkeypatch, tiny, uninterrupted):
+    import dataclasses
+
+    from workbench.studies.registry import STUDIES
+
+    folder = tmp_path / "study"
+    fewer = dataclasses.replace(SMALL, test_bytes=300)
+    study.run_study(folder, fewer, handles={"tiny": tiny}, progress=False)
+    entry = dataclasses.replace(STUDIES["byte-ensemble"], folder=folder)
+    assert entry.options_changed(folder, {"test_bytes": 300}) == ""
+    assert entry.options_changed(folder, {"test_bytes": 400}) == "test_bytes=300"
+    runs, said = [], []
+    dataclasses.replace(entry, run=lambda *a: runs.append(a)).run_missing(None, {"test_bytes": 400}, False, said.append)
+    assert runs == [(None, folder, {"test_bytes": 400}, False)] and "were made with test_bytes=300" in said[0]
+
+    old = {t["text"] for t in study.heldout_texts(fewer)}
+    new = [t for t in study.heldout_texts(SMALL) if t["text"] not in old]
+    scored = _counting(monkeypatch)
+    with pytest.raises(Exception, match="already holds a study"):
+        study.run_study(folder, SMALL, handles={"tiny": tiny}, progress=False)
+    study.run_study(folder, SMALL, handles={"tiny": tiny}, overwrite=True, progress=False)
+    assert sum(scored) == len(new) > 0
+    ds = study.load_study(folder)
+    np.testing.assert_array_equal(ds["logprob"].values, uninterrupted["logprob"].values)
+    assert int(ds["scored_here"].sum()) == len(new) and "came from earlier runs of the study" in study._cost(ds)
+    scored.clear()
+    study.run_study(folder, SMALL, handles={"tiny": tiny}, overwrite=True, reuse=False, progress=False)
+    assert sum(scored) == ds.sizes["text"]  # reuse=False (--recompute) scores every text again
+    assert bool(study.load_study(folder)["scored_here"].all())

@@ -48,10 +48,12 @@ import xarray as xr
 from ..analyses.byte_bias import PAPER
 from ..analyses.byte_ensemble import bits_per_byte_intervals, mixture_logprob, online_mixture_logprob, weight_grid
 from ..corpus import load_corpus, text_blocks
+from ..locks import WriterBusyError, exclusive
 from ..plots.export import export_figure
 from ..runs import open_result, save_result
 from .staging import staged_folder
 from .tables import markdown_table
+from .text_scores import TextScores
 
 RESULTS_FILE = "results.nc"
 DOMAINS = ("prose", "code")
@@ -109,8 +111,9 @@ _MODELS: dict = {}  # (model name, prune, max_hypotheses) -> ByteLevelModel, loa
 _CHUNK_BYTES = 2_000  # texts are scored in chunks of about this many bytes, so that both cores stay busy to the end
 
 
-def _score(model, texts: list[str], prune: float, max_hypotheses: int) -> dict:
-    """Every byte's exact log-probability under one model (a name, loaded once per process, or a handle), per text."""
+def _score(model, texts: list[str], prune: float, max_hypotheses: int) -> list[dict]:
+    """Every byte's exact log-probability under one model (a name, loaded once per process, or a handle): one record
+    per text (``logprob``, ``renormalised`` log-mass kept by the pruning, ``seconds``, ``calls``, ``positions``)."""
     import workbench as wb
     from ..analyses.byte_level import ByteLevelModel
     from ..threads import single_thread
@@ -123,82 +126,136 @@ def _score(model, texts: list[str], prune: float, max_hypotheses: int) -> dict:
             byte_model = _MODELS[key]
         else:
             byte_model = ByteLevelModel(model, prune=prune, max_hypotheses=max_hypotheses)
-        started, calls, positions = time.perf_counter(), byte_model.calls, byte_model.positions
-        logprob, pruned = [], []
+        records = []
         for text in texts:
+            started, calls, positions = time.perf_counter(), byte_model.calls, byte_model.positions
             ds = byte_model.stream(text, progress=False)  # each text from the start of a document
-            logprob.append(ds["logprob"].values)
-            pruned.append(float(np.log1p(-ds["pruned_fraction"].values).sum()))
-        return {"name": byte_model.name, "logprob": logprob, "renormalised": pruned,
-                "seconds": time.perf_counter() - started, "calls": byte_model.calls - calls,
-                "positions": byte_model.positions - positions}
+            records.append({"logprob": ds["logprob"].values,
+                            "renormalised": float(np.log1p(-ds["pruned_fraction"].values).sum()),
+                            "seconds": time.perf_counter() - started, "calls": byte_model.calls - calls,
+                            "positions": byte_model.positions - positions})
+        return records
 
 
-def _chunks(bodies: list[str]) -> list[list[int]]:
-    """Consecutive text indices in groups of about ``_CHUNK_BYTES`` bytes."""
+def _chunks(indices: list[int], bodies: list[str]) -> list[list[int]]:
+    """``indices`` (of ``bodies``) in consecutive groups of about ``_CHUNK_BYTES`` bytes."""
     out, size = [[]], 0
-    for i, body in enumerate(bodies):
+    for i in indices:
         if out[-1] and size >= _CHUNK_BYTES:
             out.append([])
             size = 0
         out[-1].append(i)
-        size += len(body.encode("utf-8"))
+        size += len(bodies[i].encode("utf-8"))
+    return [c for c in out if c]
+
+
+def _settings(config: StudyConfig) -> dict:
+    """What a text's scores depend on besides the model and the text."""
+    return {"prune": config.prune, "max_hypotheses": config.max_hypotheses}
+
+
+def _saved_records(folder: Path, names: list[str], settings: dict) -> dict[tuple[str, str], dict]:
+    """``{(model, text): record}`` from a study saved in ``folder`` with the same ``settings`` (else empty).
+
+    Studies saved before the scoring cost was recorded per text give NaN costs."""
+    if not (folder / RESULTS_FILE).exists():
+        return {}
+    try:
+        ds = load_study(folder)
+    except Exception as err:  # a damaged file: nothing is reused from it, and the user is told
+        print(f"  not reusing the scores in {folder / RESULTS_FILE}: {err}", flush=True)
+        return {}
+    if {k: json.loads(ds.attrs["config"])[k] for k in settings} != settings:
+        return {}
+    texts = json.loads(ds.attrs["texts"])
+    bounds = np.cumsum([0, *ds["n_bytes"].values])
+    out = {}
+    for name in [str(m) for m in ds["member"].values if str(m) in names]:
+        member = ds.sel(member=name)
+        for t, text in enumerate(texts):
+            cost = {k: float(member[k].values[t]) if "text" in member[k].dims else math.nan
+                    for k in ("seconds", "calls", "positions")}
+            out[name, text] = {"logprob": member["logprob"].values[bounds[t]:bounds[t + 1]],
+                               "renormalised": float(member["renormalised_logmass"].values[t]), **cost}
     return out
 
 
 def run_study(folder: str | Path, config: StudyConfig = StudyConfig(), *, handles: dict | None = None,
-              overwrite: bool = False, progress: bool = True) -> Path:
+              overwrite: bool = False, reuse: bool = True, progress: bool = True) -> Path:
     """Score the held-out texts with each model and save ``results.nc`` under ``folder`` (staged; see :mod:`.staging`).
 
     ``handles``: ``{name: ModelHandle}`` to use instead of loading ``config.models`` (scored in this
     process). Otherwise the texts are scored in chunks of about 2,000 bytes by one process per core,
     one thread each, every process loading the models it is given once: both cores stay busy until
     the end, whichever model is slower.
+
+    Resumable: every text's scores are kept on disk as they come back (:mod:`.text_scores`), so a
+    run that was interrupted, rerun alike, scores only the texts it had not finished. With
+    ``reuse`` (the default) the texts a study already saved in ``folder`` scored with the same
+    models, ``prune`` and ``max_hypotheses`` are taken from it too (rerunning with more
+    ``test_bytes`` scores only the new texts; needs ``overwrite``). ``reuse=False`` scores every
+    text again.
     """
     texts = heldout_texts(config)
     bodies = [t["text"] for t in texts]
     models = list(handles.values()) if handles is not None else list(config.models)
-    tasks = [(m, chunk) for chunk in _chunks(bodies) for m in range(len(models))]
+    names = [m.name for m in handles.values()] if handles is not None else list(config.models)
+    settings = _settings(config)
+    store = TextScores(folder)
     with staged_folder(folder, overwrite) as work:
         started = time.perf_counter()
-        results: dict[int, dict] = {}
+        if not reuse:
+            store.clear()
+        store.drop_temporary()
+        saved = _saved_records(Path(folder), names, settings) if reuse else {}
+        records: dict[tuple[int, int], dict] = {}
+        for m, name in enumerate(names):
+            for i, body in enumerate(bodies):
+                record = store.get(name, settings, body) or saved.get((name, body))
+                if record is not None:
+                    records[m, i] = record
+        todo = {m: [i for i in range(len(bodies)) if (m, i) not in records] for m in range(len(models))}
+        tasks = sorted(((m, chunk) for m in todo for chunk in _chunks(todo[m], bodies)), key=lambda t: (t[1][0], t[0]))
+        if progress and records:
+            print(f"  reusing the scores of {len(records)} of {len(names) * len(bodies)} (model, text) pairs "
+                  "from an interrupted or earlier run", flush=True)
         done = [0] * len(models)  # bytes scored per model
 
-        def report(i: int, result: dict) -> None:
-            results[i] = result
-            m, chunk = tasks[i]
-            done[m] += sum(len(bodies[t].encode("utf-8")) for t in chunk)
+        def report(task: int, result: list[dict]) -> None:
+            m, chunk = tasks[task]
+            for i, record in zip(chunk, result):
+                store.put(names[m], settings, bodies[i], record)  # on disk before it is counted
+                records[m, i] = {**record, "scored_here": True}
+                done[m] += len(bodies[i].encode("utf-8"))
             if progress:
-                print(f"  {result['name']}: {done[m]} bytes scored, {time.perf_counter() - started:.0f} s", flush=True)
+                print(f"  {names[m]}: {done[m]} bytes scored, {time.perf_counter() - started:.0f} s", flush=True)
 
         workers = min(os.cpu_count() or 1, len(tasks))
         if handles is not None or workers < 2:
-            for i, (m, chunk) in enumerate(tasks):
-                report(i, _score(models[m], [bodies[t] for t in chunk], config.prune, config.max_hypotheses))
+            for task, (m, chunk) in enumerate(tasks):
+                report(task, _score(models[m], [bodies[i] for i in chunk], config.prune, config.max_hypotheses))
         else:
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(_score, models[m], [bodies[t] for t in chunk], config.prune,
-                                       config.max_hypotheses): i for i, (m, chunk) in enumerate(tasks)}
+                futures = {pool.submit(_score, models[m], [bodies[i] for i in chunk], config.prune,
+                                       config.max_hypotheses): task for task, (m, chunk) in enumerate(tasks)}
                 for future in as_completed(futures):
                     report(futures[future], future.result())
-        scored = []
-        for m in range(len(models)):
-            mine = [results[i] for i in range(len(tasks)) if tasks[i][0] == m]  # in text order
-            scored.append({"name": mine[0]["name"],
-                           "logprob": np.concatenate([lp for r in mine for lp in r["logprob"]]),
-                           "renormalised": np.array([x for r in mine for x in r["renormalised"]]),
-                           **{k: sum(r[k] for r in mine) for k in ("seconds", "calls", "positions")}})
+        per_text = {k: (("member", "text"), np.array([[records[m, i][k] for i in range(len(bodies))]
+                                                      for m in range(len(models))], dtype=float))
+                    for k in ("seconds", "calls", "positions")}
         n_bytes = np.array([len(b.encode("utf-8")) for b in bodies])
         ds = xr.Dataset(
             {
-                "logprob": (("member", "pos"), np.stack([s["logprob"] for s in scored])),
-                "renormalised_logmass": (("member", "text"), np.stack([s["renormalised"] for s in scored])),
-                "seconds": ("member", [s["seconds"] for s in scored]),
-                "calls": ("member", [s["calls"] for s in scored]),
-                "positions": ("member", [s["positions"] for s in scored]),
+                "logprob": (("member", "pos"), np.stack([np.concatenate([records[m, i]["logprob"] for i in range(len(bodies))])
+                                                         for m in range(len(models))])),
+                "renormalised_logmass": (("member", "text"), np.array(
+                    [[records[m, i]["renormalised"] for i in range(len(bodies))] for m in range(len(models))])),
+                **per_text,
+                "scored_here": (("member", "text"), np.array(
+                    [[records[m, i].get("scored_here", False) for i in range(len(bodies))] for m in range(len(models))])),
             },
             coords={
-                "member": [s["name"] for s in scored],
+                "member": names,
                 "text_of_byte": ("pos", np.repeat(np.arange(len(bodies)), n_bytes)),
                 "text": np.arange(len(bodies)),
                 "n_bytes": ("text", n_bytes),
@@ -210,6 +267,11 @@ def run_study(folder: str | Path, config: StudyConfig = StudyConfig(), *, handle
                    "study_seconds": round(time.perf_counter() - started, 1), "cpu_count": os.cpu_count() or 1},
         )
         save_result(ds, work / RESULTS_FILE)
+    try:  # every score is in the saved study now
+        with exclusive(Path(folder), what="study"):
+            store.clear()
+    except WriterBusyError:  # another run of the study started at once: the records are its to use
+        pass
     return Path(folder)
 
 
@@ -338,6 +400,28 @@ def significance(ev: xr.Dataset) -> str:
     return "\n".join(f"- {line}" for line in lines)
 
 
+def _cost(ds: xr.Dataset) -> str:
+    """Each model's scoring time (one thread) over the texts whose time was recorded, and what the last run did."""
+    n_bytes = ds["n_bytes"].values
+    parts = []
+    for m in [str(m) for m in ds["member"].values]:
+        member = ds.sel(member=m)
+        if "text" in member["seconds"].dims:
+            known = np.isfinite(member["seconds"].values)
+            seconds, positions = member["seconds"].values[known].sum(), member["positions"].values[known].sum()
+            scored = int(n_bytes[known].sum())
+        else:  # saved before the cost was kept per text
+            seconds, positions, scored = float(member["seconds"]), float(member["positions"]), int(n_bytes.sum())
+        over = f", over the {scored} of {n_bytes.sum()} bytes whose time was recorded" if scored < n_bytes.sum() else ""
+        parts.append(f"{m} {seconds:.0f} s ({positions / max(scored, 1):.2f} token positions per byte{over})")
+    run = f"the run that saved the study took {ds.attrs['study_seconds']:.0f} s on {ds.attrs['cpu_count']} cores"
+    if "scored_here" in ds and not ds["scored_here"].values.all():
+        here = ds["scored_here"].values
+        run += (f" and scored {int(here.sum())} of the {here.size} (model, text) pairs; the others' scores came from "
+                "earlier runs of the study (interrupted, or with fewer test bytes)")
+    return ", ".join(parts) + "; " + run
+
+
 def summary(folder: str | Path) -> str:
     """The set-up in a paragraph, the table, and what is significant."""
     ds = load_study(folder)
@@ -350,8 +434,7 @@ def summary(folder: str | Path) -> str:
         f"{d}: weight {'/'.join(f'{w:.2f}' for w in ev['weight'].sel(domain=d).values)}, share {float(ev['share'].sel(domain=d)):g}"
         for d in DOMAINS)
     pruned = float(-np.expm1(ds["renormalised_logmass"].values).max())
-    cost = ", ".join(f"{m} {float(ds['seconds'].sel(member=m)):.0f} s ({float(ds['positions'].sel(member=m)) / ds.sizes['pos']:.2f} "
-                     f"token positions per byte)" for m in members)
+    cost = _cost(ds)
     setup = (
         f"Held-out texts: prose paragraphs of the pydoc corpus and CPython standard-library code "
         f"(`workbench.corpus.text_blocks`), each scored from the start of a document, shuffled with seed {config['seed']} "
@@ -361,8 +444,7 @@ def summary(folder: str | Path) -> str:
         f"tokenizations followed (largest renormalisation of one text for pruning: {pruned:.1e} of its probability). "
         f"Intervals: {int(100 * ev.attrs['confidence'])}% {ev.attrs['method']}, {ev.attrs['n_resamples']} resamples, "
         f"texts as units. Gain: 1 - bits per byte / that of the better model in the domain. "
-        f"Scoring time, one thread: {cost}; the study took {ds.attrs['study_seconds']:.0f} s on "
-        f"{ds.attrs['cpu_count']} cores."
+        f"Scoring time, one thread: {cost}."
     )
     return setup + "\n\n" + markdown_table(summary_rows(ev)) + "\n" + significance(ev) + "\n"
 

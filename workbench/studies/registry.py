@@ -11,6 +11,7 @@ plot module, one entry here, tests and a notebook.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,14 @@ class Study:
     default_models: tuple[str, ...] = ()  # empty: the study is not per model
     options: tuple[Option, ...] = ()
     weights_note: bool = True  # the study runs the embedded models
+    saved_options: Optional[Callable] = None  # (folder) -> {option: value} the saved results were made with
+
+    def options_changed(self, folder: Path, options: dict) -> str:
+        """The options the saved results in ``folder`` were made with that differ from ``options`` ("" if none)."""
+        if self.saved_options is None:
+            return ""
+        saved = self.saved_options(folder)
+        return ", ".join(f"{k}={saved[k]!r}" for k in saved if k in options and options[k] != saved[k])
 
     @property
     def per_model(self) -> bool:
@@ -85,8 +94,12 @@ class Study:
         """Run the study for every model without saved results (all of them with ``recompute``)."""
         for model, folder in self.folders(models).items():
             if self.is_saved(folder) and not recompute:
-                say(f"{model or self.name}: using saved results in {folder} (--recompute to redo)")
-                continue
+                changed = self.options_changed(folder, options)
+                if not changed:
+                    say(f"{model or self.name}: using saved results in {folder} (--recompute to redo)")
+                    continue
+                say(f"{model or self.name}: the saved results in {folder} were made with {changed}; running again "
+                    "with the options given (work already done is reused where the study can; --recompute to redo all)")
             self.run(model or None, folder, options, recompute)
 
     def write_gallery(self, models, out: Path) -> tuple[list[Path], str]:
@@ -226,7 +239,15 @@ def _write_byte_level(folders: dict[str, Path], out: Path):
 def _run_byte_ensemble(model, folder, options, overwrite):
     from . import byte_ensemble as study
 
-    study.run_study(folder, study.StudyConfig(test_bytes=options["test_bytes"]), overwrite=overwrite)
+    config = study.StudyConfig(test_bytes=options["test_bytes"])
+    # a saved study made with other options is replaced, reusing its scores; --recompute (overwrite) scores all again
+    study.run_study(folder, config, overwrite=overwrite or (folder / study.RESULTS_FILE).exists(), reuse=not overwrite)
+
+
+def _byte_ensemble_options(folder: Path) -> dict:
+    from . import byte_ensemble as study
+
+    return {"test_bytes": json.loads(study.load_study(folder).attrs["config"])["test_bytes"]}
 
 
 def _write_byte_ensemble(folders: dict[str, Path], out: Path):
@@ -341,10 +362,13 @@ STUDIES: dict[str, Study] = {
             "SmolLM2 + Gemma 3 byte-level ensemble on held-out prose and code, with bootstrap confidence intervals.\n\n"
             "Each model, the equal-weight mixture, a weight and an online share chosen on a validation split. Results "
             "are saved under runs/byte_ensemble and reused unless --recompute; the figure and byte_ensemble.md go to "
-            "GALLERY/tokenization_bias. About 80 min on 2 CPU cores (texts in chunks, one process per core).",
+            "GALLERY/tokenization_bias. About 80 min on 2 CPU cores (texts in chunks, one process per core). An "
+            "interrupted run resumes where it stopped; a run with other --test-bytes scores only the texts not yet "
+            "scored.",
             RUNS / "byte_ensemble", "tokenization_bias/byte_ensemble.md", "results.nc", _run_byte_ensemble,
             _write_byte_ensemble,
             options=(Option("test_bytes", "--test-bytes", int, 25_000, "Held-out test bytes per domain (prose, code)."),),
+            saved_options=_byte_ensemble_options,
         ),
         Study(
             "token-alignment", "Token alignment",
