@@ -212,3 +212,32 @@ def test_more_test_bytes_score_only_the_new_texts(tmp_path, monkeypatch, tiny, u
     study.run_study(folder, SMALL, handles={"tiny": tiny}, overwrite=True, reuse=False, progress=False)
     assert sum(scored) == ds.sizes["text"]  # reuse=False (--recompute) scores every text again
     assert bool(study.load_study(folder)["scored_here"].all())
+
+
+def test_a_study_killed_mid_run_resumes(tmp_path, tiny, uninterrupted):
+    """SIGKILL a real process running the study once it has kept two texts; the rerun finishes it, equal to a run
+    never interrupted."""
+    import dataclasses
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "study"
+    store = study.TextScores(folder)
+    script = ("import workbench as wb; from workbench.studies import byte_ensemble as s; s._CHUNK_BYTES = 100; "
+              f"s.run_study({str(folder)!r}, s.StudyConfig(**{dataclasses.asdict(SMALL)!r}), "
+              "handles={'tiny': wb.load_model('tiny-random-llama')}, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 300
+    while store.count() < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = store.count()
+    assert 2 <= kept < uninterrupted.sizes["text"] and not folder.exists()
+    study.run_study(folder, SMALL, handles={"tiny": tiny}, progress=False)  # the killed run's lock is gone with it
+    ds = study.load_study(folder)
+    np.testing.assert_array_equal(ds["logprob"].values, uninterrupted["logprob"].values)
+    assert int((~ds["scored_here"]).sum()) == kept and not store.root.exists()
