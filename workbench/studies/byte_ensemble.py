@@ -65,7 +65,7 @@ class StudyConfig:
     """What the study runs on; the defaults are the committed experiment."""
 
     models: tuple[str, ...] = ("smollm2-135m", "gemma3-270m")
-    test_bytes: int = 25_000  # per domain, at least
+    test_bytes: int = 50_000  # per domain, at least
     validation_bytes: int = 2_000  # per domain, at least
     seed: int = 0
     prune: float = 1e-4

@@ -362,12 +362,12 @@ STUDIES: dict[str, Study] = {
             "SmolLM2 + Gemma 3 byte-level ensemble on held-out prose and code, with bootstrap confidence intervals.\n\n"
             "Each model, the equal-weight mixture, a weight and an online share chosen on a validation split. Results "
             "are saved under runs/byte_ensemble and reused unless --recompute; the figure and byte_ensemble.md go to "
-            "GALLERY/tokenization_bias. About 80 min on 2 CPU cores (texts in chunks, one process per core). An "
+            "GALLERY/tokenization_bias. About 2.4 h on 2 CPU cores (texts in chunks, one process per core). An "
             "interrupted run resumes where it stopped; a run with other --test-bytes scores only the texts not yet "
             "scored.",
             RUNS / "byte_ensemble", "tokenization_bias/byte_ensemble.md", "results.nc", _run_byte_ensemble,
             _write_byte_ensemble,
-            options=(Option("test_bytes", "--test-bytes", int, 25_000, "Held-out test bytes per domain (prose, code)."),),
+            options=(Option("test_bytes", "--test-bytes", int, 50_000, "Held-out test bytes per domain (prose, code)."),),
             saved_options=_byte_ensemble_options,
         ),
         Study(
