@@ -241,3 +241,19 @@ def test_a_study_killed_mid_run_resumes(tmp_path, tiny, uninterrupted):
     ds = study.load_study(folder)
     np.testing.assert_array_equal(ds["logprob"].values, uninterrupted["logprob"].values)
     assert int((~ds["scored_here"]).sum()) == kept and not store.root.exists()
+
+
+def test_the_score_records_never_delete_a_folder_they_did_not_write(tmp_path):
+    store = study.TextScores(tmp_path / "study")
+    store.root.mkdir()
+    (store.root / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not written by the workbench"):
+        store.clear()
+    assert (store.root / "notes.txt").read_text() == "mine"
+    (store.root / "notes.txt").unlink()
+    store.put("m", {"prune": 0.0}, "ab", {"logprob": [-1.0, -2.0], "renormalised": 0.0, "seconds": 1.0, "calls": 1,
+                                          "positions": 2})
+    np.testing.assert_array_equal(store.get("m", {"prune": 0.0}, "ab")["logprob"], [-1.0, -2.0])
+    assert store.get("m", {"prune": 1e-4}, "ab") is None and store.get("m", {"prune": 0.0}, "ac") is None
+    store.clear()
+    assert not store.root.exists()

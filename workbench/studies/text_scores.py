@@ -21,7 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runs import write_text_atomic
+
 FIELDS = ("renormalised", "seconds", "calls", "positions")  # one number per text, besides the per-byte logprob
+MARKER = ".workbench-text-scores"  # in the folder: ours to delete
 
 
 class TextScores:
@@ -53,8 +56,10 @@ class TextScores:
     def put(self, model: str, settings: dict, text: str, record: dict) -> None:
         folder = self._model_dir(model, settings)
         if not folder.exists():
-            folder.mkdir(parents=True)
-            (folder / "model.json").write_text(json.dumps({"model": model, **settings}), encoding="utf-8")
+            if not (self.root / MARKER).exists():
+                write_text_atomic(self.root / MARKER, "per-text scores of an unfinished study (workbench)\n")
+            folder.mkdir()
+            write_text_atomic(folder / "model.json", json.dumps({"model": model, **settings}))
         fd, tmp = tempfile.mkstemp(prefix=".", suffix=".npz.tmp", dir=folder)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -76,4 +81,10 @@ class TextScores:
         return len(list(self.root.glob("*/*.npz"))) if self.root.exists() else 0
 
     def clear(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Delete the records; a folder of that name that the workbench did not write is refused, not deleted."""
+        if not self.root.exists():
+            return
+        if not (self.root / MARKER).exists() and any(self.root.iterdir()):
+            raise FileExistsError(f"{self.root} was not written by the workbench (no {MARKER} in it); move it away "
+                                  "before running the study.")
+        shutil.rmtree(self.root)
