@@ -73,10 +73,13 @@ def test_page_figures_and_explorer(saved, tmp_path):
     assert [p.name for p in files] == ["view.svg", "view_trajectories.svg"]
 
 
-def test_registry_entry():
+def test_registry_entry(saved):
     entry = STUDIES["geometry"]
     assert entry.folders() == {m: study.Path("runs/geometry") / m for m in ("smollm2-135m", "gemma3-270m")}
     assert {o.flag for o in entry.options} == {"--prompts", "--prompt-tokens", "--shuffle-prompts", "--windows"}
+    same = {"prompts": 6, "prompt_tokens": 40, "shuffle_prompts": 3, "windows": 24}
+    assert entry.options_changed(saved, same) == ""
+    assert entry.options_changed(saved, {**same, "windows": 400}) == "windows=24"
 
 
 def test_tokenwise_figure_draws_each_fit_and_a_one_row_legend():

@@ -213,6 +213,11 @@ def test_study_saves_summarises_and_draws_from_saved_files(tiny, tmp_path):
     folder = study.run_study(tiny, tmp_path / "tiny", tokens=3000, probe_tokens=3000, lens_tokens=600, lens_steps=1,
                              progress=False)
     assert not (tmp_path / "tiny.partial").exists()
+    from workbench.studies.registry import STUDIES
+
+    asked = {"tokens": 3000, "probe_tokens": 3000, "lens_tokens": 600, "lens_steps": 1}
+    assert STUDIES["next-token-law"].options_changed(folder, asked) == ""  # recorded with the results
+    assert STUDIES["next-token-law"].options_changed(folder, {**asked, "lens_steps": 20}) == "lens_steps=1"
     with pytest.raises(FileExistsError, match="recompute"):
         study.run_study(tiny, folder, progress=False)
     row = study.summary(folder)

@@ -93,3 +93,38 @@ def test_saved_study_is_found_in_the_working_folder_or_one_up(tmp_path):
     assert saved_study("byte_level", tmp_path) == tmp_path / "runs" / "byte_level"
     assert saved_study("byte_level", tmp_path / "notebooks") == tmp_path / "runs" / "byte_level"  # a notebook's folder
     assert saved_study("next_token_law", tmp_path / "notebooks") is None
+
+
+def test_a_rerun_with_other_options_says_so_and_replaces_the_saved_study(tmp_path):
+    """`workbench extreme-tokens --ablation-layers 0-5` over a study saved for all layers used to print 'using saved
+    results' and keep them; now it says what differs and runs again (the old study stays until the new is complete)."""
+    import dataclasses
+
+    from workbench.studies.staging import staged_folder
+
+    entry = dataclasses.replace(STUDIES["extreme-tokens"], folder=tmp_path / "extreme_tokens")
+    folder = entry.folders(["m"])["m"]
+    with staged_folder(folder, options={"ablation_layers": [0, 1, 2]}) as work:
+        (work / entry.saved_file).mkdir()
+    assert entry.options_changed(folder, {"ablation_layers": "0-2"}) == ""
+    assert entry.options_changed(folder, {"ablation_layers": "0,1,2"}) == ""
+    assert entry.options_changed(folder, {"ablation_layers": None}) == "ablation_layers='0,1,2'"
+    runs, said = [], []
+    fake = dataclasses.replace(entry, run=lambda *a: runs.append(a))
+    fake.run_missing(["m"], {"ablation_layers": "0-2"}, False, said.append)
+    assert runs == [] and "using saved results" in said[-1]
+    fake.run_missing(["m"], {"ablation_layers": None}, False, said.append)
+    assert runs == [("m", folder, {"ablation_layers": None}, True)] and "ablation_layers='0,1,2'" in said[-1]
+    (folder / "options.json").unlink()  # a study saved before the options were recorded
+    assert entry.options_changed(folder, {"ablation_layers": None}) is None
+    fake.run_missing(["m"], {"ablation_layers": None}, False, said.append)
+    assert len(runs) == 1 and "do not record the options" in said[-1] and "--recompute" in said[-1]
+
+    law = dataclasses.replace(STUDIES["next-token-law"], folder=tmp_path / "next_token_law")
+    folder = law.folders(["m"])["m"]
+    options = {"tokens": 50_000, "probe_tokens": 30_000, "lens_tokens": 4096, "lens_steps": 20}
+    with staged_folder(folder, options=options) as work:
+        (work / law.saved_file).write_text("")
+    assert law.options_changed(folder, options) == ""
+    assert law.options_changed(folder, {**options, "tokens": 1000}) == "tokens=50000"
+    assert STUDIES["tokenization-bias"].options_changed(tmp_path, {}) == ""  # a study without options

@@ -302,3 +302,8 @@ def test_study_saves_loads_and_writes_figures(tiny, tmp_path):
     assert [p.name for p in written] == ["token_alignment_tiny-random-llama.svg"] and written[0].stat().st_size > 0
     with pytest.raises(FileExistsError):
         study.run_study(tiny, folder, config, progress=False)
+    from workbench.studies.registry import STUDIES
+
+    entry = STUDIES["token-alignment"]  # a rerun with other options says which differ (and reruns)
+    assert entry.options_changed(folder, {"prompts": 2, "back_offs": "1, 2", "seed": 0}) == ""
+    assert entry.options_changed(folder, {"prompts": 40, "back_offs": "1", "seed": 0}) == "prompts=2, back_offs='1,2'"

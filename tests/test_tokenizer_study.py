@@ -25,6 +25,13 @@ def test_tokenizer_only_folder(tmp_path):
     assert {p.name for p in written} == {"premium_heatmap.svg", "premium_bars.svg"}
     table = study.write_page({"my-tokenizer": tmp_path / "out"}, tmp_path, tmp_path / "page.md")
     assert "my-tokenizer" in table and "single digits" in table
+    entry = STUDIES["tokenizers"]  # the options are saved with the study; a rerun with others says which differ
+    assert entry.options_changed(tmp_path / "out", {"loss_articles": 5, "verify_max": 600, "sum_problems": 20}) == ""
+    assert entry.options_changed(tmp_path / "out", {"loss_articles": 5, "verify_max": 60, "sum_problems": 20}) \
+        == "verify_max=600"
+    study.run_study(str(folder), tmp_path / "out", study.StudyConfig(verify_max=60), overwrite=True, say=said.append)
+    assert entry.options_changed(tmp_path / "out", {"verify_max": 60}) == ""  # replaced whole, through .partial
+    assert not (tmp_path / "out.partial").exists()
 
 
 def test_wordpiece_tokenizer_is_skipped_where_it_cannot_be_read(tmp_path):

@@ -63,7 +63,8 @@ def run_study(
     Everything is written to ``folder.partial`` first and renamed when complete, so an
     interrupted study never passes for a finished one.
     """
-    with staged_folder(folder, overwrite) as work:
+    layers = None if ablation_layers is None else [int(layer) for layer in ablation_layers]
+    with staged_folder(folder, overwrite, options={"ablation_layers": layers}) as work:
         run = capture_domains(model, progress=progress)
         save_run(run, work / "run.zarr")
         samples = domain_samples()

@@ -70,7 +70,8 @@ def run_study(
     progress: bool = True,
 ) -> Path:
     """Compute the law, the future-token probes and both lenses for ``model``; save them under ``folder``."""
-    with staged_folder(folder, overwrite) as work:
+    options = {"tokens": tokens, "probe_tokens": probe_tokens, "lens_tokens": lens_tokens, "lens_steps": lens_steps}
+    with staged_folder(folder, overwrite, options=options) as work:
         texts = [doc["text"] for doc in load_corpus()]
         with warnings.catch_warnings():
             warnings.simplefilter("error", UnstableFitWarning)  # the study must not report an unstable fit

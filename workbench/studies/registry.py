@@ -45,6 +45,11 @@ class Option:
     type: Any
     default: Any
     help: str
+    canonical: Optional[Callable] = None  # value -> the form compared with a saved study's (e.g. '0-2' -> [0, 1, 2])
+
+    def same(self, a, b) -> bool:
+        """Whether two values of this option ask for the same study."""
+        return a == b if self.canonical is None else self.canonical(a) == self.canonical(b)
 
 
 @dataclass(frozen=True)
@@ -62,14 +67,21 @@ class Study:
     default_models: tuple[str, ...] = ()  # empty: the study is not per model
     options: tuple[Option, ...] = ()
     weights_note: bool = True  # the study runs the embedded models
-    saved_options: Optional[Callable] = None  # (folder) -> {option: value} the saved results were made with
+    # (folder) -> {option: value} the saved results were made with, as the CLI spells them; None if not recorded
+    saved_options: Optional[Callable] = None
+    reuses_work: bool = False  # a rerun with other options reuses the saved study's work (else it starts afresh)
 
-    def options_changed(self, folder: Path, options: dict) -> str:
-        """The options the saved results in ``folder`` were made with that differ from ``options`` ("" if none)."""
-        if self.saved_options is None:
+    def options_changed(self, folder: Path, options: dict) -> Optional[str]:
+        """The options the saved results in ``folder`` were made with that differ from ``options``: "" if none
+        differ (or the study takes none), None if the saved results do not record their options."""
+        if self.saved_options is None or not self.options:
             return ""
         saved = self.saved_options(folder)
-        return ", ".join(f"{k}={saved[k]!r}" for k in saved if k in options and options[k] != saved[k])
+        if saved is None:
+            return None
+        by_name = {o.name: o for o in self.options}
+        return ", ".join(f"{k}={saved[k]!r}" for k in saved
+                         if k in options and k in by_name and not by_name[k].same(options[k], saved[k]))
 
     @property
     def per_model(self) -> bool:
@@ -93,14 +105,22 @@ class Study:
     def run_missing(self, models, options: dict, recompute: bool, say: Callable[[str], None] = print) -> None:
         """Run the study for every model without saved results (all of them with ``recompute``)."""
         for model, folder in self.folders(models).items():
+            replace = recompute
             if self.is_saved(folder) and not recompute:
                 changed = self.options_changed(folder, options)
+                if changed is None:
+                    say(f"{model or self.name}: using saved results in {folder}; they do not record the options they "
+                        "were made with (saved by an older version): --recompute to redo them with the options given")
+                    continue
                 if not changed:
                     say(f"{model or self.name}: using saved results in {folder} (--recompute to redo)")
                     continue
+                reuse = ("reusing the work already done" if self.reuses_work else
+                         "they are replaced once the new run is complete")
                 say(f"{model or self.name}: the saved results in {folder} were made with {changed}; running again "
-                    "with the options given (work already done is reused where the study can; --recompute to redo all)")
-            self.run(model or None, folder, options, recompute)
+                    f"with the options given ({reuse})")
+                replace = not self.reuses_work
+            self.run(model or None, folder, options, replace)
 
     def write_gallery(self, models, out: Path) -> tuple[list[Path], str]:
         """Figures and the page from saved results; returns the files written and the page's table."""
@@ -244,6 +264,39 @@ def _run_byte_ensemble(model, folder, options, overwrite):
     study.run_study(folder, config, overwrite=overwrite or (folder / study.RESULTS_FILE).exists(), reuse=not overwrite)
 
 
+def _staged_options(folder: Path) -> Optional[dict]:
+    from .staging import saved_options
+
+    return saved_options(folder)
+
+
+def _extreme_tokens_options(folder: Path) -> Optional[dict]:
+    from .staging import saved_options
+
+    saved = saved_options(folder)
+    if saved is None:
+        return None
+    layers = saved["ablation_layers"]
+    return {"ablation_layers": None if layers is None else ",".join(map(str, layers))}
+
+
+def _summary_config(folder: Path) -> dict:
+    """The config a tokenizers or geometry study saved in its summary.json."""
+    return json.loads((folder / "summary.json").read_text(encoding="utf-8"))["config"]
+
+
+def _token_alignment_options(folder: Path) -> dict:
+    from . import token_alignment as study
+
+    config = json.loads(study.load_study(folder).attrs["config"])
+    return {"prompts": config["n_prompts"], "seed": config["seed"],
+            "back_offs": ",".join(str(k) for k in config["back_offs"])}
+
+
+def _back_offs(spec: str) -> tuple[int, ...]:
+    return tuple(int(k) for k in str(spec).split(",") if k.strip())
+
+
 def _byte_ensemble_options(folder: Path) -> dict:
     from . import byte_ensemble as study
 
@@ -260,7 +313,7 @@ def _run_token_alignment(model, folder, options, overwrite):
     from . import token_alignment as study
 
     config = study.StudyConfig(n_prompts=options["prompts"], seed=options["seed"],
-                               back_offs=tuple(int(k) for k in options["back_offs"].split(",") if k.strip()))
+                               back_offs=_back_offs(options["back_offs"]))
     study.run_study(_load(model), folder, config, overwrite=overwrite)
 
 
@@ -325,7 +378,8 @@ STUDIES: dict[str, Study] = {
             RUNS / "extreme_tokens", "extreme_tokens.md", "run.zarr", _run_extreme_tokens, _write_extreme_tokens,
             default_models=_MODELS,
             options=(Option("ablation_layers", "--ablation-layers", Optional[str], None,
-                            "e.g. '0-5' or '2,7'; default all layers."),),
+                            "e.g. '0-5' or '2,7'; default all layers.", canonical=_parse_layers),),
+            saved_options=_extreme_tokens_options,
         ),
         Study(
             "next-token-law", "Next-token laws across layers",
@@ -341,6 +395,7 @@ STUDIES: dict[str, Study] = {
                 Option("lens_tokens", "--lens-tokens", int, 4096, "Tokens whose states train the tuned lens."),
                 Option("lens_steps", "--lens-steps", int, 20, "KL steps after the least-squares start."),
             ),
+            saved_options=_staged_options,
         ),
         Study(
             "tokenization-bias", "Tokenization bias: the Markov-chain ground truth",
@@ -368,7 +423,7 @@ STUDIES: dict[str, Study] = {
             RUNS / "byte_ensemble", "tokenization_bias/byte_ensemble.md", "results.nc", _run_byte_ensemble,
             _write_byte_ensemble,
             options=(Option("test_bytes", "--test-bytes", int, 50_000, "Held-out test bytes per domain (prose, code)."),),
-            saved_options=_byte_ensemble_options,
+            saved_options=_byte_ensemble_options, reuses_work=True,
         ),
         Study(
             "token-alignment", "Token alignment",
@@ -379,9 +434,11 @@ STUDIES: dict[str, Study] = {
             _write_token_alignment, default_models=("smollm2-135m",),
             options=(
                 Option("prompts", "--prompts", int, 40, "Random cuts per domain (prose, code)."),
-                Option("back_offs", "--back-offs", str, "1,2", "Back-offs compared with plain, e.g. 1,2."),
+                Option("back_offs", "--back-offs", str, "1,2", "Back-offs compared with plain, e.g. 1,2.",
+                       canonical=_back_offs),
                 Option("seed", "--seed", int, 0, "Seed of the random cuts."),
             ),
+            saved_options=_token_alignment_options,
         ),
         Study(
             "tokenizers", "Tokenizer diagnostics",
@@ -397,6 +454,7 @@ STUDIES: dict[str, Study] = {
                 Option("verify_max", "--verify-max", int, 600, "Candidates verified by prompting (lowest indicator first)."),
                 Option("sum_problems", "--sum-problems", int, 20, "Random sums per operand length."),
             ),
+            saved_options=_summary_config,
         ),
         Study(
             "geometry", "Token geometry and layerwise updates",
@@ -411,6 +469,7 @@ STUDIES: dict[str, Study] = {
                 Option("shuffle_prompts", "--shuffle-prompts", int, 8, "Prompts also run shuffled in 4**s blocks, s = 0..5."),
                 Option("windows", "--windows", int, 400, "Last-token trajectories (windows of 32 corpus tokens, after the BOS where the model uses one)."),
             ),
+            saved_options=_summary_config,
         ),
     ]
 }

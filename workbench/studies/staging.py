@@ -8,21 +8,26 @@ running the same study is refused at once (it would otherwise delete the first o
 
 from __future__ import annotations
 
+import json
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from ..locks import exclusive
 from ..runs import RunExistsError, swap_into_place
 
+OPTIONS_FILE = "options.json"  # the options a study was run with, saved with its results
+
 
 @contextmanager
-def staged_folder(folder: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_folder(folder: str | Path, overwrite: bool = False, options: Optional[dict] = None) -> Iterator[Path]:
     """Yield the ``.partial`` folder to write into; on success it replaces ``folder``.
 
     An existing ``folder`` is an error unless ``overwrite``; leftovers of an interrupted
     study (``.partial``) are removed first. If the body raises, ``folder`` is untouched.
+    ``options`` (JSON-serialisable) are saved as ``options.json`` with the results, so a later
+    run can tell whether they were made with the options it is asked for (:func:`saved_options`).
     """
     final = Path(folder)
     with exclusive(final, what="study"):
@@ -35,5 +40,13 @@ def staged_folder(folder: str | Path, overwrite: bool = False) -> Iterator[Path]
         if work.exists():  # ours to remove: no other process holds the lock
             shutil.rmtree(work)
         work.mkdir(parents=True)
+        if options is not None:
+            (work / OPTIONS_FILE).write_text(json.dumps(options, indent=1), encoding="utf-8")
         yield work
         swap_into_place(work, final)
+
+
+def saved_options(folder: str | Path) -> Optional[dict]:
+    """The options a staged study in ``folder`` was run with; None when it recorded none (an older study)."""
+    path = Path(folder) / OPTIONS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None

