@@ -214,6 +214,31 @@ def test_more_test_bytes_score_only_the_new_texts(tmp_path, monkeypatch, tiny, u
     assert bool(study.load_study(folder)["scored_here"].all())
 
 
+def test_another_model_of_the_same_name_never_gets_its_scores(tmp_path, monkeypatch, tiny, uninterrupted):
+    """Two checkpoints called alike (a re-initialised tiny-random-llama here): neither the records of an interrupted
+    run nor a saved study of one are reused for the other; the weights' hash tells them apart."""
+    from workbench.models.tiny import tiny_model
+
+    other = tiny_model("llama", seed=1)
+    assert other.name == tiny.name and other.file_hash != tiny.file_hash
+    folder = tmp_path / "study"
+    n_texts = len(study.heldout_texts(SMALL))
+    scored = _counting(monkeypatch, fail_after=2)
+    with pytest.raises(Stopped):
+        study.run_study(folder, SMALL, handles={"tiny": tiny}, progress=False)
+    assert study.TextScores(folder).count() > 0
+    scored = _counting(monkeypatch)
+    study.run_study(folder, SMALL, handles={"other": other}, progress=False)
+    assert sum(scored) == n_texts  # the other weights' records were not taken
+    ds = study.load_study(folder)
+    assert list(ds["weights"].values) == [f"{other.file_hash} {other.dtype}"]
+    assert not np.array_equal(ds["logprob"].values, uninterrupted["logprob"].values)
+    scored.clear()
+    study.run_study(folder, SMALL, handles={"tiny": tiny}, overwrite=True, progress=False)
+    assert sum(scored) == n_texts  # nor a saved study's
+    np.testing.assert_array_equal(study.load_study(folder)["logprob"].values, uninterrupted["logprob"].values)
+
+
 def test_a_study_killed_mid_run_resumes(tmp_path, tiny, uninterrupted):
     """SIGKILL a real process running the study once it has kept two texts; the rerun finishes it, equal to a run
     never interrupted."""

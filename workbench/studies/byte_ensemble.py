@@ -154,10 +154,22 @@ def _settings(config: StudyConfig) -> dict:
     return {"prune": config.prune, "max_hypotheses": config.max_hypotheses}
 
 
-def _saved_records(folder: Path, names: list[str], settings: dict) -> dict[tuple[str, str], dict]:
-    """``{(model, text): record}`` from a study saved in ``folder`` with the same ``settings`` (else empty).
+BY_NAME = "by name"  # the weights of a model the study loads by name (an embedded model: a pinned file)
 
-    Studies saved before the scoring cost was recorded per text give NaN costs."""
+
+def _weights_id(model) -> str:
+    """Which weights a member's scores come from: a handle's weight-file hash and dtype, so two models that share
+    a name (``checkpoint-1000`` of two training runs) never share scores; a model loaded by name: ``BY_NAME``."""
+    return BY_NAME if isinstance(model, str) else f"{model.file_hash} {model.dtype}"
+
+
+def _saved_records(folder: Path, names: list[str], settings: dict,
+                   weights: dict[str, str]) -> dict[tuple[str, str], dict]:
+    """``{(model, text): record}`` from a study saved in ``folder`` with the same ``settings`` and, per model, the
+    same ``weights`` (:func:`_weights_id`; else nothing of that model).
+
+    Studies saved before the scoring cost was recorded per text give NaN costs; before the weights were recorded,
+    their members count as loaded by name."""
     if not (folder / RESULTS_FILE).exists():
         return {}
     try:
@@ -170,7 +182,10 @@ def _saved_records(folder: Path, names: list[str], settings: dict) -> dict[tuple
     texts = json.loads(ds.attrs["texts"])
     bounds = np.cumsum([0, *ds["n_bytes"].values])
     out = {}
-    for name in [str(m) for m in ds["member"].values if str(m) in names]:
+    saved_weights = ds["weights"].values if "weights" in ds.coords else [BY_NAME] * ds.sizes["member"]
+    for name, saved_id in zip([str(m) for m in ds["member"].values], saved_weights):
+        if name not in names or str(saved_id) != weights[name]:
+            continue
         member = ds.sel(member=name)
         for t, text in enumerate(texts):
             cost = {k: float(member[k].values[t]) if "text" in member[k].dims else math.nan
@@ -192,7 +207,7 @@ def run_study(folder: str | Path, config: StudyConfig = StudyConfig(), *, handle
     Resumable: every text's scores are kept on disk as they come back (:mod:`.text_scores`), so a
     run that was interrupted, rerun alike, scores only the texts it had not finished. With
     ``reuse`` (the default) the texts a study already saved in ``folder`` scored with the same
-    models, ``prune`` and ``max_hypotheses`` are taken from it too (rerunning with more
+    models (same name and weights), ``prune`` and ``max_hypotheses`` are taken from it too (rerunning with more
     ``test_bytes`` scores only the new texts; needs ``overwrite``). ``reuse=False`` scores every
     text again.
     """
@@ -200,18 +215,21 @@ def run_study(folder: str | Path, config: StudyConfig = StudyConfig(), *, handle
     bodies = [t["text"] for t in texts]
     models = list(handles.values()) if handles is not None else list(config.models)
     names = [m.name for m in handles.values()] if handles is not None else list(config.models)
-    settings = _settings(config)
+    if len(set(names)) < len(names):
+        raise ValueError(f"two models are called alike ({names}): give each member a distinct name.")
+    weights = dict(zip(names, map(_weights_id, models)))
+    keys = {name: {**_settings(config), "weights": weights[name]} for name in names}  # what a text's scores depend on
     store = TextScores(folder)
     with staged_folder(folder, overwrite) as work:
         started = time.perf_counter()
         if not reuse:
             store.clear()
         store.drop_temporary()
-        saved = _saved_records(Path(folder), names, settings) if reuse else {}
+        saved = _saved_records(Path(folder), names, _settings(config), weights) if reuse else {}
         records: dict[tuple[int, int], dict] = {}
         for m, name in enumerate(names):
             for i, body in enumerate(bodies):
-                record = store.get(name, settings, body) or saved.get((name, body))
+                record = store.get(name, keys[name], body) or saved.get((name, body))
                 if record is not None:
                     records[m, i] = record
         todo = {m: [i for i in range(len(bodies)) if (m, i) not in records] for m in range(len(models))}
@@ -224,7 +242,7 @@ def run_study(folder: str | Path, config: StudyConfig = StudyConfig(), *, handle
         def report(task: int, result: list[dict]) -> None:
             m, chunk = tasks[task]
             for i, record in zip(chunk, result):
-                store.put(names[m], settings, bodies[i], record)  # on disk before it is counted
+                store.put(names[m], keys[names[m]], bodies[i], record)  # on disk before it is counted
                 records[m, i] = {**record, "scored_here": True}
                 done[m] += len(bodies[i].encode("utf-8"))
             if progress:
@@ -256,6 +274,7 @@ def run_study(folder: str | Path, config: StudyConfig = StudyConfig(), *, handle
             },
             coords={
                 "member": names,
+                "weights": ("member", [weights[name] for name in names]),
                 "text_of_byte": ("pos", np.repeat(np.arange(len(bodies)), n_bytes)),
                 "text": np.arange(len(bodies)),
                 "n_bytes": ("text", n_bytes),

@@ -3,8 +3,9 @@
 A study that scores many texts one by one (:mod:`.byte_ensemble`: an hour or more) writes each
 text's scores here as soon as they come back, one ``.npz`` file per (model, text), through a
 temporary file and a rename: a kill at any moment leaves whole records or none, and the next run
-of the same study scores only the texts without one. Records are keyed by the model's name, the
-scorer's settings and the text's SHA-256, so a run asking for other settings never sees them. The
+of the same study scores only the texts without one. Records are keyed by the model's name, what
+the caller says the scores depend on (the scorer's settings, the weights' identity) and the text's
+SHA-256, so a run asking for other settings or other weights never sees them. The
 folder is ``<study folder>.scores``; the study removes it once its results are saved (the results
 file then holds every score). Only the study holding the folder's lock (:mod:`workbench.locks`)
 reads or writes it.
