@@ -280,15 +280,18 @@ def _extreme_tokens_options(folder: Path) -> Optional[dict]:
     return {"ablation_layers": None if layers is None else ",".join(map(str, layers))}
 
 
-def _summary_config(folder: Path) -> dict:
-    """The config a tokenizers or geometry study saved in its summary.json."""
-    return json.loads((folder / "summary.json").read_text(encoding="utf-8"))["config"]
+def _summary_config(folder: Path) -> Optional[dict]:
+    """The config a tokenizers or geometry study saved in its summary.json (None if it saved none)."""
+    return json.loads((folder / "summary.json").read_text(encoding="utf-8")).get("config")
 
 
-def _token_alignment_options(folder: Path) -> dict:
+def _token_alignment_options(folder: Path) -> Optional[dict]:
     from . import token_alignment as study
 
-    config = json.loads(study.load_study(folder).attrs["config"])
+    attrs = study.load_study(folder).attrs
+    if "config" not in attrs:
+        return None
+    config = json.loads(attrs["config"])
     return {"prompts": config["n_prompts"], "seed": config["seed"],
             "back_offs": ",".join(str(k) for k in config["back_offs"])}
 
