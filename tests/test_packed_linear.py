@@ -58,7 +58,10 @@ def test_restored_after_an_error_reentrant_and_repacked_after_an_edit():
     torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
 
 
-def test_float64_models_run_unchanged():
+def test_float64_models_and_a_switched_off_packing_run_unchanged(monkeypatch):
+    monkeypatch.setenv("WORKBENCH_PACKED_LINEAR", "0")
+    assert not applies(tiny_model("llama"))
+    monkeypatch.delenv("WORKBENCH_PACKED_LINEAR")
     handle = copy.deepcopy(tiny_model("llama"))
     handle.hf_model.double()
     assert not applies(handle)

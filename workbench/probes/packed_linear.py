@@ -15,12 +15,14 @@ same bytes. ``benchmarks/byte_queries.py`` measures it against the issue's code.
 The sums run in another order, so outputs differ from ``F.linear`` by float32 rounding (the
 tests bound it against Hugging Face's own logits). Used only where it applies: a model on the CPU
 in float32 with oneDNN available; anything else (GPU, float64 exactness checks, other builds)
-runs unchanged. The packed copies (one more copy of the weights, tied embeddings included) are
-kept on the handle while its weights stay as they are.
+runs unchanged. The packed copies (one more copy of the weights, tied embeddings included: about
+0.5 GB for SmolLM2-135M) are kept on the handle while its weights stay as they are; set the
+environment variable ``WORKBENCH_PACKED_LINEAR=0`` to run the dense layers instead.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from functools import partial
 from typing import Iterator
@@ -31,9 +33,10 @@ _ROWS_HINT = 16  # the batch size the packing is tuned for; any number of rows w
 
 
 def applies(handle) -> bool:
-    """Whether :func:`packed_linears` changes anything for ``handle``: CPU, float32, oneDNN's ops present, and no
-    device map (accelerate wraps each module's ``forward`` itself)."""
-    return (handle.device.type == "cpu" and handle.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    """Whether :func:`packed_linears` changes anything for ``handle``: not switched off, CPU, float32, oneDNN's ops
+    present, and no device map (accelerate wraps each module's ``forward`` itself)."""
+    return (os.environ.get("WORKBENCH_PACKED_LINEAR", "1") != "0"
+            and handle.device.type == "cpu" and handle.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and not getattr(handle.hf_model, "hf_device_map", None)
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
