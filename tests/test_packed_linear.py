@@ -40,6 +40,22 @@ def test_real_model_logits_and_a_scored_sequence(smollm2):
     assert (packed - plain).abs().max().item() < 1e-4 and torch.equal(packed.argmax(-1), plain.argmax(-1))
 
 
+def test_a_handle_that_packed_its_weights_still_copies_and_pickles():
+    import pickle
+
+    handle = tiny_model("llama")
+    with handle.lock, packed_linears(handle):
+        pass
+    assert "_packed_linears" in handle.__dict__
+    for twin in (copy.deepcopy(handle), pickle.loads(pickle.dumps(handle))):
+        assert "_packed_linears" not in twin.__dict__
+        torch.testing.assert_close(_logits(twin, list(range(40, 60))), _logits(handle, list(range(40, 60))),
+                                   rtol=0, atol=0)
+        with twin.lock, packed_linears(twin):  # packs its own
+            torch.testing.assert_close(_logits(twin, list(range(40, 60))), _logits(handle, list(range(40, 60))),
+                                       atol=1e-5, rtol=1e-5)
+
+
 def test_restored_after_an_error_reentrant_and_repacked_after_an_edit():
     handle = tiny_model("llama")
     ids = list(range(40, 60))

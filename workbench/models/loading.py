@@ -70,8 +70,12 @@ class ModelHandle:
     # run several forwards.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
+    # what a copy does not take: its own lock; the oneDNN-packed weights (opaque tensors that neither copy nor
+    # pickle, and that belong to the original's modules: the copy packs its own when it needs them)
+    _NOT_COPIED = ("lock", "_packed_linears", "_packed_active")
+
     def __getstate__(self):  # a copy (copy.deepcopy, pickle) has its own modules, so its own lock
-        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+        return {k: v for k, v in self.__dict__.items() if k not in self._NOT_COPIED}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
