@@ -83,3 +83,22 @@ def test_float64_models_and_a_switched_off_packing_run_unchanged(monkeypatch):
     assert not applies(handle)
     with handle.lock, packed_linears(handle) as on:
         assert not on and not any("forward" in m.__dict__ for m in handle.hf_model.modules())
+
+
+def test_modules_another_library_wrapped_keep_their_wrapper():
+    """nnsight replaces each module's forward with its own; a packing made before that must not remove it."""
+    import workbench as wb
+
+    handle = tiny_model("llama")
+    with handle.lock, packed_linears(handle):
+        pass
+    before = wb.capture(handle, ["hello world"], ["resid_post"], backend="nnsight", progress=False)
+    wrapped = {id(m): m.__dict__["forward"] for m in handle.hf_model.modules() if "forward" in m.__dict__}
+    assert wrapped
+    with handle.lock, packed_linears(handle):
+        packed = _logits(handle, list(range(40, 60)))
+    assert {id(m): m.__dict__["forward"] for m in handle.hf_model.modules() if "forward" in m.__dict__} == wrapped
+    after = wb.capture(handle, ["hello world"], ["resid_post"], backend="nnsight", progress=False)
+    torch.testing.assert_close(torch.as_tensor(after["resid_post"].values), torch.as_tensor(before["resid_post"].values),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(packed, _logits(handle, list(range(40, 60))), atol=1e-5, rtol=1e-5)

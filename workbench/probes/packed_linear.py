@@ -48,7 +48,7 @@ def _packed(handle) -> list[tuple[torch.nn.Linear, torch.Tensor]]:
         with torch.no_grad():
             layers = [(m, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), _ROWS_HINT))
                       for m in handle.hf_model.modules()
-                      if type(m) is torch.nn.Linear and "forward" not in m.__dict__]  # not a module someone wrapped
+                      if type(m) is torch.nn.Linear]
         cached = handle.__dict__["_packed_linears"] = (state, layers)
     return cached[1]
 
@@ -68,7 +68,8 @@ def packed_linears(handle) -> Iterator[bool]:
     if not applies(handle) or handle.__dict__.get("_packed_active"):
         yield bool(handle.__dict__.get("_packed_active"))
         return
-    layers = _packed(handle)
+    # a module whose forward someone else replaced since the packing (nnsight wraps every module it sees) keeps it
+    layers = [(module, packed) for module, packed in _packed(handle) if "forward" not in module.__dict__]
     handle.__dict__["_packed_active"] = True
     try:
         for module, packed in layers:
