@@ -122,7 +122,10 @@ def test_pre_tokenised_input_runs_exactly_those_tokens(tiny):
     from_ids = wb.capture(tiny, [torch.tensor(ids), ids[::-1]], ["resid_pre", "logits"], progress=False)
     np.testing.assert_array_equal(from_ids.token_id.values[0], ids)
     np.testing.assert_array_equal(from_ids.token_id.values[1], ids[::-1])
-    np.testing.assert_array_equal(from_ids.resid_pre.isel(sample=0), from_text.resid_pre.isel(sample=0))
+    # the same tokens in a batch of one and of two: equal up to float32 rounding (with two threads MKL splits a
+    # 7-row and a 14-row product differently; bit-equal only where one thread runs both)
+    np.testing.assert_allclose(from_ids.resid_pre.isel(sample=0), from_text.resid_pre.isel(sample=0), rtol=1e-5,
+                               atol=1e-6)
     text0 = str(from_ids.text.values[0])
     spans = zip(from_ids.byte_start.values[0], from_ids.byte_end.values[0])
     assert [text0.encode()[a:b].decode() for a, b in spans] == list(from_ids.token.values[0])
