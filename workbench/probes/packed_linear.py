@@ -6,11 +6,10 @@ in a sampled draw) and spends most of its time in the linear layers. PyTorch's d
 from both the memory and the compute limit of the machine. oneDNN's linear with the weights
 reordered once into its blocked layout -- ``torch.ops.mkldnn._reorder_linear_weight`` and
 ``_linear_pointwise``, the kernels ``torch.compile``'s CPU backend emits for frozen weights --
-computes the same products faster: on this project's 2-core machine, SmolLM2-135M's 211 linear
-layers took 80-100 ms instead of 135-175 ms for 13 rows, and 120-140 instead of 180-250 ms for 32
-(minima of 8 calls, plain and packed alternating); one sampled draw of 96 bytes
-(``ByteLevelModel.sample``) took 4.5-5.0 s instead of 6.7-7.1 s with the same model calls and the
-same bytes. ``benchmarks/byte_queries.py`` measures it against the issue's code.
+computes the same products faster: ``benchmarks/packed_linear.py`` (SmolLM2-135M's 211 linear
+layers, 2 threads on this project's 2-core machine) measured dense/packed time ratios of 1.20 (1
+row), 1.52 (13), 1.53 (32), 1.22 (128) and 1.11 (512), and ``benchmarks/byte_queries.py`` a sampled
+draw 3.61x the issue's code (2.79x before), with the same model calls and the same bytes.
 
 The sums run in another order, so outputs differ from ``F.linear`` by float32 rounding (the
 tests bound it against Hugging Face's own logits). Used only where it applies: a model on the CPU
