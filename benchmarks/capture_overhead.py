@@ -351,7 +351,10 @@ def main() -> None:
     parser.add_argument("--headline-only", action="store_true",
                         help="time only the fair plain forward and the torch capture (more rounds for the same time)")
     parser.add_argument("--tiny-tokens", type=int, default=256, help="tokens a row for the tiny gpt2 / qwen2 ratios (0: skip)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     warnings.filterwarnings("ignore")
     model = wb.load_model()
