@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from ..cpu_memory import keep_large_buffers
 from ..locks import exclusive
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -392,6 +393,8 @@ def load_model(
     handle.hf_model.set_attn_implementation(attn_implementation)
     if placement is None:  # accelerate placed a device-mapped model already (moving it would undo that)
         handle.hf_model.to(device=device, dtype=torch_dtype)
+    if device == "cpu":
+        keep_large_buffers()  # eager attention's per-layer buffers reused, not faulted in afresh (cpu_memory.py)
     handle.hf_model.eval()
     handle.hf_model.requires_grad_(False)
     return handle
