@@ -428,8 +428,8 @@ class RunBuffers:
                     index.append(slice(0, next(it)))
             if contiguous:
                 index[0] = slice(rows[0], rows[0] + len(rows))  # basic indexing: writes without a temporary copy
-                # torch's copy runs on its threads and casts on the way (numpy's strided copy is single-threaded:
-                # a layer's residual into the (sample, pos, layer, d_model) array takes 1.7x as long)
+                # torch's copy runs on its threads and casts on the way (numpy's strided copy of a layer's residual
+                # into the (sample, pos, layer, d_model) array runs on one)
                 torch.from_numpy(array[tuple(index)]).copy_(torch.from_numpy(np.ascontiguousarray(value)))
                 return
             if array.dtype == np.float16 and value.dtype != np.float16:  # torch casts 10x faster than numpy

@@ -393,7 +393,7 @@ def load_model(
     handle.hf_model.set_attn_implementation(attn_implementation)
     if placement is None:  # accelerate placed a device-mapped model already (moving it would undo that)
         handle.hf_model.to(device=device, dtype=torch_dtype)
-    if device == "cpu":
+    if placement is None and device == "cpu":
         keep_large_buffers()  # eager attention's per-layer buffers reused, not faulted in afresh (cpu_memory.py)
     handle.hf_model.eval()
     handle.hf_model.requires_grad_(False)
