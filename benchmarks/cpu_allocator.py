@@ -7,7 +7,7 @@ Run from the repository root:
 
 The malloc setting is per process and cannot be undone once buffers live in the heap, so each
 setting runs in its own process: rounds alternate a process with ``WORKBENCH_KEEP_CPU_BUFFERS=0``
-(glibc's defaults) and one with the default tuning, in that order and then the reverse. Each
+(glibc's defaults) and one with ``WORKBENCH_KEEP_CPU_BUFFERS=1`` (the tuning), in that order and then the reverse. Each
 process loads the embedded SmolLM2, makes the same inputs as ``capture_overhead.py`` and times
 ``--calls`` fair plain forward passes (``hf_model.base_model``, eager attention, no KV cache) after
 a warm-up, and ``--calls`` captures of that benchmark's probes; printed per process: the minimum

@@ -1,4 +1,4 @@
-"""The CPU allocator tuning of ``load_model``: on by default for CPU models, off with its environment variable."""
+"""The CPU allocator tuning of ``load_model``: applied for CPU models when its environment variable asks, else not."""
 
 import os
 import subprocess
@@ -19,9 +19,10 @@ def _applied(env_value: str | None) -> str:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is tuned on Linux only")
-def test_loading_a_cpu_model_keeps_large_buffers_unless_turned_off():
-    assert _applied(None) == "True"  # load_model called it, and glibc took both settings
+def test_loading_a_cpu_model_keeps_large_buffers_when_asked():
+    assert _applied("1") == "True"  # load_model called it, and glibc took both settings
     assert _applied("0") == "False"
+    assert _applied(None) == "False"  # opt-in
 
 
 def test_nothing_is_tuned_before_a_model_loads():

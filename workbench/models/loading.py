@@ -394,7 +394,7 @@ def load_model(
     if placement is None:  # accelerate placed a device-mapped model already (moving it would undo that)
         handle.hf_model.to(device=device, dtype=torch_dtype)
     if placement is None and device == "cpu":
-        keep_large_buffers()  # eager attention's per-layer buffers reused, not faulted in afresh (cpu_memory.py)
+        keep_large_buffers()  # opt-in: eager attention's per-layer buffers reused, not faulted in afresh (cpu_memory.py)
     handle.hf_model.eval()
     handle.hf_model.requires_grad_(False)
     return handle
